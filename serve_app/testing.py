@@ -1,0 +1,111 @@
+"""Tiny, deterministic transformers checkpoints for tests, examples and dry runs.
+
+They have the real architecture (BERT) and load through the same code paths as
+production models (``from_pretrained`` on a directory), but are built locally in
+well under a second from a fixed seed and a small word-piece vocabulary, so the
+test suite never needs the network.
+
+>>> import tempfile
+>>> d = build_tiny_cross_encoder(tempfile.mkdtemp())
+>>> sorted(p.name for p in d.iterdir())[:2]
+['config.json', 'model.safetensors']
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+# Small vocabulary: specials, letters and digits (so every word can be spelled
+# with ## pieces), and a few hundred whole words seen in tests and the demo corpus.
+_WORDS = """
+the a an of and or in on to for with by from is are was were be been this that these those it its
+as at not no but which who what when where why how all any each more most other some such than
+too very can will just should now also into over after before under between during through about
+protein cell cells gene genes dna rna virus vaccine disease cancer tumor patients clinical trial
+study studies result results effect effects risk treatment therapy drug dose blood heart brain
+mouse mice human humans expression increase decrease level levels high low response immune
+infection model data analysis method methods search engine query document documents ranking
+retrieval index vector dense sparse bm25 neural network language text word words token tokens
+python ray serve cluster gpu cpu memory latency throughput batch batches server request
+ocean sea river water climate weather rain snow temperature carbon energy solar wind power
+football soccer tennis match team player players goal season league cup game games
+music song album band guitar piano concert film movie actor story book novel author history
+war king empire city cities country government election law court economy market price bank
+food bread coffee tea wine cheese recipe cooking kitchen garden plant plants tree trees flower
+space star stars planet moon sun earth orbit rocket telescope galaxy light physics chemistry
+""".split()
+
+
+def tiny_vocab() -> list[str]:
+    """The word-piece vocabulary used by the tiny models (specials first)."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    pieces = ["##" + c for c in string.ascii_lowercase + string.digits]
+    seen: set[str] = set()
+    vocab: list[str] = []
+    for tok in specials + chars + pieces + _WORDS:
+        if tok not in seen:
+            seen.add(tok)
+            vocab.append(tok)
+    return vocab
+
+
+def _save_tokenizer(out: Path, max_length: int) -> None:
+    from transformers import BertTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(tiny_vocab())}
+    tok = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=max_length)
+    tok.save_pretrained(str(out))
+
+
+def _tiny_bert_config(num_labels: int | None, max_position_embeddings: int):
+    from transformers import BertConfig
+
+    kwargs = dict(
+        vocab_size=len(tiny_vocab()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_position_embeddings,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        # Larger than BERT's 0.02 so that random models give clearly different
+        # scores to different inputs (parity tests then have something to compare).
+        initializer_range=0.3,
+    )
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    return BertConfig(**kwargs)
+
+
+def build_tiny_cross_encoder(out_dir: str | Path, *, num_labels: int = 1, seed: int = 0, max_position_embeddings: int = 128) -> Path:
+    """Write a random-weight BERT sequence classifier (``num_labels`` 1 or 2) and its tokenizer to ``out_dir``."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(_tiny_bert_config(num_labels, max_position_embeddings))
+    model.eval()
+    model.save_pretrained(str(out))
+    _save_tokenizer(out, max_position_embeddings)
+    return out
+
+
+def build_tiny_bi_encoder(out_dir: str | Path, *, seed: int = 0, max_position_embeddings: int = 128) -> Path:
+    """Write a random-weight BERT encoder (mean pooling is applied by serve_app) and its tokenizer."""
+    import torch
+    from transformers import BertModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = BertModel(_tiny_bert_config(None, max_position_embeddings), add_pooling_layer=False)
+    model.eval()
+    model.save_pretrained(str(out))
+    _save_tokenizer(out, max_position_embeddings)
+    return out
