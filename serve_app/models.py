@@ -26,7 +26,10 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
 }
 
 
-class ModelLoadError(RuntimeError):
+from serve_app.errors import UserFacingError
+
+
+class ModelLoadError(UserFacingError, RuntimeError):
     """A configured model could not be loaded; the message says how to provide it."""
 
 
