@@ -1,0 +1,316 @@
+"""``serve-app index`` (build an index directory) and ``serve-app eval`` (BEIR evaluation).
+
+Examples::
+
+    serve-app index --corpus data/corpus.jsonl.gz --out /tmp/idx
+    serve-app eval --dataset shared/datasets/scifact --pipeline bm25,dense,hybrid
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pydantic import ValidationError
+
+from serve_app.config import BM25Config, ChunkingConfig, CrossEncoderConfig, DenseConfig, FunnelLimits, FusionConfig
+from serve_app.errors import CorpusError, UserFacingError
+from serve_app.types import Hit
+
+logger = logging.getLogger(__name__)
+
+PIPELINES: dict[str, tuple[tuple[str, ...], bool]] = {
+    # name -> (retrievers, rerank)
+    "bm25": (("bm25",), False),
+    "dense": (("dense",), False),
+    "hybrid": (("bm25", "dense"), False),
+    "hybrid+rerank": (("bm25", "dense"), True),
+}
+
+
+class UsageError(UserFacingError, ValueError):
+    """A command-line option or option combination that cannot work; the message says which."""
+
+
+def _config(model: Callable[..., Any], what: str, /, **kwargs: Any) -> Any:
+    """Build a pydantic config, turning validation errors into one-line UsageErrors."""
+    try:
+        return model(**kwargs)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in exc.errors())
+        raise UsageError(f"invalid {what} options: {problems}") from None
+
+
+def default_work_dir() -> Path:
+    """``$XDG_CACHE_HOME/serve_app`` (default ``~/.cache/serve_app``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "serve_app"
+
+
+def corpus_file(path: str | Path) -> Path:
+    """The corpus file itself, or ``corpus.jsonl[.gz]`` inside a BEIR dataset directory."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("corpus.jsonl", "corpus.jsonl.gz"):
+            if (p / name).is_file():
+                return p / name
+        raise CorpusError(f"{p}: a directory without corpus.jsonl or corpus.jsonl.gz (not a BEIR dataset directory)")
+    if not p.exists():
+        raise CorpusError(f"{p}: no such corpus file or directory")
+    return p
+
+
+# --------------------------------------------------------------------------- index
+
+
+def _add_dense_options(p: argparse.ArgumentParser) -> None:
+    d = DenseConfig()
+    p.add_argument("--dense-model", default=d.model, help=f"bi-encoder: Hub id or local directory (default: {d.model})")
+    p.add_argument("--dense-batch-size", type=int, default=d.batch_size, help=f"texts per encoder forward pass (default: {d.batch_size})")
+    p.add_argument("--dense-max-length", type=int, default=d.max_length, help=f"tokens per text for the bi-encoder (default: {d.max_length})")
+    p.add_argument("--faiss-factory", default=d.factory, help=f"FAISS index factory string, e.g. Flat, HNSW32 (default: {d.factory})")
+    p.add_argument("--device", default=None, help="torch device for the models (default: CUDA when available, else CPU)")
+
+
+def _dense_config(args: argparse.Namespace) -> DenseConfig:
+    return _config(
+        DenseConfig, "dense", model=args.dense_model, batch_size=args.dense_batch_size, max_length=args.dense_max_length,
+        factory=args.faiss_factory, device=args.device,
+    )
+
+
+def _chunking_config(args: argparse.Namespace) -> ChunkingConfig:
+    if args.chunk_size is None and args.chunk_stride is None:
+        return ChunkingConfig()
+    d = ChunkingConfig()
+    size = args.chunk_size if args.chunk_size is not None else d.size
+    stride = args.chunk_stride if args.chunk_stride is not None else min(d.stride, size)
+    return _config(ChunkingConfig, "chunking", enabled=True, size=size, stride=stride)
+
+
+def _summary(manifest: Any, out: Path, seconds: float) -> str:
+    lines = [f"index written to {out}", f"  documents: {manifest.corpus.num_documents}, chunks: {manifest.corpus.num_chunks}"]
+    if manifest.chunking.enabled:
+        lines.append(f"  chunking: {manifest.chunking.size} words, stride {manifest.chunking.stride}")
+    if manifest.bm25:
+        b = manifest.bm25
+        lines.append(f"  bm25: engine {b.get('engine')}, method {b.get('method')}, k1={b.get('k1')}, b={b.get('b')}, vocabulary {b.get('vocab_size')}")
+    if manifest.dense:
+        d = manifest.dense
+        lines.append(f"  dense: model {d.get('model')}, dim {d.get('dim')}, FAISS {d.get('factory')}, {d.get('num_vectors')} vectors")
+    size = sum(f.size for f in manifest.files.values())
+    lines.append(f"  size: {size / 1e6:.1f} MB, built in {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """Build an index directory from a corpus file or a BEIR dataset directory."""
+    from serve_app.corpus import load_corpus
+    from serve_app.index_store import build_index
+
+    if args.no_bm25 and args.no_dense:
+        raise UsageError("--no-bm25 and --no-dense together leave nothing to index")
+    bm25 = None if args.no_bm25 else _config(BM25Config, "bm25", **{k: v for k, v in (("engine", args.bm25_engine), ("method", args.method), ("k1", args.k1), ("b", args.b)) if v is not None})
+    dense = None if args.no_dense else _dense_config(args)
+    chunking = _chunking_config(args)
+    corpus = load_corpus(corpus_file(args.corpus), on_error="skip" if args.skip_bad_lines else "raise")
+    start = time.perf_counter()
+    manifest = build_index(corpus, args.out, bm25=bm25, dense=dense, chunking=chunking, show_progress=not args.quiet)
+    print(_summary(manifest, Path(args.out).absolute(), time.perf_counter() - start))
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _pipelines(values: Sequence[str]) -> list[str]:
+    names: list[str] = []
+    for value in values:
+        for name in (v.strip() for v in value.split(",")):
+            if name not in PIPELINES:
+                raise UsageError(f"--pipeline: unknown pipeline {name!r}; choose from {', '.join(PIPELINES)}")
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _weights(value: str | None) -> dict[str, float] | None:
+    if value is None:
+        return None
+    out: dict[str, float] = {}
+    for part in value.split(","):
+        name, sep, w = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = float(w)
+        except ValueError:
+            raise UsageError(f"--weights: expected NAME=WEIGHT[,NAME=WEIGHT], e.g. bm25=0.4,dense=0.6; got {value!r}") from None
+    return out
+
+
+class _MemoRetriever:
+    """Remembers ``search_batch`` answers so several pipelines of one eval run share retrieval."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._memo: dict[tuple[tuple[str, ...], int], list[list[Hit]]] = {}
+
+    def search(self, query: str, k: int) -> list[Hit]:
+        return self.search_batch([query], k)[0]
+
+    def search_batch(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        key = (tuple(queries), k)
+        if key not in self._memo:
+            self._memo[key] = self.inner.search_batch(list(queries), k)
+        return self._memo[key]
+
+
+def _open_index(args: argparse.Namespace, dataset: Any, needed: set[str], dense_cfg: DenseConfig) -> Any:
+    """Load the evaluation index, building it first when it does not exist."""
+    from serve_app.index_store import MANIFEST, build_index, load_index, read_manifest
+
+    explicit = args.index is not None
+    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir()
+    index_dir = Path(args.index) if explicit else work_dir / "indexes" / Path(args.dataset).resolve().name
+    have: set[str] = set()
+    if (index_dir / MANIFEST).is_file():
+        manifest = read_manifest(index_dir)
+        have = {n for n in ("bm25", "dense") if getattr(manifest, n) is not None}
+        missing = needed - have
+        if missing and explicit:
+            raise UsageError(f"--index {index_dir} has no {' or '.join(sorted(missing))} retriever; rebuild it with `serve-app index` or drop --index")
+        if missing:
+            logger.info("cached index %s lacks %s: rebuilding it", index_dir, ", ".join(sorted(missing)))
+    if not (index_dir / MANIFEST).is_file() or not needed <= have:
+        build = needed | have
+        print(f"building index {index_dir} ({', '.join(sorted(build))}) over {len(dataset.corpus)} documents")
+        build_index(
+            dataset.corpus, index_dir,
+            bm25=BM25Config() if "bm25" in build else None,
+            dense=dense_cfg if "dense" in build else None,
+            chunking=ChunkingConfig(), show_progress=not args.quiet,
+        )
+    loaded = load_index(index_dir, expected_dense_model=dense_cfg.model if "dense" in needed else None, dense_config=dense_cfg if "dense" in needed else None, load_dense_encoder="dense" in needed)
+    if loaded.corpus.ids != dataset.corpus.ids:
+        raise UsageError(f"index {index_dir} was built over another corpus ({len(loaded.corpus)} documents) than {args.dataset} ({len(dataset.corpus)}); use another --index or --work-dir")
+    print(f"index: {index_dir}")
+    return loaded
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate pipelines on a BEIR dataset split; write metrics.json and metrics.md."""
+    from serve_app.corpus import load_beir
+    from serve_app.eval import DEFAULT_MEASURES, evaluate, markdown_table, parse_measures, run_from_results, write_report
+    from serve_app.pipeline import SearchPipeline
+
+    pipelines = _pipelines(args.pipeline or ["hybrid"])
+    measures = tuple(m.strip() for m in args.measures.split(",")) if args.measures else DEFAULT_MEASURES
+    try:
+        parse_measures(measures)
+    except ValueError as exc:
+        raise UsageError(f"--measures: {exc}") from None
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.rerank_top_m < 1:
+        raise UsageError(f"--rerank-top-m must be >= 1, got {args.rerank_top_m}")
+    fusion_kwargs: dict[str, Any] = {"method": args.fusion}
+    if args.rrf_k is not None:
+        fusion_kwargs["rrf_k"] = args.rrf_k
+    if args.weights is not None:
+        fusion_kwargs["weights"] = _weights(args.weights)
+    if args.normalization is not None:
+        fusion_kwargs["normalization"] = args.normalization
+    fusion = _config(FusionConfig, "fusion", **fusion_kwargs)
+    dense_cfg = _dense_config(args)
+    reranker_cfg = None
+    if any(PIPELINES[p][1] for p in pipelines):
+        reranker_cfg = _config(CrossEncoderConfig, "reranker", model=args.reranker, device=args.device)
+    needed = {r for p in pipelines for r in PIPELINES[p][0]}
+
+    dataset = load_beir(args.dataset, args.split)
+    loaded = _open_index(args, dataset, needed, dense_cfg)
+    retrievers = {name: _MemoRetriever(r) for name, r in loaded.retrievers.items() if name in needed}
+    reranker = None
+    if reranker_cfg is not None:
+        from serve_app.rerank import CrossEncoderScorer, Reranker
+
+        reranker = Reranker(CrossEncoderScorer(reranker_cfg), reranker_cfg)
+    pool = args.top_k * 2
+    limits = _config(
+        FunnelLimits, "funnel", default_top_k=args.top_k, max_top_k=args.top_k, default_rerank_top_m=0,
+        max_rerank_top_m=max(args.rerank_top_m, 0), default_top_n=args.top_k, max_top_n=max(args.top_k, pool),
+    )
+    pipe = SearchPipeline(loaded.corpus, retrievers, reranker, fusion, limits)
+    qids, texts = list(dataset.queries), list(dataset.queries.values())
+
+    results: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+    for name in pipelines:
+        names, rerank = PIPELINES[name]
+        start = time.perf_counter()
+        out = pipe.search_batch(texts, top_k=args.top_k, rerank_top_m=min(args.rerank_top_m, pool) if rerank else 0, top_n=args.top_k, retrievers=list(names), show_progress=not args.quiet)
+        seconds[name] = round(time.perf_counter() - start, 3)
+        results[name] = evaluate(run_from_results(dict(zip(qids, out))), dataset.qrels, measures)
+        logger.info("%s: %s (%.1f s)", name, results[name], seconds[name])
+
+    out_dir = Path(args.out) if args.out else (Path(args.work_dir) if args.work_dir else default_work_dir()) / "results" / f"{Path(args.dataset).resolve().name}-{args.split}"
+    meta = {
+        "dataset": str(Path(args.dataset).resolve()), "split": args.split, "queries": len(qids), "documents": len(dataset.corpus),
+        "top_k": args.top_k, "fusion": fusion.model_dump(), "dense_model": dense_cfg.model if "dense" in needed else None,
+        "rerank_top_m": args.rerank_top_m if reranker_cfg else None, "reranker": reranker_cfg.model if reranker_cfg else None,
+        "seconds": seconds,
+    }
+    write_report(results, out_dir / "metrics.json", out_dir / "metrics.md", meta=meta)
+    print(markdown_table(results), end="")
+    print(f"written: {out_dir / 'metrics.json'}, {out_dir / 'metrics.md'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``index`` and ``eval`` sub-commands."""
+    p = subparsers.add_parser("index", help="build an index directory (BM25 and/or dense) from a corpus", description=cmd_index.__doc__)
+    p.add_argument("--corpus", required=True, help="corpus .jsonl / .jsonl.gz (plain or BEIR records) or a BEIR dataset directory")
+    p.add_argument("--out", required=True, help="index directory to create or replace")
+    p.add_argument("--no-bm25", action="store_true", help="skip the BM25 index")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense index")
+    bm = BM25Config()
+    p.add_argument("--bm25-engine", choices=["bm25s", "rank_bm25"], default=None, help=f"BM25 engine (default: {bm.engine})")
+    p.add_argument("--method", choices=["lucene", "robertson", "atire", "bm25l", "bm25+"], default=None, help=f"BM25 variant (default: {bm.method})")
+    p.add_argument("--k1", type=float, default=None, help=f"BM25 k1 (default: {bm.k1})")
+    p.add_argument("--b", type=float, default=None, help=f"BM25 b (default: {bm.b})")
+    _add_dense_options(p)
+    ch = ChunkingConfig()
+    p.add_argument("--chunk-size", type=int, default=None, help=f"split documents into windows of N words (enables chunking; default size {ch.size})")
+    p.add_argument("--chunk-stride", type=int, default=None, help=f"words between window starts (enables chunking; default {ch.stride})")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed corpus lines (with a warning) instead of stopping at the first")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_index)
+
+    fu = FusionConfig()
+    e = subparsers.add_parser("eval", help="evaluate retrieval pipelines on a BEIR dataset (nDCG@10, R@100, RR@10)", description=cmd_eval.__doc__)
+    e.add_argument("--dataset", required=True, help="BEIR dataset directory (corpus.jsonl[.gz], queries.jsonl, qrels/SPLIT.tsv)")
+    e.add_argument("--split", default="test", help="qrels split (default: test)")
+    e.add_argument("--pipeline", action="append", metavar="NAME[,NAME]", help=f"pipeline(s) to evaluate, repeatable or comma-separated: {', '.join(PIPELINES)} (default: hybrid)")
+    e.add_argument("--index", default=None, help="index directory (built there when missing; default: WORK_DIR/indexes/DATASET_NAME)")
+    e.add_argument("--work-dir", default=None, help=f"cache of indexes and results (default: {default_work_dir()})")
+    e.add_argument("--top-k", type=int, default=100, help="candidates per retriever, also the evaluated ranking depth (default: 100)")
+    e.add_argument("--rerank-top-m", type=int, default=100, help="fused candidates reranked by hybrid+rerank (default: 100)")
+    e.add_argument("--reranker", default=CrossEncoderConfig().model, help="cross-encoder for hybrid+rerank: Hub id or local directory")
+    e.add_argument("--fusion", choices=["rrf", "weighted"], default=fu.method, help=f"fusion method (default: {fu.method})")
+    e.add_argument("--rrf-k", type=int, default=None, help=f"RRF constant (default: {fu.rrf_k})")
+    e.add_argument("--weights", default=None, help="weighted fusion weights, e.g. bm25=0.4,dense=0.6 (default: " + ",".join(f"{k}={v}" for k, v in fu.weights.items()) + ")")
+    e.add_argument("--normalization", choices=["minmax", "zscore"], default=None, help=f"weighted fusion score normalisation (default: {fu.normalization})")
+    e.add_argument("--measures", default=None, help="comma-separated ir-measures names (default: nDCG@10,R@100,RR@10)")
+    _add_dense_options(e)
+    e.add_argument("--out", default=None, help="directory for metrics.json and metrics.md (default: WORK_DIR/results/DATASET-SPLIT)")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_eval, chunk_size=None, chunk_stride=None)

@@ -1,0 +1,171 @@
+"""``serve-app index`` and ``serve-app eval`` driven through serve_app.cli.main on a tiny BEIR dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from serve_app import cli
+from serve_app.index_store import load_index, read_manifest
+
+# Each topic's words occur only in its own document, so BM25 ranks it first for its query.
+TOPICS = {
+    "d1": ("ocean sea", "river water climate weather rain"),
+    "d2": ("football", "soccer tennis match team player goal season"),
+    "d3": ("music", "song album band guitar piano concert"),
+    "d4": ("space", "star planet moon sun earth orbit rocket telescope galaxy"),
+    "d5": ("food", "bread coffee tea wine cheese recipe cooking kitchen"),
+    "d6": ("history", "war king empire city country government election"),
+    "d7": ("garden", "plant plants tree trees flower"),
+    "d8": ("cells", "protein gene dna rna expression"),
+}
+QUERIES = {"q1": "rain climate", "q2": "soccer player", "q3": "guitar album", "q4": "rocket telescope", "q5": "cheese recipe"}
+QRELS = {"q1": "d1", "q2": "d2", "q3": "d3", "q4": "d4", "q5": "d5"}
+
+
+@pytest.fixture(autouse=True)
+def core_commands_only(monkeypatch):
+    """Only this module's sub-commands: the test does not depend on the other command modules."""
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("serve_app.commands.core",))
+
+
+@pytest.fixture
+def beir_dir(tmp_path) -> Path:
+    d = tmp_path / "toyset"
+    (d / "qrels").mkdir(parents=True)
+    with open(d / "corpus.jsonl", "w") as f:
+        for doc_id, (title, text) in TOPICS.items():
+            f.write(json.dumps({"_id": doc_id, "title": title, "text": text}) + "\n")
+    with open(d / "queries.jsonl", "w") as f:
+        for qid, text in QUERIES.items():
+            f.write(json.dumps({"_id": qid, "text": text}) + "\n")
+    (d / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{doc}\t1\n" for q, doc in QRELS.items()))
+    return d
+
+
+def test_index_builds_both_retrievers_and_prints_a_summary(beir_dir, tmp_path, tiny_bi_encoder_dir, capsys):
+    out = tmp_path / "idx"
+    rc = cli.main(["index", "--corpus", str(beir_dir), "--out", str(out), "--dense-model", str(tiny_bi_encoder_dir), "--device", "cpu", "--k1", "1.2", "-q"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"index written to {out}" in printed
+    assert "documents: 8, chunks: 8" in printed
+    assert "bm25: engine bm25s, method lucene, k1=1.2, b=0.4" in printed
+    assert "dense: model" in printed and "FAISS Flat, 8 vectors" in printed
+    loaded = load_index(out)
+    assert loaded.corpus.ids == list(TOPICS)
+    assert [h.doc_id for h in loaded.bm25.search("guitar album", 3)][:1] == ["d3"]
+    assert len(loaded.dense.search("guitar album", 3)) == 3
+
+
+def test_index_chunking_and_single_retriever(beir_dir, tmp_path, capsys):
+    out = tmp_path / "idx"
+    rc = cli.main(["index", "--corpus", str(beir_dir / "corpus.jsonl"), "--out", str(out), "--no-dense", "--chunk-size", "8", "--chunk-stride", "4", "-q"])
+    assert rc == 0
+    manifest = read_manifest(out)
+    assert manifest.dense is None and manifest.bm25 is not None
+    assert manifest.chunking.enabled and (manifest.chunking.size, manifest.chunking.stride) == (8, 4)
+    assert manifest.corpus.num_chunks > manifest.corpus.num_documents
+    assert "chunking: 8 words, stride 4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--no-bm25", "--no-dense"], "--no-bm25 and --no-dense together leave nothing to index"),
+        (["--no-dense", "--chunk-size", "10", "--chunk-stride", "20"], "invalid chunking options: chunking: Value error, chunking.stride (20) must not exceed chunking.size (10)"),
+        (["--no-dense", "--k1", "-1"], "invalid bm25 options: k1: Input should be greater than 0"),
+    ],
+)
+def test_index_option_errors(beir_dir, tmp_path, capsys, extra, message):
+    rc = cli.main(["index", "--corpus", str(beir_dir), "--out", str(tmp_path / "idx"), "-q", *extra])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serve-app index: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "idx").exists()
+
+
+def test_index_bad_corpus_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": 3}\n')
+    assert cli.main(["index", "--corpus", str(bad), "--out", str(tmp_path / "idx"), "--no-dense", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: line 2: field 'text' must be a string" in err
+    assert cli.main(["index", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "idx"), "--no-dense"]) == 2
+    assert "no such corpus file or directory" in capsys.readouterr().err
+    assert cli.main(["index", "--corpus", str(tmp_path), "--out", str(tmp_path / "idx"), "--no-dense"]) == 2
+    assert "without corpus.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_all_pipelines_with_tiny_models(beir_dir, tmp_path, tiny_bi_encoder_dir, tiny_cross_encoder_dir, capsys):
+    work = tmp_path / "work"
+    args = [
+        "eval", "--dataset", str(beir_dir), "--pipeline", "bm25,dense", "--pipeline", "hybrid,hybrid+rerank",
+        "--work-dir", str(work), "--dense-model", str(tiny_bi_encoder_dir), "--reranker", str(tiny_cross_encoder_dir),
+        "--device", "cpu", "--top-k", "5", "--rerank-top-m", "4", "-q",
+    ]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "building index" in printed
+    out = work / "results" / "toyset-test"
+    payload = json.loads((out / "metrics.json").read_text())
+    results = payload["results"]
+    assert list(results) == ["bm25", "dense", "hybrid", "hybrid+rerank"]
+    for metrics in results.values():
+        assert list(metrics) == ["nDCG@10", "R@100", "RR@10"]
+        assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    # Every query's words occur only in its relevant document: BM25 is perfect.
+    assert results["bm25"] == {"nDCG@10": 1.0, "R@100": 1.0, "RR@10": 1.0}
+    # With 8 documents and 5 candidates per retriever, the hybrid pool holds every relevant one.
+    assert results["hybrid"]["R@100"] == 1.0
+    assert payload["meta"]["queries"] == 5 and payload["meta"]["top_k"] == 5 and payload["meta"]["rerank_top_m"] == 4
+    md = (out / "metrics.md").read_text()
+    assert "| bm25 | 1.0000 | 1.0000 | 1.0000 |" in md and "| bm25 | 1.0000 | 1.0000 | 1.0000 |" in printed
+    assert read_manifest(work / "indexes" / "toyset").dense is not None
+
+    # Second run: the cached index is reused, results land in --out.
+    assert cli.main(["eval", "--dataset", str(beir_dir), "--pipeline", "bm25", "--work-dir", str(work), "--out", str(tmp_path / "r2"), "-q", "--measures", "P@1,nDCG@3"]) == 0
+    assert "building index" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["results"] == {"bm25": {"P@1": 1.0, "nDCG@3": 1.0}}
+
+
+def test_eval_bm25_builds_missing_index_into_given_dir(beir_dir, tmp_path, capsys):
+    idx = tmp_path / "explicit"
+    assert cli.main(["eval", "--dataset", str(beir_dir), "--pipeline", "bm25", "--index", str(idx), "--out", str(tmp_path / "o"), "-q", "--top-k", "3"]) == 0
+    manifest = read_manifest(idx)
+    assert manifest.bm25 is not None and manifest.dense is None
+    assert "| bm25 | 1.0000 | 1.0000 | 1.0000 |" in capsys.readouterr().out
+    # The explicit index lacks a dense retriever: a clear error, no silent rebuild.
+    assert cli.main(["eval", "--dataset", str(beir_dir), "--pipeline", "hybrid", "--index", str(idx), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"--index {idx} has no dense retriever" in err
+    assert read_manifest(idx).dense is None
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--pipeline", "splade"], "--pipeline: unknown pipeline 'splade'"),
+        (["--split", "dev"], "no such qrels file (available splits: test)"),
+        (["--measures", "nDCG@@3"], "--measures: unknown evaluation measure 'nDCG@@3'"),
+        (["--fusion", "weighted", "--weights", "bm25:1"], "--weights: expected NAME=WEIGHT"),
+        (["--top-k", "0"], "--top-k must be >= 1"),
+    ],
+)
+def test_eval_errors(beir_dir, tmp_path, capsys, extra, message):
+    rc = cli.main(["eval", "--dataset", str(beir_dir), "--work-dir", str(tmp_path / "w"), "--pipeline", "bm25", "-q", *extra])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serve-app eval: error: ") and message in err
+
+
+def test_eval_index_over_another_corpus(beir_dir, tmp_path, capsys):
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"id": "x", "text": "something else entirely"}\n')
+    assert cli.main(["index", "--corpus", str(other), "--out", str(tmp_path / "idx"), "--no-dense", "-q"]) == 0
+    assert cli.main(["eval", "--dataset", str(beir_dir), "--pipeline", "bm25", "--index", str(tmp_path / "idx"), "-q"]) == 2
+    assert "was built over another corpus" in capsys.readouterr().err
