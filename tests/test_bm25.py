@@ -10,7 +10,6 @@ more and scores absent terms 0).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
