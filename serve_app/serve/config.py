@@ -1,0 +1,182 @@
+"""Configuration of the Serve application: one validated model for the application's ``args``.
+
+``AppConfig`` composes the core stage configs (``serve_app.config``) with what only the service
+needs: where the index and corpus live, HTTP request limits, per-stage timeouts and the
+reranker's batching. ``deployments.yaml`` passes it as the application's ``args``; an invalid
+value fails the deploy with the field named (:func:`parse_app_config`).
+
+Environment overrides (read where the application is built, i.e. where ``serve run`` runs or in
+the cluster's ``runtime_env``), for machines without internet:
+
+* ``SERVE_APP_RERANKER_MODEL``: replaces ``reranker.model`` (Hub id or local directory);
+* ``SERVE_APP_DENSE_MODEL``: replaces ``dense.model`` (must be the encoder the index was built with);
+* ``SERVE_APP_MODEL_PATH__<ID>`` (see :func:`serve_app.models.env_override_name`): maps one Hub id
+  to a local directory without touching the configuration.
+
+Batching and fault injection are also *deployment* ``user_config`` values
+(:class:`RerankerUserConfig`, :class:`RetrieverUserConfig`): ``deployments.yaml`` may set them per
+deployment, and ``serve deploy`` with a changed ``user_config`` applies them live (``reconfigure``)
+without restarting replicas. The application args give their defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serve_app.config import BM25Config, ChunkingConfig, CrossEncoderConfig, DenseConfig, FunnelLimits, FusionConfig
+from serve_app.errors import UserFacingError
+
+RetrieverName = Literal["bm25", "dense"]
+
+ENV_RERANKER_MODEL = "SERVE_APP_RERANKER_MODEL"
+ENV_DENSE_MODEL = "SERVE_APP_DENSE_MODEL"
+#: ``corpus: builtin:demo`` names the demo dataset shipped with the package (serve_app.demo).
+BUILTIN_PREFIX = "builtin:"
+
+
+class ConfigError(UserFacingError, ValueError):
+    """The application's args are invalid; the message names every offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RequestLimits(_Strict):
+    """Limits on what one HTTP request may carry. Violations get a 4xx with the error envelope."""
+
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body in bytes (413 payload_too_large above it).")
+    max_query_chars: int = Field(2048, ge=1, description="Longest query in characters (/search and /rerank).")
+    max_documents: int = Field(1000, ge=1, description="Most documents in one /rerank request.")
+    max_document_chars: int = Field(32768, ge=1, description="Longest document in characters in a /rerank request.")
+    max_tokens_per_doc: int = Field(4096, ge=1, description="Largest max_tokens_per_doc a /rerank request may ask for.")
+
+
+class BatchingConfig(_Strict):
+    """How the reranker gathers concurrent requests into one cross-encoder call (``@serve.batch``)."""
+
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most rerank requests (each a query and its documents) scored in one call.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="Longest wait for a batch to fill before scoring what has arrived.")
+
+
+class FaultInjection(_Strict):
+    """Deliberate failures of one stage, for tests and drills of the degraded paths. Off by default."""
+
+    mode: Literal["none", "error", "delay"] = Field("none", description="none: normal. error: every call raises. delay: every call sleeps delay_s first.")
+    delay_s: float = Field(0.0, ge=0, le=600, description="Seconds a call sleeps in mode delay.")
+
+
+class RetrieverUserConfig(_Strict):
+    """``user_config`` of a retriever deployment (changed live by ``reconfigure``)."""
+
+    fault: FaultInjection = Field(default_factory=FaultInjection, description="Fault injection for drills and tests.")
+
+
+class RerankerUserConfig(BatchingConfig):
+    """``user_config`` of the reranker deployment (changed live by ``reconfigure``)."""
+
+    fault: FaultInjection = Field(default_factory=FaultInjection, description="Fault injection for drills and tests.")
+
+
+class StageTimeouts(_Strict):
+    """How long the ingress waits for each stage before treating it as failed."""
+
+    retriever_timeout_s: float = Field(5.0, gt=0, le=600, description="Per retriever call. A retriever past it is marked degraded (timeout) and the others' results are used.")
+    rerank_timeout_s: float = Field(30.0, gt=0, le=600, description="Per reranker call. /search then returns the fused order marked degraded; /rerank answers 504.")
+    health_timeout_s: float = Field(2.0, gt=0, le=60, description="Per stage readiness probe of GET /healthz.")
+
+
+class AppConfig(_Strict):
+    """Application args: everything the deployments need, validated once when the app is built."""
+
+    index_dir: str = Field(..., min_length=1, description="Index directory (serve-app index --out). Built from `corpus` when absent and build_index_if_missing is true.")
+    corpus: Optional[str] = Field(None, description="Corpus to index when the index is absent: a BEIR dataset directory (corpus.jsonl[.gz]), a JSONL file, or builtin:demo (the demo dataset shipped with the package).")
+    build_index_if_missing: bool = Field(True, description="Build the index from `corpus` once, when the app is built, if index_dir holds none.")
+    retrievers: tuple[RetrieverName, ...] = Field(("bm25", "dense"), min_length=1, description="First-stage retrievers deployed (the index must hold each).")
+    bm25: BM25Config = Field(default_factory=BM25Config, description="BM25 settings (used when building the index).")
+    dense: DenseConfig = Field(default_factory=DenseConfig, description="Bi-encoder and FAISS settings (the query encoder must be the index's encoder).")
+    reranker: CrossEncoderConfig = Field(default_factory=CrossEncoderConfig, description="Cross-encoder reranker settings.")
+    fusion: FusionConfig = Field(default_factory=FusionConfig, description="How retriever lists are fused.")
+    funnel: FunnelLimits = Field(default_factory=FunnelLimits, description="Default and maximum top_k, rerank_top_m and top_n.")
+    chunking: ChunkingConfig = Field(default_factory=ChunkingConfig, description="Index-time chunking (used when building the index).")
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="HTTP request limits.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Reranker batching defaults; the reranker deployment's user_config overrides them live.")
+    timeouts: StageTimeouts = Field(default_factory=StageTimeouts, description="Per-stage timeouts of the ingress.")
+    faults: dict[Literal["bm25", "dense", "reranker"], FaultInjection] = Field(default_factory=dict, description="Fault injection per stage at start-up (tests and drills); deployment user_config overrides it.")
+
+    @field_validator("index_dir")
+    @classmethod
+    def _expand_index_dir(cls, v: str) -> str:
+        return os.path.expanduser(v)
+
+    @field_validator("corpus")
+    @classmethod
+    def _expand_corpus(cls, v: Optional[str]) -> Optional[str]:
+        return v if v is None or v.startswith(BUILTIN_PREFIX) else os.path.expanduser(v)
+
+    @model_validator(mode="after")
+    def _unique_retrievers(self) -> "AppConfig":
+        if len(set(self.retrievers)) != len(self.retrievers):
+            raise ValueError(f"retrievers must not repeat a name: {list(self.retrievers)}")
+        return self
+
+    def reranker_user_config(self) -> dict[str, Any]:
+        """The reranker deployment's default ``user_config``."""
+        fault = self.faults.get("reranker", FaultInjection())
+        return RerankerUserConfig(**self.batching.model_dump(), fault=fault).model_dump()
+
+    def retriever_user_config(self, name: RetrieverName) -> dict[str, Any]:
+        """A retriever deployment's default ``user_config``."""
+        return RetrieverUserConfig(fault=self.faults.get(name, FaultInjection())).model_dump()
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per error: ``field.path: message`` (input values are never echoed)."""
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
+        lines.append(f"{prefix}{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(lines)
+
+
+def apply_env_overrides(args: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``args`` with ``reranker.model`` / ``dense.model`` replaced by their environment overrides."""
+    env = os.environ if environ is None else environ
+    out = dict(args)
+    for var, section in ((ENV_RERANKER_MODEL, "reranker"), (ENV_DENSE_MODEL, "dense")):
+        value = env.get(var, "").strip()
+        if value:
+            sub = out.get(section) or {}
+            if isinstance(sub, BaseModel):
+                sub = sub.model_dump()
+            if not isinstance(sub, Mapping):
+                raise ConfigError(f"{section}: must be a mapping, got {type(sub).__name__}")
+            out[section] = {**sub, "model": value}
+    return out
+
+
+def parse_app_config(args: Mapping[str, Any] | AppConfig | None, *, use_env: bool = True) -> AppConfig:
+    """Validate application args (after environment overrides) or raise :class:`ConfigError` naming the fields."""
+    if isinstance(args, AppConfig):
+        args = args.model_dump()
+    if args is None:
+        args = {}
+    if not isinstance(args, Mapping):
+        raise ConfigError(f"application args must be a mapping, got {type(args).__name__}")
+    if use_env:
+        args = apply_env_overrides(args)
+    try:
+        return AppConfig.model_validate(dict(args))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid application config: {format_validation_error(exc)}") from None
+
+
+def parse_user_config(model: type[BaseModel], user_config: Mapping[str, Any] | None, deployment: str) -> Any:
+    """Validate a deployment's ``user_config`` (``reconfigure`` fails naming the field when invalid)."""
+    try:
+        return model.model_validate(dict(user_config or {}))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid user_config of {deployment}: {format_validation_error(exc)}") from None

@@ -1,0 +1,244 @@
+"""The Ray Serve deployments: thin wrappers that hold one core object each.
+
+* ``BM25Retriever``: :class:`serve_app.retrieval.bm25.BM25Retriever` over the index's bm25/ files;
+* ``DenseRetriever``: bi-encoder + FAISS; concurrent queries share one encoder forward pass
+  (``@serve.batch``);
+* ``CrossEncoderReranker``: :class:`serve_app.rerank.reranker.Reranker`; concurrent requests
+  share cross-encoder calls through ``@serve.batch`` (``rerank_many``), with ``max_batch_size``
+  and ``batch_wait_timeout_s`` from ``user_config`` (changed live by ``reconfigure``);
+* ``SearchIngress``: the FastAPI app (:mod:`serve_app.serve.http`) over
+  :class:`~serve_app.serve.service.SearchService`, calling the stages through deployment handles.
+
+The names above are the deployment names used in ``deployments.yaml``. Defaults given here
+(resources, ``max_ongoing_requests``) are overridden there. A constructor that cannot load its
+model or index raises the core's ``ModelLoadError`` / ``IndexLoadError``; Serve retries it
+``max_constructor_retry_count`` times and then marks the deployment ``DEPLOY_FAILED`` with that
+message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any, Optional
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.serve import metrics
+from serve_app.serve.config import (
+    AppConfig,
+    BatchingConfig,
+    FaultInjection,
+    RerankerUserConfig,
+    RetrieverUserConfig,
+    parse_user_config,
+)
+from serve_app.serve.service import RerankOutcome, SearchService
+from serve_app.types import Hit
+
+logger = logging.getLogger("ray.serve")
+
+#: Serve retries a failing constructor this often before DEPLOY_FAILED (a missing model or a
+#: damaged index will not fix itself; one retry covers a transient failure).
+CONSTRUCTOR_RETRIES = 2
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a stage whose fault injection is set to ``error``."""
+
+
+async def _apply_fault(fault: FaultInjection, stage: str) -> None:
+    if fault.mode == "error":
+        raise InjectedFault(f"{stage}: injected failure (fault.mode=error)")
+    if fault.mode == "delay" and fault.delay_s > 0:
+        await asyncio.sleep(fault.delay_s)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # noqa: BLE001 - outside a replica
+        return "local"
+
+
+@serve.deployment(name="BM25Retriever", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32, max_constructor_retry_count=CONSTRUCTOR_RETRIES)
+class BM25Deployment:
+    """Top-k BM25 documents for a query."""
+
+    def __init__(self, index_dir: str) -> None:
+        from serve_app.serve.stores import load_bm25
+
+        self.retriever = load_bm25(index_dir)
+        self.fault = FaultInjection()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.fault = parse_user_config(RetrieverUserConfig, user_config, "BM25Retriever").fault
+
+    async def search(self, query: str, k: int) -> list[Hit]:
+        await _apply_fault(self.fault, "bm25")
+        t0 = time.perf_counter()
+        hits = await asyncio.to_thread(self.retriever.search, query, k)
+        metrics.observe_latency("bm25_search", (time.perf_counter() - t0) * 1000)
+        return hits
+
+    async def ping(self) -> dict[str, Any]:
+        return {"stage": "bm25", "documents": self.retriever.num_documents, "replica": _replica_id()}
+
+    def check_health(self) -> None:
+        if self.retriever is None:
+            raise RuntimeError("BM25 index not loaded")
+
+
+@serve.deployment(name="DenseRetriever", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, max_constructor_retry_count=CONSTRUCTOR_RETRIES)
+class DenseDeployment:
+    """Top-k documents by embedding similarity; concurrent queries are encoded together."""
+
+    def __init__(self, index_dir: str, dense: dict[str, Any]) -> None:
+        from serve_app.config import DenseConfig
+        from serve_app.serve.stores import load_dense
+
+        self.retriever = load_dense(index_dir, DenseConfig.model_validate(dense))
+        self.fault = FaultInjection()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.fault = parse_user_config(RetrieverUserConfig, user_config, "DenseRetriever").fault
+
+    async def search(self, query: str, k: int) -> list[Hit]:
+        await _apply_fault(self.fault, "dense")
+        return await self._search_batched((query, k))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _search_batched(self, requests: list[tuple[str, int]]) -> list[list[Hit]]:
+        t0 = time.perf_counter()
+        out = await asyncio.to_thread(self._search_many, requests)
+        metrics.observe_latency("dense_search", (time.perf_counter() - t0) * 1000)
+        return out
+
+    def _search_many(self, requests: list[tuple[str, int]]) -> list[list[Hit]]:
+        """One encoder call for all queries, then one FAISS search per distinct k."""
+        vectors = self.retriever.encoder.encode_queries([q for q, _ in requests])
+        out: list[list[Hit]] = [[] for _ in requests]
+        by_k: dict[int, list[int]] = collections.defaultdict(list)
+        for i, (_, k) in enumerate(requests):
+            by_k[int(k)].append(i)
+        for k, rows in by_k.items():
+            for i, hits in zip(rows, self.retriever.search_vectors(vectors[rows], k)):
+                out[i] = hits
+        return out
+
+    async def ping(self) -> dict[str, Any]:
+        return {"stage": "dense", "model": self.retriever.encoder.model_name, "vectors": self.retriever.num_vectors, "replica": _replica_id()}
+
+    def check_health(self) -> None:
+        if self.retriever is None or self.retriever.encoder is None:
+            raise RuntimeError("dense index or encoder not loaded")
+
+
+@serve.deployment(name="CrossEncoderReranker", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, max_constructor_retry_count=CONSTRUCTOR_RETRIES)
+class RerankerDeployment:
+    """Cross-encoder scores; concurrent requests share one ``rerank_many`` call."""
+
+    def __init__(self, reranker: dict[str, Any]) -> None:
+        from serve_app.config import CrossEncoderConfig
+        from serve_app.rerank.cross_encoder import CrossEncoderScorer
+        from serve_app.rerank.reranker import Reranker
+
+        cfg = CrossEncoderConfig.model_validate(reranker)
+        self.reranker = Reranker(CrossEncoderScorer(cfg), cfg)
+        self.batching = BatchingConfig()
+        self.fault = FaultInjection()
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10000)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        uc = parse_user_config(RerankerUserConfig, user_config, "CrossEncoderReranker")
+        self._rerank_batched.set_max_batch_size(uc.max_batch_size)
+        self._rerank_batched.set_batch_wait_timeout_s(uc.batch_wait_timeout_s)
+        self.batching = BatchingConfig(max_batch_size=uc.max_batch_size, batch_wait_timeout_s=uc.batch_wait_timeout_s)
+        self.fault = uc.fault
+        logger.info("reranker batching: max_batch_size=%d batch_wait_timeout_s=%g", uc.max_batch_size, uc.batch_wait_timeout_s)
+
+    async def rerank(self, query: str, documents: list[str], max_tokens_per_doc: Optional[int] = None) -> RerankOutcome:
+        from serve_app.rerank.reranker import RerankRequest
+
+        await _apply_fault(self.fault, "reranker")
+        return await self._rerank_batched(RerankRequest(query, list(documents), max_tokens_per_doc))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _rerank_batched(self, requests: list[Any]) -> list[RerankOutcome]:
+        t0 = time.perf_counter()
+        scores = await asyncio.to_thread(self.reranker.rerank_many, requests)
+        pairs = sum(len(r.documents) for r in requests)
+        metrics.observe_latency("rerank_batch", (time.perf_counter() - t0) * 1000)
+        metrics.observe_rerank_batch(len(requests), pairs)
+        self.batch_sizes.append(len(requests))
+        return [RerankOutcome([float(x) for x in s], len(requests), pairs) for s in scores]
+
+    async def ping(self) -> dict[str, Any]:
+        return {"stage": "reranker", "model": self.reranker.scorer.model_name, "batching": self.batching.model_dump(), "replica": _replica_id()}
+
+    async def stats(self) -> dict[str, Any]:
+        """Batch sizes seen by this replica (most recent last) and its live batching settings."""
+        return {
+            "replica": _replica_id(),
+            "batch_sizes": list(self.batch_sizes),
+            "batching": self.batching.model_dump(),
+            "pairs_scored": self.reranker.scorer.pairs_scored,
+        }
+
+    def check_health(self) -> None:
+        if self.reranker is None:
+            raise RuntimeError("cross-encoder not loaded")
+
+
+class HandleBackends:
+    """:class:`~serve_app.serve.service.Backends` over deployment handles."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+        self.handles = handles
+
+    def _handle(self, stage: str) -> DeploymentHandle:
+        h = self.handles.get(stage)
+        if h is None:
+            raise LookupError(f"stage {stage} is not deployed")
+        return h
+
+    async def retrieve(self, name: str, query: str, k: int) -> list[Hit]:
+        return await self._handle(name).search.remote(query, k)
+
+    async def rerank(self, query: str, documents: list[str], max_tokens_per_doc: Optional[int]) -> RerankOutcome:
+        return await self._handle("reranker").rerank.remote(query, documents, max_tokens_per_doc)
+
+    async def ping(self, stage: str) -> dict[str, Any]:
+        return await self._handle(stage).ping.remote()
+
+
+@serve.deployment(name="SearchIngress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, max_constructor_retry_count=CONSTRUCTOR_RETRIES)
+@serve.ingress()
+class SearchIngress:
+    """HTTP ingress: validates requests, fans out to the stages, fuses, reranks, answers."""
+
+    def __init__(self, config: dict[str, Any], bm25: Optional[DeploymentHandle], dense: Optional[DeploymentHandle], reranker: DeploymentHandle) -> None:
+        from serve_app.serve.stores import load_documents
+
+        cfg = AppConfig.model_validate(config)
+        corpus, manifest = load_documents(cfg.index_dir)
+        handles = {name: h for name, h in (("bm25", bm25), ("dense", dense), ("reranker", reranker)) if h is not None}
+        index_info = {
+            "chunks": manifest.corpus.num_chunks,
+            "built_at": manifest.created_at,
+            "dense_model": (manifest.dense or {}).get("model"),
+            "bm25_engine": (manifest.bm25 or {}).get("engine"),
+        }
+        self.service = SearchService(cfg, HandleBackends(handles), corpus, index_info)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from serve_app.serve.http import create_app
+
+        return create_app(self.service)
+
+    def check_health(self) -> None:
+        if self.service is None:
+            raise RuntimeError("document store not loaded")

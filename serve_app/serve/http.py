@@ -1,0 +1,259 @@
+"""The FastAPI application of the ingress: routes, strict JSON bodies, one error envelope.
+
+:func:`create_app` turns a :class:`~serve_app.serve.service.SearchService` into an ASGI app.
+The Serve ingress returns it from ``__serve_build_asgi_app__``; tests can drive it in process.
+
+Bodies of POST endpoints are read by :class:`StrictJSONRequest`: ``Content-Type`` must be JSON
+(415), the body at most ``limits.max_body_bytes`` (413, checked on ``Content-Length`` and while
+reading), valid UTF-8 JSON without NaN/Infinity or non-finite numbers (400). Every error, from
+FastAPI's validation to unknown routes, is answered as ``{"error": {"type", "message"}}``.
+Request bodies are never logged nor echoed.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations, which
+# name request models created at run time (limits come from the configuration).
+
+import json
+import logging
+import math
+from typing import Any, Callable, Optional
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import serve_app
+from serve_app.serve import metrics
+from serve_app.serve.api import (
+    DOCUMENT_TAGS,
+    ERROR_TYPES,
+    ApiError,
+    ErrorEnvelope,
+    HealthResponse,
+    RerankResponse,
+    SearchResponse,
+    envelope,
+)
+from serve_app.serve.service import SearchService
+
+logger = logging.getLogger(__name__)
+
+_STATUS_TYPES = {status: name for name, (status, _) in reversed(list(ERROR_TYPES.items()))}
+
+
+# --------------------------------------------------------------------------- strict JSON
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (NaN and Infinity are rejected)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def strict_json_loads(body: bytes) -> Any:
+    """Parse a UTF-8 JSON document, rejecting NaN, Infinity and numbers that overflow a float.
+
+    Raises :class:`ApiError` (``invalid_json``) with the position of the problem, never the body.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError("invalid_json", f"the body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise ApiError("invalid_json", f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ApiError("invalid_json", f"the body is not acceptable JSON: {str(exc)[:200]}") from None
+
+
+def _is_json_content_type(value: Optional[str]) -> bool:
+    if not value:
+        return False
+    media, _, params = value.partition(";")
+    media = media.strip().lower()
+    if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+        return False
+    for param in params.split(";"):
+        key, _, val = param.partition("=")
+        if key.strip().lower() == "charset" and val.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+class StrictJSONRequest(Request):
+    """A request whose body is size-limited and whose JSON is parsed strictly."""
+
+    max_body_bytes: int = 0
+
+    async def body(self) -> bytes:
+        if not hasattr(self, "_limited_body"):
+            limit = self.max_body_bytes
+            declared = self.headers.get("content-length")
+            if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+                raise ApiError("payload_too_large", f"the body has {int(declared)} bytes; the limit is {limit} bytes")
+            chunks, size = [], 0
+            async for chunk in self.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError("payload_too_large", f"the body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+            self._limited_body = b"".join(chunks)
+        return self._limited_body
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_strict_json"):
+            self._strict_json = strict_json_loads(await self.body())
+        return self._strict_json
+
+
+def json_route_class(max_body_bytes: int) -> type:
+    """An ``APIRoute`` whose body endpoints read JSON through :class:`StrictJSONRequest`."""
+
+    class JSONRoute(APIRoute):
+        def get_route_handler(self) -> Callable:
+            handler = super().get_route_handler()
+            if self.body_field is None:
+                return handler
+
+            async def strict_handler(request: Request) -> Response:
+                if not _is_json_content_type(request.headers.get("content-type")):
+                    raise ApiError("unsupported_media_type", "send the body as JSON with Content-Type: application/json (UTF-8)")
+                strict = StrictJSONRequest(request.scope, request.receive)
+                strict.max_body_bytes = max_body_bytes
+                await strict.body()
+                return await handler(strict)
+
+            return strict_handler
+
+    return JSONRoute
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _endpoint(request: Request) -> str:
+    path = request.url.path.rstrip("/")
+    for name in ("search", "rerank", "healthz", "info"):
+        if path.endswith("/" + name):
+            return name
+    return "other"
+
+
+def _format_validation(exc: RequestValidationError) -> tuple[str, str]:
+    errors = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return "invalid_json", "the body is not valid JSON"
+    parts = []
+    for e in errors[:8]:
+        loc = [str(p) for p in e.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path"):
+            loc = loc[1:]
+        loc = [p for i, p in enumerate(loc) if not (p in DOCUMENT_TAGS and i > 0 and loc[i - 1].isdigit())]
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    if len(errors) > 8:
+        parts.append(f"({len(errors) - 8} more errors)")
+    return "validation_error", "; ".join(parts)
+
+
+def _error_response(request: Request, status: int, error_type: str, message: str, headers: Optional[dict] = None) -> JSONResponse:
+    metrics.count_error(_endpoint(request), error_type)
+    return JSONResponse(envelope(error_type, message), status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error with the envelope."""
+
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(request, exc.status_code, exc.error_type, exc.message, exc.headers)
+
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, ApiError):
+            return await on_api_error(request, exc)
+        error_type = _STATUS_TYPES.get(exc.status_code, "http_error")
+        default = ERROR_TYPES.get(error_type, (0, ""))[1]
+        detail = exc.detail if isinstance(exc.detail, str) and exc.detail else default
+        if exc.status_code == 404:
+            detail = f"no endpoint {request.method} {request.url.path}; see /docs"
+        return _error_response(request, exc.status_code, error_type, detail, getattr(exc, "headers", None))
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error_type, message = _format_validation(exc)
+        return _error_response(request, ERROR_TYPES[error_type][0], error_type, message)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
+        return _error_response(request, 500, "internal_error", f"internal error ({type(exc).__name__}); see the service logs")
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+# --------------------------------------------------------------------------- app
+
+_ERRORS_DOC = {code: {"model": ErrorEnvelope, "description": desc} for code, desc in (
+    (400, "invalid_json"), (413, "payload_too_large"), (415, "unsupported_media_type"), (422, "validation_error"),
+    (503, "service_unavailable"), (504, "stage_timeout"),
+)}
+
+DESCRIPTION = """Hybrid retrieval (BM25 + dense) with cross-encoder reranking.
+
+* `POST /search`: retrieve, fuse, rerank, return the top documents.
+* `POST /rerank`, `POST /v1/rerank`: Cohere v2 compatible reranking of your documents.
+* `GET /healthz`: 200 once every stage has loaded its index or model, else 503.
+* `GET /info`: models, index size, limits, funnel defaults.
+
+Errors always have the body `{"error": {"type": ..., "message": ...}}`.
+"""
+
+
+def create_app(service: SearchService) -> FastAPI:
+    """The ASGI app serving ``service``."""
+    SearchRequest = service.models.search
+    RerankRequest = service.models.rerank
+
+    app = FastAPI(title="serve_app", version=serve_app.__version__, description=DESCRIPTION)
+    app.router.route_class = json_route_class(service.cfg.limits.max_body_bytes)
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]
+        response = await call_next(request)
+        metrics.count_request(_endpoint(request), response.status_code)
+        return response
+
+    @app.post("/search", response_model=SearchResponse, response_model_exclude_unset=True, responses=_ERRORS_DOC, summary="Hybrid search with reranking")
+    async def search(body: SearchRequest) -> Any:  # type: ignore[valid-type]
+        return await service.search(body)
+
+    @app.post("/rerank", response_model=RerankResponse, response_model_exclude_none=True, responses=_ERRORS_DOC, summary="Rerank documents (Cohere v2 compatible)")
+    async def rerank(body: RerankRequest) -> Any:  # type: ignore[valid-type]
+        return await service.rerank(body)
+
+    @app.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True, responses=_ERRORS_DOC, summary="Rerank documents (Cohere compatible path)")
+    async def rerank_v1(body: RerankRequest) -> Any:  # type: ignore[valid-type]
+        return await service.rerank(body)
+
+    @app.get("/healthz", response_model=HealthResponse, responses={503: {"model": ErrorEnvelope, "description": "not_ready"}}, summary="Readiness")
+    async def healthz() -> Any:
+        ready, stages = await service.health()
+        if not ready:
+            detail = "; ".join(f"{k}: {v}" for k, v in stages.items() if v != "ok")
+            raise ApiError("not_ready", f"not ready: {detail}")
+        return {"status": "ok", "stages": stages}
+
+    @app.get("/info", summary="Models, index size, limits, funnel defaults")
+    async def info() -> Any:
+        return await service.info()
+
+    return app

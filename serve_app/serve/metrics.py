@@ -1,0 +1,102 @@
+"""Custom application metrics (``ray.serve.metrics``), exported by Ray's metrics agent.
+
+Ray prefixes custom metric names with ``ray_`` on the Prometheus endpoint and Serve adds the
+``deployment``, ``replica`` and ``application`` tags. docs/METRICS.md lists them; the names
+below (``METRIC_NAMES``) are the single source for that page and for the tests.
+
+Metrics are created lazily, once per process (a replica), so importing this module is cheap
+and the plain-class tests can record into them without a Ray cluster (values then go nowhere).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "serve_app_"
+
+LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
+COUNT_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+BATCH_SIZE_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 1024]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What a metric is: name (without Ray's ``ray_`` prefix), kind, tags and meaning."""
+
+    name: str
+    kind: str  # counter | histogram
+    tags: tuple[str, ...]
+    description: str
+    boundaries: tuple[float, ...] = ()
+
+
+SPECS: dict[str, MetricSpec] = {
+    s.name: s
+    for s in (
+        MetricSpec(PREFIX + "stage_latency_ms", "histogram", ("stage",), "Wall time of one funnel stage in milliseconds, as seen by the ingress (stage: bm25, dense, fusion, rerank, total) or by a stage's own deployment (stage: bm25_search, dense_search, rerank_batch).", tuple(LATENCY_BOUNDARIES_MS)),
+        MetricSpec(PREFIX + "candidates", "histogram", ("stage",), "Documents per request leaving a stage (stage: bm25, dense, fused, reranked, returned, rerank_request).", tuple(COUNT_BOUNDARIES)),
+        MetricSpec(PREFIX + "rerank_batch_size", "histogram", (), "Rerank requests gathered into one cross-encoder call by @serve.batch (values above 1 mean concurrent requests shared a call).", tuple(BATCH_SIZE_BOUNDARIES)),
+        MetricSpec(PREFIX + "rerank_batch_pairs", "histogram", (), "(query, document) pairs scored by one cross-encoder call.", tuple(COUNT_BOUNDARIES)),
+        MetricSpec(PREFIX + "rerank_pairs_total", "counter", (), "(query, document) pairs scored by the cross-encoder."),
+        MetricSpec(PREFIX + "requests_total", "counter", ("endpoint", "status"), "HTTP requests answered by the ingress, by endpoint (search, rerank, healthz, info, other) and status code."),
+        MetricSpec(PREFIX + "errors_total", "counter", ("endpoint", "type"), "Error responses by endpoint and error type (the envelope's error.type)."),
+        MetricSpec(PREFIX + "degraded_total", "counter", ("stage", "reason"), "Stages skipped by the ingress because they failed (reason: error) or timed out (reason: timeout)."),
+    )
+}
+METRIC_NAMES: tuple[str, ...] = tuple(SPECS)
+
+_lock = threading.Lock()
+_instances: dict[str, Any] = {}
+
+
+def _metric(name: str) -> Any:
+    inst = _instances.get(name)
+    if inst is not None:
+        return inst
+    with _lock:
+        inst = _instances.get(name)
+        if inst is None:
+            from ray.serve.metrics import Counter, Histogram
+
+            spec = SPECS[name]
+            if spec.kind == "counter":
+                inst = Counter(spec.name, description=spec.description, tag_keys=spec.tags)
+            else:
+                inst = Histogram(spec.name, description=spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tags)
+            _instances[name] = inst
+    return inst
+
+
+def observe_latency(stage: str, ms: float) -> None:
+    """Record a stage's wall time."""
+    _metric(PREFIX + "stage_latency_ms").observe(max(float(ms), 0.0), tags={"stage": stage})
+
+
+def observe_candidates(stage: str, count: int) -> None:
+    """Record how many documents a stage produced for one request."""
+    _metric(PREFIX + "candidates").observe(int(count), tags={"stage": stage})
+
+
+def observe_rerank_batch(requests: int, pairs: int) -> None:
+    """Record one cross-encoder call: requests gathered and pairs scored."""
+    _metric(PREFIX + "rerank_batch_size").observe(int(requests))
+    _metric(PREFIX + "rerank_batch_pairs").observe(int(pairs))
+    if pairs:
+        _metric(PREFIX + "rerank_pairs_total").inc(int(pairs))
+
+
+def count_request(endpoint: str, status: int) -> None:
+    """Count one answered HTTP request."""
+    _metric(PREFIX + "requests_total").inc(tags={"endpoint": endpoint, "status": str(int(status))})
+
+
+def count_error(endpoint: str, error_type: str) -> None:
+    """Count one error response."""
+    _metric(PREFIX + "errors_total").inc(tags={"endpoint": endpoint, "type": error_type})
+
+
+def count_degraded(stage: str, reason: str) -> None:
+    """Count one stage dropped from a request (failed or timed out)."""
+    _metric(PREFIX + "degraded_total").inc(tags={"stage": stage, "reason": reason})
