@@ -101,9 +101,7 @@ def read_corpus_source(path: str | os.PathLike[str]) -> Corpus:
         name = str(path)[len(BUILTIN_PREFIX) :]
         if name != "demo":
             raise ConfigError(f"corpus: unknown built-in corpus {name!r} (available: builtin:demo)")
-        from serve_app.demo import DEMO_DIR
-
-        path = DEMO_DIR
+        path = demo_dir()
     p = Path(path).expanduser()
     if p.is_dir():
         for name in ("corpus.jsonl", "corpus.jsonl.gz"):
@@ -113,6 +111,18 @@ def read_corpus_source(path: str | os.PathLike[str]) -> Corpus:
     if not p.is_file():
         raise ConfigError(f"corpus: {p} does not exist")
     return load_corpus(p)
+
+
+def demo_dir() -> Path:
+    """The demo dataset shipped with the package (BEIR layout)."""
+    try:
+        from serve_app.demo import DEMO_DIR
+
+        return Path(DEMO_DIR)
+    except ImportError:
+        import serve_app
+
+        return Path(serve_app.__file__).parent / "demo"
 
 
 @contextlib.contextmanager

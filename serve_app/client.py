@@ -1,0 +1,192 @@
+"""A small Python client of the serve_app HTTP API (sync and async, built on httpx).
+
+>>> from serve_app.client import ServeAppClient
+>>> with ServeAppClient("http://127.0.0.1:8000") as c:          # doctest: +SKIP
+...     hits = c.search("how do vaccines work", top_n=3)["results"]
+...     ranked = c.rerank("capital of France", ["Paris is...", "Berlin is..."])["results"]
+
+Errors come back as :class:`ServeAppError` carrying the service's envelope
+(``{"error": {"type", "message"}}``) and the HTTP status. ``retries`` (default 0) retries
+connection failures and 429/503 answers with exponential backoff, honouring ``Retry-After``;
+every endpoint is idempotent, so retrying is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any, Optional, Sequence, Union
+
+import httpx
+
+DocumentIn = Union[str, dict[str, Any]]
+RETRYABLE_STATUS = (429, 503)
+
+
+class ServeAppError(Exception):
+    """An error answer of the service (or a failure to reach it: ``status_code`` 0)."""
+
+    def __init__(self, status_code: int, error_type: str, message: str) -> None:
+        super().__init__(f"{status_code} {error_type}: {message}")
+        self.status_code = status_code
+        self.type = error_type
+        self.message = message
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        """The error as the service's envelope."""
+        return {"error": {"type": self.type, "message": self.message}}
+
+
+def _error_from(response: httpx.Response) -> ServeAppError:
+    try:
+        body = response.json()
+        err = body["error"]
+        return ServeAppError(response.status_code, str(err["type"]), str(err["message"]))
+    except Exception:  # noqa: BLE001 - not our envelope (e.g. a proxy's plain-text answer)
+        return ServeAppError(response.status_code, "http_error", response.text[:500])
+
+
+def _search_body(query: str, top_k: Optional[int], rerank_top_m: Optional[int], top_n: Optional[int], retrievers: Optional[Sequence[str]], return_documents: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"query": query, "return_documents": return_documents}
+    for key, value in (("top_k", top_k), ("rerank_top_m", rerank_top_m), ("top_n", top_n)):
+        if value is not None:
+            body[key] = value
+    if retrievers is not None:
+        body["retrievers"] = list(retrievers)
+    return body
+
+
+def _rerank_body(query: str, documents: Sequence[DocumentIn], top_n: Optional[int], return_documents: bool, model: Optional[str], max_tokens_per_doc: Optional[int]) -> dict[str, Any]:
+    body: dict[str, Any] = {"query": query, "documents": list(documents), "return_documents": return_documents}
+    for key, value in (("top_n", top_n), ("model", model), ("max_tokens_per_doc", max_tokens_per_doc)):
+        if value is not None:
+            body[key] = value
+    return body
+
+
+def _delay(attempt: int, response: Optional[httpx.Response], backoff_s: float) -> float:
+    if response is not None:
+        retry_after = response.headers.get("retry-after", "")
+        if retry_after.strip().isdigit():
+            return min(float(retry_after), 60.0)
+    return backoff_s * (2**attempt) * (0.5 + random.random())
+
+
+class _Base:
+    def __init__(self, base_url: str, api_key: Optional[str], retries: int, backoff_s: float) -> None:
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        self.base_url = base_url.rstrip("/")
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.headers = {"Accept": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+
+    def _check(self, response: httpx.Response) -> dict[str, Any]:
+        if response.status_code >= 400:
+            raise _error_from(response)
+        try:
+            return response.json()
+        except ValueError:
+            raise ServeAppError(response.status_code, "invalid_response", "the service answered with a body that is not JSON") from None
+
+
+class ServeAppClient(_Base):
+    """Synchronous client. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, base_url: str, api_key: Optional[str] = None, timeout: float = 30.0, *, retries: int = 0, backoff_s: float = 0.2, transport: Optional[httpx.BaseTransport] = None) -> None:
+        super().__init__(base_url, api_key, retries, backoff_s)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=self.headers, transport=transport)
+
+    def _request(self, method: str, path: str, body: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = self._http.request(method, path, json=body)
+            except httpx.TransportError as exc:
+                if last:
+                    raise ServeAppError(0, "connection_error", f"{type(exc).__name__}: {exc}") from exc
+                time.sleep(_delay(attempt, None, self.backoff_s))
+                continue
+            if response.status_code in RETRYABLE_STATUS and not last:
+                time.sleep(_delay(attempt, response, self.backoff_s))
+                continue
+            return self._check(response)
+        raise AssertionError("unreachable")
+
+    def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False) -> dict[str, Any]:
+        """``POST /search``."""
+        return self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents))
+
+    def rerank(self, query: str, documents: Sequence[DocumentIn], *, top_n: Optional[int] = None, return_documents: bool = False, model: Optional[str] = None, max_tokens_per_doc: Optional[int] = None) -> dict[str, Any]:
+        """``POST /v1/rerank`` (Cohere v2 compatible)."""
+        return self._request("POST", "/v1/rerank", _rerank_body(query, documents, top_n, return_documents, model, max_tokens_per_doc))
+
+    def health(self) -> dict[str, Any]:
+        """``GET /healthz``; raises :class:`ServeAppError` (``not_ready``) while a stage is not ready."""
+        return self._request("GET", "/healthz")
+
+    def info(self) -> dict[str, Any]:
+        """``GET /info``."""
+        return self._request("GET", "/info")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "ServeAppClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncServeAppClient(_Base):
+    """Asynchronous client (``async with``)."""
+
+    def __init__(self, base_url: str, api_key: Optional[str] = None, timeout: float = 30.0, *, retries: int = 0, backoff_s: float = 0.2, transport: Optional[httpx.AsyncBaseTransport] = None) -> None:
+        super().__init__(base_url, api_key, retries, backoff_s)
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=self.headers, transport=transport)
+
+    async def _request(self, method: str, path: str, body: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = await self._http.request(method, path, json=body)
+            except httpx.TransportError as exc:
+                if last:
+                    raise ServeAppError(0, "connection_error", f"{type(exc).__name__}: {exc}") from exc
+                await asyncio.sleep(_delay(attempt, None, self.backoff_s))
+                continue
+            if response.status_code in RETRYABLE_STATUS and not last:
+                await asyncio.sleep(_delay(attempt, response, self.backoff_s))
+                continue
+            return self._check(response)
+        raise AssertionError("unreachable")
+
+    async def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False) -> dict[str, Any]:
+        """``POST /search``."""
+        return await self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents))
+
+    async def rerank(self, query: str, documents: Sequence[DocumentIn], *, top_n: Optional[int] = None, return_documents: bool = False, model: Optional[str] = None, max_tokens_per_doc: Optional[int] = None) -> dict[str, Any]:
+        """``POST /v1/rerank`` (Cohere v2 compatible)."""
+        return await self._request("POST", "/v1/rerank", _rerank_body(query, documents, top_n, return_documents, model, max_tokens_per_doc))
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /healthz``."""
+        return await self._request("GET", "/healthz")
+
+    async def info(self) -> dict[str, Any]:
+        """``GET /info``."""
+        return await self._request("GET", "/info")
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncServeAppClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()

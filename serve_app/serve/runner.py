@@ -1,0 +1,166 @@
+"""Starting Ray and Serve locally and deploying a Serve config file, as ``serve run`` does.
+
+Used by ``serve-app serve`` / ``serve-app demo`` and by the integration tests. Deploying a
+config (rather than ``serve.run`` of a bound app) is what ``serve run/deploy deployments.yaml``
+do: the controller imports the builder, applies the per-deployment overrides, and a later
+config that changes only a deployment's ``user_config`` reconfigures its replicas in place.
+Like Serve's own CLI this uses ``ray.serve._private.api.serve_start`` and the client's
+``deploy_apps``; they are confined to this module.
+
+Ray token authentication (Ray >= 2.5x): a new local instance started here enables it and
+creates ``~/.ray/auth_token`` when missing. Connecting to an existing cluster needs its token
+in ``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH`` or ``RAY_AUTH_TOKEN``; an
+``AuthenticationError`` is turned into a :class:`RayStartError` saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import yaml
+
+from serve_app.errors import UserFacingError
+from serve_app.serve.config import ConfigError, format_validation_error, parse_app_config
+
+logger = logging.getLogger(__name__)
+
+IMPORT_PATH = "serve_app.serve.app:build_app"
+SERVE_NAMESPACE = "serve"
+TERMINAL_FAILURES = ("DEPLOY_FAILED", "UNHEALTHY")
+
+
+class RayStartError(UserFacingError):
+    """Ray could not be started or reached."""
+
+
+class DeployError(UserFacingError):
+    """An application did not reach RUNNING; the message holds Serve's status message."""
+
+
+def load_serve_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> Any:
+    """A Serve config file (or dict) validated as ``ServeDeploySchema``; our apps' args checked too."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    if isinstance(source, Mapping):
+        raw, where = dict(source), "config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such Serve config file")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        where = str(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: a Serve config must be a mapping with `applications`")
+    try:
+        config = ServeDeploySchema.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: invalid Serve config: {format_validation_error(exc)}") from None
+    from ray.serve.config import AutoscalingConfig
+
+    for app in config.applications:
+        for dep in app.deployments:
+            auto = dep.autoscaling_config
+            if isinstance(auto, Mapping):  # Serve's schema keeps it a plain dict until deploy time
+                try:
+                    AutoscalingConfig.model_validate(dict(auto))
+                except ValidationError as exc:
+                    raise ConfigError(f"{where}: application {app.name!r}, deployment {dep.name!r}: autoscaling_config: {format_validation_error(exc)}") from None
+        if app.import_path == IMPORT_PATH:
+            try:
+                parse_app_config(app.args)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: application {app.name!r}: {exc}") from None
+    return config
+
+
+def start_ray(address: Optional[str] = None, *, num_cpus: Optional[float] = None, env_vars: Optional[Mapping[str, str]] = None, metrics_export_port: Optional[int] = None) -> None:
+    """Connect to ``address`` (e.g. ``auto`` or ``ray://host:10001``), or start a local instance on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"namespace": SERVE_NAMESPACE, "logging_level": logging.WARNING}
+    if env_vars:
+        kwargs["runtime_env"] = {"env_vars": dict(env_vars)}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+        if metrics_export_port is not None:
+            kwargs["_metrics_export_port"] = metrics_export_port
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:  # AuthenticationError, ConnectionError...
+        if type(exc).__name__ == "AuthenticationError":
+            raise RayStartError(
+                f"Ray refused the connection: {exc}. This cluster uses token authentication: put its token in "
+                f"~/.ray/auth_token (or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH); for a cluster started with "
+                f"`ray start --head`, run `ray get-auth-token --generate` on the head first."
+            ) from None
+        if address:
+            raise RayStartError(f"could not connect to Ray at {address!r}: {type(exc).__name__}: {exc}") from exc
+        raise
+
+
+def deploy_config(config: Any) -> None:
+    """Start Serve with the config's HTTP options (if not yet running) and submit the config."""
+    from ray.serve._private import api as _private_api
+    from ray.serve.config import gRPCOptions
+
+    client = _private_api.serve_start(
+        http_options=config.http_options.model_dump(),
+        proxy_location=config.proxy_location,
+        grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
+        controller_options=config.controller_options,
+    )
+    client.deploy_apps(config, _blocking=False)
+
+
+def app_statuses() -> dict[str, Any]:
+    """``serve.status()`` applications by name."""
+    from ray import serve
+
+    return dict(serve.status().applications)
+
+
+def status_message(app: Any) -> str:
+    """The application's message and its failing deployments' messages."""
+    parts = [app.message] if getattr(app, "message", "") else []
+    for name, dep in getattr(app, "deployments", {}).items():
+        if str(getattr(dep.status, "value", dep.status)) != "HEALTHY" and dep.message:
+            parts.append(f"{name}: {dep.message}")
+    return "\n".join(parts)
+
+
+def wait_for_apps(names: Iterable[str], timeout_s: float = 300.0, *, poll_s: float = 0.5) -> dict[str, Any]:
+    """Wait until every named application is RUNNING; raise :class:`DeployError` on failure or timeout."""
+    names = list(names)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = app_statuses()
+        states = {n: str(getattr(apps[n].status, "value", apps[n].status)) if n in apps else "NOT_STARTED" for n in names}
+        failed = [n for n, s in states.items() if s in TERMINAL_FAILURES]
+        if failed:
+            raise DeployError("\n".join(f"application {n!r} {states[n]}: {status_message(apps[n])}" for n in failed))
+        if all(s == "RUNNING" for s in states.values()):
+            return {n: apps[n] for n in names}
+        if time.monotonic() > deadline:
+            raise DeployError(f"applications not RUNNING after {timeout_s:.0f}s: {states}")
+        time.sleep(poll_s)
+
+
+def http_base_url(config: Any, route_prefix: str = "/") -> str:
+    """``http://host:port`` + route prefix of a config's HTTP options."""
+    host = config.http_options.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return f"http://{host}:{config.http_options.port}{route_prefix.rstrip('/')}"

@@ -1,0 +1,78 @@
+"""Deterministic in-process stand-ins for the stages, for fast tests of the ingress without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from serve_app.corpus import Corpus
+from serve_app.serve.service import RerankOutcome
+from serve_app.types import Document, Hit
+
+TOPICS = [
+    "protein cell gene dna",
+    "ocean sea river water",
+    "football soccer team player",
+    "music song album band",
+    "space star planet moon",
+    "food bread coffee cheese",
+]
+
+
+def small_corpus(n: int = 60) -> Corpus:
+    """``n`` short documents over a few topics, words from the tiny models' vocabulary."""
+    docs = []
+    for i in range(n):
+        words = TOPICS[i % len(TOPICS)].split()
+        text = f"{' '.join(words[: 2 + i % 3])} study {i} about the {words[i % len(words)]} and results of the {words[-1]}"
+        docs.append(Document(f"doc{i:03d}", text, title=f"{words[0]} {i}"))
+    return Corpus(docs)
+
+
+def _h(*parts: str) -> float:
+    return int(hashlib.sha256("|".join(parts).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+@dataclass
+class FakeBackends:
+    """Word-overlap retrievers and a hash-based reranker; faults set per stage."""
+
+    corpus: Corpus
+    faults: dict[str, str] = field(default_factory=dict)  # stage -> "error" | "hang"
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    hang_s: float = 30.0
+
+    async def _fault(self, stage: str) -> None:
+        mode = self.faults.get(stage)
+        if mode == "error":
+            raise ConnectionError(f"{stage} replica unavailable")
+        if mode == "hang":
+            await asyncio.sleep(self.hang_s)
+
+    async def retrieve(self, name: str, query: str, k: int) -> list[Hit]:
+        self.calls.append((name, (query, k)))
+        await self._fault(name)
+        q = set(query.lower().split())
+        scored = []
+        for d in self.corpus:
+            overlap = len(q & set(d.content.lower().split()))
+            score = overlap + (_h(name, d.id) * 0.5 if name == "dense" else 0.0)
+            if overlap or name == "dense":
+                scored.append(Hit(d.id, float(score)))
+        scored.sort(key=lambda h: (-h.score, h.doc_id))
+        return scored[:k]
+
+    async def rerank(self, query: str, documents: list[str], max_tokens_per_doc: Optional[int]) -> RerankOutcome:
+        self.calls.append(("reranker", (query, len(documents), max_tokens_per_doc)))
+        await self._fault("reranker")
+        return RerankOutcome([fake_rerank_score(query, d) for d in documents], 1, len(documents))
+
+    async def ping(self, stage: str) -> dict[str, Any]:
+        await self._fault(stage)
+        return {"stage": stage}
+
+
+def fake_rerank_score(query: str, document: str) -> float:
+    return round(4.0 * _h(query, document) - 2.0, 6)

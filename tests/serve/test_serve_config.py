@@ -1,0 +1,176 @@
+"""AppConfig validation, environment overrides, deployments.yaml against Serve's schema, index build once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from serve_fakes import small_corpus
+
+from serve_app.corpus import write_documents_jsonl
+from serve_app.errors import IndexLoadError
+from serve_app.serve import stores
+from serve_app.serve.app import DEPLOYMENT_NAMES
+from serve_app.serve.config import (
+    ENV_DENSE_MODEL,
+    ENV_RERANKER_MODEL,
+    ConfigError,
+    RerankerUserConfig,
+    RetrieverUserConfig,
+    apply_env_overrides,
+    parse_app_config,
+    parse_user_config,
+)
+from serve_app.serve.runner import IMPORT_PATH, load_serve_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    "args,field",
+    [
+        ({}, "index_dir"),
+        ({"index_dir": "/x", "reranker": {"max_length": 3}}, "reranker.max_length"),
+        ({"index_dir": "/x", "limits": {"max_documents": 0}}, "limits.max_documents"),
+        ({"index_dir": "/x", "batching": {"max_batch_size": "many"}}, "batching.max_batch_size"),
+        ({"index_dir": "/x", "retrievers": ["bm25", "splade"]}, "retrievers.1"),
+        ({"index_dir": "/x", "retrievers": []}, "retrievers"),
+        ({"index_dir": "/x", "timeouts": {"retriever_timeout_s": 0}}, "timeouts.retriever_timeout_s"),
+        ({"index_dir": "/x", "unknown_knob": 1}, "unknown_knob"),
+        ({"index_dir": "/x", "funnel": {"default_top_n": 500}}, "funnel"),
+    ],
+)
+def test_invalid_app_config_names_the_field(args, field):
+    with pytest.raises(ConfigError) as info:
+        parse_app_config(args, use_env=False)
+    assert field in str(info.value)
+
+
+def test_env_overrides_replace_the_models(monkeypatch):
+    monkeypatch.setenv(ENV_RERANKER_MODEL, "/models/my-reranker")
+    monkeypatch.setenv(ENV_DENSE_MODEL, "/models/my-encoder")
+    cfg = parse_app_config({"index_dir": "~/idx", "reranker": {"model": "hub/x", "max_length": 256}})
+    assert cfg.reranker.model == "/models/my-reranker" and cfg.reranker.max_length == 256
+    assert cfg.dense.model == "/models/my-encoder"
+    assert cfg.index_dir == str(Path.home() / "idx")
+    assert parse_app_config({"index_dir": "/i"}, use_env=False).reranker.model != "/models/my-reranker"
+    assert apply_env_overrides({"index_dir": "/i"}, environ={}) == {"index_dir": "/i"}
+
+
+def test_user_configs_validate_and_default_from_args():
+    cfg = parse_app_config({"index_dir": "/i", "batching": {"max_batch_size": 4}, "faults": {"dense": {"mode": "error"}}}, use_env=False)
+    assert cfg.reranker_user_config()["max_batch_size"] == 4
+    assert cfg.retriever_user_config("dense")["fault"]["mode"] == "error"
+    assert cfg.retriever_user_config("bm25")["fault"]["mode"] == "none"
+    assert parse_user_config(RerankerUserConfig, {"max_batch_size": 3}, "R").max_batch_size == 3
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        parse_user_config(RerankerUserConfig, {"max_batch_size": 0}, "CrossEncoderReranker")
+    with pytest.raises(ConfigError, match="fault.mode"):
+        parse_user_config(RetrieverUserConfig, {"fault": {"mode": "explode"}}, "BM25Retriever")
+
+
+def test_deployments_yaml_is_a_valid_serve_config():
+    config = load_serve_config(REPO_ROOT / "deployments.yaml")  # ServeDeploySchema + AppConfig of the args
+    assert config.http_options.host == "127.0.0.1" and config.http_options.port == 8000
+    (app,) = config.applications
+    assert app.import_path == IMPORT_PATH
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == set(DEPLOYMENT_NAMES)
+    for d in deployments.values():
+        auto = d.autoscaling_config
+        assert auto and auto["min_replicas"] >= 1 and auto["max_replicas"] > auto["min_replicas"], d.name
+        assert d.ray_actor_options.num_cpus is not None, d.name
+    rr = deployments["CrossEncoderReranker"]
+    assert rr.ray_actor_options.num_gpus is not None  # the GPU knob is explicit
+    uc = RerankerUserConfig.model_validate(rr.user_config)
+    assert rr.max_ongoing_requests >= uc.max_batch_size  # else batches can never fill
+    # The reranker scales further and faster than the cheap retrievers.
+    assert rr.autoscaling_config["max_replicas"] >= deployments["BM25Retriever"].autoscaling_config["max_replicas"]
+    assert rr.autoscaling_config["target_ongoing_requests"] < deployments["BM25Retriever"].autoscaling_config["target_ongoing_requests"]
+
+
+def test_load_serve_config_reports_bad_args_and_bad_schema(tmp_path):
+    raw = yaml.safe_load((REPO_ROOT / "deployments.yaml").read_text())
+    raw["applications"][0]["args"]["limits"]["max_documents"] = -1
+    with pytest.raises(ConfigError, match="limits.max_documents"):
+        load_serve_config(raw)
+    raw = yaml.safe_load((REPO_ROOT / "deployments.yaml").read_text())
+    raw["applications"][0]["deployments"][0]["autoscaling_config"]["min_replicas"] = "lots"
+    with pytest.raises(ConfigError, match="min_replicas"):
+        load_serve_config(raw)
+    raw = yaml.safe_load((REPO_ROOT / "deployments.yaml").read_text())
+    raw["applications"][0]["deployments"][1]["max_ongoing_requests"] = "lots"
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):
+        load_serve_config(raw)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_serve_config(bad)
+
+
+# --------------------------------------------------------------------------- index build
+
+
+def _corpus_file(tmp_path: Path, n: int = 12) -> Path:
+    path = tmp_path / "corpus.jsonl"
+    write_documents_jsonl(small_corpus(n), path)
+    return path
+
+
+def test_ensure_index_builds_once_under_concurrency(tmp_path, monkeypatch):
+    calls = []
+    real = stores.build_index
+
+    def slow_build(*args, **kwargs):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stores, "build_index", slow_build)
+    cfg = parse_app_config({"index_dir": str(tmp_path / "idx"), "corpus": str(_corpus_file(tmp_path)), "retrievers": ["bm25"]}, use_env=False)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(stores.ensure_index(cfg))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(results) == [False, False, False, True]
+    assert stores.load_bm25(cfg.index_dir).num_documents == 12
+    corpus, manifest = stores.load_documents(cfg.index_dir)
+    assert len(corpus) == 12 and manifest.dense is None
+    with pytest.raises(IndexLoadError, match="no dense retriever"):
+        stores.load_dense(cfg.index_dir, cfg.dense)
+
+
+def test_ensure_index_refuses_without_a_source(tmp_path):
+    with pytest.raises(ConfigError, match="no `corpus`"):
+        stores.ensure_index(parse_app_config({"index_dir": str(tmp_path / "a")}, use_env=False))
+    with pytest.raises(ConfigError, match="build_index_if_missing"):
+        stores.ensure_index(parse_app_config({"index_dir": str(tmp_path / "b"), "corpus": "/c.jsonl", "build_index_if_missing": False}, use_env=False))
+    with pytest.raises(ConfigError, match="does not exist"):
+        stores.ensure_index(parse_app_config({"index_dir": str(tmp_path / "c"), "corpus": str(tmp_path / "missing.jsonl")}, use_env=False))
+    with pytest.raises(ConfigError, match="unknown built-in"):
+        stores.read_corpus_source("builtin:nothing")
+
+
+def test_builtin_demo_corpus_is_readable():
+    corpus = stores.read_corpus_source("builtin:demo")
+    assert len(corpus) >= 100
+
+
+def test_damaged_index_files_fail_loading(tmp_path):
+    cfg = parse_app_config({"index_dir": str(tmp_path / "idx"), "corpus": str(_corpus_file(tmp_path)), "retrievers": ["bm25"]}, use_env=False)
+    stores.ensure_index(cfg)
+    victim = next(p for p in sorted((Path(cfg.index_dir) / "bm25").iterdir()) if p.is_file() and p.stat().st_size > 4)
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(IndexLoadError, match="sha256"):
+        stores.load_bm25(cfg.index_dir)
+    stores.load_documents(cfg.index_dir)  # the document store is intact and still loads
+    victim.write_bytes(bytes(data[:-3]))
+    with pytest.raises(IndexLoadError, match="truncated"):
+        stores.load_bm25(cfg.index_dir)
