@@ -1,0 +1,410 @@
+"""Dense retrieval: a transformers bi-encoder (mean pooling, L2) and a FAISS inner-product index.
+
+``BiEncoder`` reproduces sentence-transformers' encoding of mean-pooling models
+(``Transformer -> Pooling(mean) -> Normalize``) with plain transformers, so the
+service does not depend on sentence-transformers at run time.
+
+``DenseRetriever`` indexes chunk embeddings and answers with documents: a
+document's score is its best chunk's cosine similarity to the query.
+
+Files written by :meth:`DenseRetriever.save` (inside the retriever's own directory)::
+
+    index.faiss       the CPU FAISS index (faiss.write_index)
+    chunk_owner.npy   int64 position of each vector's document (np.save, no pickle)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from serve_app.chunking import collapse_to_documents, split_documents
+from serve_app.config import ChunkingConfig, DenseConfig
+from serve_app.errors import IndexLoadError
+from serve_app.models import ModelLoadError, load_error, pick_device, resolve_model
+from serve_app.retrieval.faiss_index import (
+    GPU_MAX_K,
+    DenseIndexError,
+    create_index,
+    maybe_to_gpu,
+    set_search_params,
+    train_and_add,
+)
+from serve_app.types import Document, Hit
+
+__all__ = ["BiEncoder", "DenseIndexError", "DenseRetriever"]
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+OWNER_FILE = "chunk_owner.npy"
+POOLING = "mean"
+# Tokenizers without a length limit report a huge sentinel as model_max_length.
+_NO_LIMIT = 1_000_000
+
+
+def _check_texts(texts: Iterable[str], what: str) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError(f"{what} must be a sequence of strings, not a single string")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise TypeError(f"{what}[{i}] is {type(t).__name__}, expected str")
+    return out
+
+
+class BiEncoder:
+    """Sentence embeddings from a transformers encoder: mean pooling over the attention mask, then L2.
+
+    ``cfg.model`` is a Hugging Face id or a local directory, resolved with
+    :func:`serve_app.models.resolve_model` (the default MiniLM id resolves offline to the
+    packaged weights). ``fp16`` runs the model in half precision on CUDA (ignored on CPU).
+    """
+
+    def __init__(self, cfg: DenseConfig, *, fp16: bool = False) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.cfg = cfg
+        path = resolve_model(cfg.model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # OSError, ValueError, EnvironmentError... all mean "not loadable"
+            raise load_error(cfg.model, "dense encoder", exc) from exc
+        self.device = torch.device(pick_device(cfg.device))
+        model.to(self.device).eval()
+        if fp16 and self.device.type == "cuda":
+            model.half()
+        self.model = model
+        self.max_length = self._effective_max_length()
+        hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model", None)
+        self._dim = int(hidden) if hidden else int(self.encode(["dimension probe"]).shape[1])
+
+    def _effective_max_length(self) -> int:
+        limits = [self.cfg.max_length]
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        if tok_max and tok_max < _NO_LIMIT:
+            limits.append(int(tok_max))
+        pos_max = getattr(self.model.config, "max_position_embeddings", None)
+        if pos_max:
+            limits.append(int(pos_max))
+        if min(limits) < self.cfg.max_length:
+            log.warning("dense max_length %d exceeds what %s supports; using %d", self.cfg.max_length, self.cfg.model, min(limits))
+        return min(limits)
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return self._dim
+
+    @property
+    def model_name(self) -> str:
+        """The configured model name (Hub id or path), as recorded in index manifests."""
+        return self.cfg.model
+
+    def encode_queries(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
+        """Embeddings of queries, ``cfg.query_prefix`` prepended."""
+        texts = _check_texts(texts, "queries")
+        return self.encode([self.cfg.query_prefix + t for t in texts], show_progress=show_progress)
+
+    def encode_documents(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
+        """Embeddings of documents (or chunks), ``cfg.document_prefix`` prepended."""
+        texts = _check_texts(texts, "documents")
+        return self.encode([self.cfg.document_prefix + t for t in texts], show_progress=show_progress)
+
+    def encode(self, texts: Sequence[str], batch_size: int | None = None, show_progress: bool = False) -> np.ndarray:
+        """L2-normalised float32 embeddings, shape ``(len(texts), dim)``, in input order.
+
+        Texts are batched longest first (by characters) so each batch pads little;
+        texts longer than ``max_length`` tokens are truncated.
+        """
+        import torch
+        from tqdm.auto import tqdm
+
+        texts = _check_texts(texts, "texts")
+        bs = int(batch_size or self.cfg.batch_size)
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {bs}")
+        width = getattr(self, "_dim", None)
+        if not texts:
+            return np.zeros((0, width or 0), dtype=np.float32)
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        chunks: list[np.ndarray] = []
+        with torch.inference_mode(), tqdm(total=len(texts), disable=not show_progress, desc="encoding", unit="text") as bar:
+            for start in range(0, len(texts), bs):
+                idx = order[start : start + bs]
+                batch = self.tokenizer(
+                    [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                ).to(self.device)
+                hidden = self.model(**batch).last_hidden_state.float()
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                chunks.append(pooled.cpu().numpy())
+                bar.update(len(idx))
+        sorted_emb = np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
+        out = np.empty_like(sorted_emb)
+        out[order] = sorted_emb
+        return out
+
+
+class DenseRetriever:
+    """Top-k documents by cosine similarity of bi-encoder embeddings, served by FAISS.
+
+    The FAISS index holds one vector per chunk (per document when chunking is off);
+    ``chunk_owner[i]`` is the position in ``doc_ids`` of vector ``i``'s document.
+    ``encoder`` may be None for a retriever queried only through :meth:`search_vectors`.
+    """
+
+    name = "dense"
+
+    def __init__(
+        self,
+        index: faiss.Index,
+        chunk_owner: np.ndarray,
+        doc_ids: Sequence[str],
+        cfg: DenseConfig,
+        encoder: BiEncoder | None = None,
+        *,
+        factory: str | None = None,
+    ) -> None:
+        owner = np.asarray(chunk_owner, dtype=np.int64)
+        if owner.shape != (index.ntotal,):
+            raise ValueError(f"chunk_owner has shape {owner.shape}, expected ({index.ntotal},): one entry per indexed vector")
+        if owner.size and (owner.min() < 0 or owner.max() >= len(doc_ids)):
+            raise ValueError(f"chunk_owner refers to documents outside 0..{len(doc_ids) - 1}")
+        self.cfg = cfg
+        self.encoder = encoder
+        self.factory = factory or cfg.factory
+        self.doc_ids = list(doc_ids)
+        self.chunk_owner = owner
+        self._cpu_index = index
+        set_search_params(index, ef_search=cfg.hnsw_ef_search, nprobe=cfg.ivf_nprobe)
+        self._index, self._gpu_resources = maybe_to_gpu(index, enabled=cfg.use_gpu_index, device=cfg.device)
+        counts = np.bincount(owner, minlength=len(self.doc_ids)) if owner.size else np.zeros(0, dtype=np.int64)
+        self._max_chunks_per_doc = int(counts.max()) if counts.size else 0
+
+    # ----------------------------------------------------------------- build
+
+    @classmethod
+    def build(
+        cls,
+        corpus: Sequence[Document],
+        cfg: DenseConfig,
+        chunking: ChunkingConfig,
+        encoder: BiEncoder | None = None,
+        show_progress: bool = False,
+    ) -> DenseRetriever:
+        """Encode the corpus (chunked per ``chunking``) and index it with ``cfg.factory``.
+
+        ``corpus`` is a :class:`serve_app.corpus.Corpus` (or any sequence of Documents);
+        its ``ids`` give the document ids of the hits.
+        """
+        docs = list(corpus)
+        if not docs:
+            raise DenseIndexError("cannot build a dense index over an empty corpus")
+        doc_ids = list(getattr(corpus, "ids", [d.id for d in docs]))
+        if len(doc_ids) != len(docs):
+            raise ValueError(f"corpus.ids has {len(doc_ids)} entries for {len(docs)} documents")
+        encoder = encoder or BiEncoder(cfg)
+        texts, owner = split_documents(docs, chunking)
+        log.info("dense: encoding %d texts of %d documents with %s", len(texts), len(docs), encoder.model_name)
+        vectors = encoder.encode_documents(texts, show_progress=show_progress)
+        return cls.from_vectors(vectors, doc_ids, cfg, chunk_owner=owner, encoder=encoder)
+
+    @classmethod
+    def from_vectors(
+        cls,
+        vectors: np.ndarray,
+        doc_ids: Sequence[str],
+        cfg: DenseConfig,
+        chunk_owner: np.ndarray | None = None,
+        encoder: BiEncoder | None = None,
+    ) -> DenseRetriever:
+        """Index precomputed (L2-normalised) vectors; ``chunk_owner`` defaults to one vector per document."""
+        x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"vectors must be a non-empty 2-D array, got shape {x.shape}")
+        owner = np.arange(len(doc_ids), dtype=np.int64) if chunk_owner is None else np.asarray(chunk_owner, dtype=np.int64)
+        if owner.shape != (x.shape[0],):
+            raise ValueError(f"{x.shape[0]} vectors but chunk_owner has shape {owner.shape}")
+        if encoder is not None and encoder.dim != x.shape[1]:
+            raise ValueError(f"vectors have dimension {x.shape[1]}, the encoder {encoder.dim}")
+        index = create_index(x.shape[1], cfg.factory)
+        train_and_add(index, x, cfg.factory)
+        return cls(index, owner, doc_ids, cfg, encoder, factory=cfg.factory)
+
+    # ---------------------------------------------------------------- search
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the indexed vectors."""
+        return int(self._cpu_index.d)
+
+    @property
+    def num_vectors(self) -> int:
+        """Indexed vectors (chunks)."""
+        return int(self._cpu_index.ntotal)
+
+    def search(self, query: str, k: int) -> list[Hit]:
+        """Top-``k`` documents for one query, best first."""
+        return self.search_batch([query], k)[0]
+
+    def search_batch(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        """Top-``k`` documents for each query, best first."""
+        if self.encoder is None:
+            raise RuntimeError("this DenseRetriever has no encoder: pass one to build/load, or use search_vectors")
+        queries = _check_texts(queries, "queries")
+        if not queries:
+            return []
+        return self.search_vectors(self.encoder.encode_queries(queries), k)
+
+    def search_vectors(self, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-``k`` documents for each row of ``query_vectors`` (shape ``(n, dim)``, L2-normalised)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        q = np.ascontiguousarray(np.asarray(query_vectors, dtype=np.float32))
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"query vectors must have shape (n, {self.dim}), got {q.shape}")
+        if q.shape[0] == 0:
+            return []
+        k_docs = min(int(k), len(self.doc_ids))
+        total = self.num_vectors
+        fetch = min(total, k_docs * min(self._max_chunks_per_doc, 4))
+        results: list[list[tuple[int, float]]] = [[] for _ in range(q.shape[0])]
+        pending = np.arange(q.shape[0])
+        while pending.size:
+            scores, ids = self._raw_search(q[pending], fetch)
+            again = []
+            for row, qi in enumerate(pending.tolist()):
+                hits = collapse_to_documents(ids[row], scores[row], self.chunk_owner, k_docs)
+                results[qi] = hits
+                # Fetch more chunks only when the index filled every slot (more may exist) and some documents are missing.
+                if len(hits) < k_docs and fetch < total and ids[row][-1] >= 0:
+                    again.append(qi)
+            pending = np.asarray(again, dtype=np.int64)
+            fetch = min(total, fetch * 2)
+        return [[Hit(self.doc_ids[d], s) for d, s in hits] for hits in results]
+
+    def _raw_search(self, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        index = self._index
+        if self._gpu_resources is not None and fetch > GPU_MAX_K:
+            index = self._cpu_index
+        scores, ids = index.search(q, fetch)
+        return scores, ids
+
+    # ------------------------------------------------------------ save, load
+
+    def section(self) -> dict[str, Any]:
+        """The manifest section describing this index (no file contents)."""
+        enc = self.encoder
+        return {
+            "model": enc.model_name if enc else self.cfg.model,
+            "dim": self.dim,
+            "factory": self.factory,
+            "normalize": True,
+            "pooling": POOLING,
+            "max_length": enc.max_length if enc else self.cfg.max_length,
+            "query_prefix": enc.cfg.query_prefix if enc else self.cfg.query_prefix,
+            "document_prefix": enc.cfg.document_prefix if enc else self.cfg.document_prefix,
+            "num_vectors": self.num_vectors,
+            "num_documents": len(self.doc_ids),
+            "files": [INDEX_FILE, OWNER_FILE],
+        }
+
+    def save(self, directory: str | Path) -> dict[str, Any]:
+        """Write the CPU index and the chunk -> document map into ``directory``; return the manifest section.
+
+        ``files`` in the section are relative to ``directory``.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self._cpu_index, str(out / INDEX_FILE))
+        np.save(out / OWNER_FILE, self.chunk_owner, allow_pickle=False)
+        return self.section()
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        section: Mapping[str, Any],
+        encoder: BiEncoder | None,
+        doc_ids: Sequence[str],
+        cfg: DenseConfig | None = None,
+    ) -> DenseRetriever:
+        """Open an index written by :meth:`save`, checking it against ``section``, ``encoder`` and ``doc_ids``.
+
+        ``cfg`` supplies the search-time settings (efSearch, nprobe, GPU); it defaults to
+        the encoder's config. Raises :class:`IndexLoadError` on any mismatch or damage.
+        """
+        d = Path(directory)
+        missing = [key for key in ("model", "dim", "factory", "num_vectors", "num_documents") if key not in section]
+        if missing:
+            raise IndexLoadError(f"dense manifest section in {d} lacks {', '.join(missing)}")
+        if section.get("normalize", True) is not True or section.get("pooling", POOLING) != POOLING:
+            raise IndexLoadError(f"dense index in {d} was built with pooling={section.get('pooling')!r}, normalize={section.get('normalize')!r}; this version supports mean pooling with L2 normalisation only")
+        if encoder is not None:
+            _check_encoder(d, section, encoder)
+        if len(doc_ids) != int(section["num_documents"]):
+            raise IndexLoadError(f"dense index in {d} covers {section['num_documents']} documents but the document store has {len(doc_ids)}")
+        index = _read_index(d / INDEX_FILE)
+        if index.d != int(section["dim"]) or index.ntotal != int(section["num_vectors"]):
+            raise IndexLoadError(
+                f"{d / INDEX_FILE} holds {index.ntotal} vectors of dimension {index.d}, the manifest says "
+                f"{section['num_vectors']} of dimension {section['dim']}"
+            )
+        owner = _read_owner(d / OWNER_FILE, index.ntotal, len(doc_ids))
+        if cfg is None:
+            cfg = encoder.cfg if encoder is not None else DenseConfig(model=str(section["model"]), factory=str(section["factory"]))
+        return cls(index, owner, doc_ids, cfg, encoder, factory=str(section["factory"]))
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return resolve_model(a) == resolve_model(b)
+    except ModelLoadError:
+        return False
+
+
+def _check_encoder(d: Path, section: Mapping[str, Any], encoder: BiEncoder) -> None:
+    if encoder.dim != int(section["dim"]):
+        raise IndexLoadError(f"dense index in {d} has {section['dim']}-dimensional vectors but the encoder {encoder.model_name!r} gives {encoder.dim}")
+    if not _same_model(encoder.model_name, str(section["model"])):
+        raise IndexLoadError(f"dense index in {d} was built with model {section['model']!r}, not {encoder.model_name!r}; rebuild the index or configure that model")
+    for key in ("query_prefix", "document_prefix"):
+        if key in section and section[key] != getattr(encoder.cfg, key):
+            raise IndexLoadError(f"dense index in {d} was built with {key}={section[key]!r}, the encoder uses {getattr(encoder.cfg, key)!r}")
+
+
+def _read_index(path: Path) -> faiss.Index:
+    if not path.is_file():
+        raise IndexLoadError(f"dense index file {path} is missing")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise IndexLoadError(f"cannot read FAISS index {path}: {detail}") from None
+
+
+def _read_owner(path: Path, num_vectors: int, num_docs: int) -> np.ndarray:
+    if not path.is_file():
+        raise IndexLoadError(f"chunk -> document map {path} is missing")
+    try:
+        owner = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise IndexLoadError(f"cannot read {path}: {exc}") from None
+    if owner.shape != (num_vectors,) or not np.issubdtype(owner.dtype, np.integer):
+        raise IndexLoadError(f"{path} holds {owner.dtype} array of shape {owner.shape}, expected {num_vectors} integers")
+    if owner.size and (owner.min() < 0 or owner.max() >= num_docs):
+        raise IndexLoadError(f"{path} refers to documents outside 0..{num_docs - 1}")
+    return owner.astype(np.int64, copy=False)
