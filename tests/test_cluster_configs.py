@@ -1,0 +1,429 @@
+"""Static checks of the cluster deployment files (cluster/): they parse, match the schemas they
+are written for, agree with the repo-root deployments.yaml, and keep the security settings.
+
+No cluster is started here (tests/test_multinode.py does that).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER = REPO / "cluster"
+DEPLOYMENTS_YAML = REPO / "deployments.yaml"
+RAYSERVICE = CLUSTER / "kuberay" / "rayservice.yaml"
+LAUNCHER = CLUSTER / "launcher" / "aws.yaml"
+LOCAL_CONFIG = CLUSTER / "local" / "deployments.local.yaml"
+DASHBOARD = CLUSTER / "monitoring" / "grafana-serve-app.json"
+RAY_PORTS = {6379: "GCS", 8265: "dashboard", 10001: "Ray client"}
+PIN_RESOURCES = {"BM25Retriever": "retriever_node", "DenseRetriever": "retriever_node", "CrossEncoderReranker": "reranker_node"}
+
+
+def _load_module(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+render = _load_module(CLUSTER / "render_rayservice.py")
+grafana = _load_module(CLUSTER / "monitoring" / "grafana_dashboard.py")
+
+
+def _yaml_docs(path: Path) -> list[Any]:
+    return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+
+
+def _serve_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema
+
+
+def _deployments(config: dict) -> dict[str, dict]:
+    return {d["name"]: d for app in config["applications"] for d in app.get("deployments", [])}
+
+
+def _walk(node: Any, path: str = ""):
+    """Every (path, mapping) in a parsed YAML tree."""
+    if isinstance(node, dict):
+        yield path, node
+        for k, v in node.items():
+            yield from _walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def base() -> dict:
+    return yaml.safe_load(DEPLOYMENTS_YAML.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def rayservice() -> dict:
+    (doc,) = _yaml_docs(RAYSERVICE)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def embedded(rayservice) -> dict:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+@pytest.fixture(scope="module")
+def launcher() -> dict:
+    return yaml.safe_load(LAUNCHER.read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- parsing, rendering
+
+
+def test_every_cluster_file_parses():
+    yamls = sorted(CLUSTER.rglob("*.yaml")) + sorted(CLUSTER.rglob("*.yml"))
+    assert len(yamls) >= 8, yamls
+    for path in yamls:
+        docs = _yaml_docs(path)
+        assert docs, f"{path} holds no YAML document"
+        for doc in docs:
+            assert isinstance(doc, dict), f"{path}: top level must be a mapping"
+    for path in sorted(CLUSTER.rglob("*.json")):
+        assert isinstance(json.loads(path.read_text(encoding="utf-8")), dict), path
+
+
+@pytest.mark.parametrize("target", sorted(render.TARGETS))
+def test_committed_rendering_is_current(target):
+    """cluster/kuberay/rayservice.yaml and cluster/local/deployments.local.yaml are generated from
+    deployments.yaml + overlays: after any change there, re-run the renderer."""
+    t = render.TARGETS[target]
+    expected = render.render_text(t)
+    assert t.output.read_text(encoding="utf-8") == expected, f"{t.output} is stale: run `python cluster/render_rayservice.py {target}`"
+
+
+def test_committed_dashboard_is_current():
+    assert DASHBOARD.read_text(encoding="utf-8") == grafana.render(), "run `python cluster/monitoring/grafana_dashboard.py`"
+
+
+def test_deep_merge_rules():
+    base = {"a": {"b": 1, "c": [1, 2], "d": {"e": 1}}, "keep": True}
+    patch = {"a": {"b": 2, "c": [3], "d": None, "new": "x"}}
+    assert render.deep_merge(base, patch) == {"a": {"b": 2, "c": [3], "new": "x"}, "keep": True}
+    assert base["a"]["d"] == {"e": 1}, "inputs must not be modified"
+
+
+def test_overlay_patches_named_deployments_only(base):
+    overlay = {"deployments": {"CrossEncoderReranker": {"ray_actor_options": {"num_gpus": 1, "resources": {"reranker_node": 0.01}}}}, "app_args": {"index_dir": "/x"}}
+    out = render.apply_overlay(base, overlay)
+    deps, before = _deployments(out), _deployments(base)
+    rr = deps["CrossEncoderReranker"]
+    assert rr["ray_actor_options"]["num_gpus"] == 1 and rr["ray_actor_options"]["resources"] == {"reranker_node": 0.01}
+    assert rr["ray_actor_options"]["num_cpus"] == before["CrossEncoderReranker"]["ray_actor_options"]["num_cpus"]
+    assert rr["autoscaling_config"] == before["CrossEncoderReranker"]["autoscaling_config"]
+    assert deps["BM25Retriever"] == before["BM25Retriever"]
+    assert all(app["args"]["index_dir"] == "/x" for app in out["applications"])
+
+
+def test_overlay_naming_an_unknown_deployment_fails(base):
+    with pytest.raises(render.RenderError, match="NoSuchDeployment"):
+        render.apply_overlay(base, {"deployments": {"NoSuchDeployment": {"num_replicas": 1}}}, overlay_name="ov.yaml")
+
+
+def test_bad_overlay_files_fail_with_the_file_named(tmp_path):
+    bad_key = tmp_path / "bad_key.yaml"
+    bad_key.write_text("deploymnets: {}\n")
+    with pytest.raises(render.RenderError, match=r"bad_key\.yaml: unknown overlay key"):
+        render.load_overlay(bad_key)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("serve:\n  http_options: {host: [\n")
+    with pytest.raises(render.RenderError, match=r"broken\.yaml:\d+: invalid YAML"):
+        render.load_overlay(broken)
+
+
+def test_rendering_rejects_an_invalid_serve_config(tmp_path):
+    overlay = tmp_path / "invalid.yaml"
+    overlay.write_text("deployments:\n  BM25Retriever:\n    autoscaling_config: {min_replicas: many}\n")
+    with pytest.raises(render.RenderError, match="not a valid Ray Serve config.*min_replicas"):
+        render.render_serve_config(render.TARGETS["local"], DEPLOYMENTS_YAML, [overlay])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("deployments:\n  BM25Retriever:\n    ray_actor_options: {num_gpu: 1}\n")
+    with pytest.raises(render.RenderError, match=r"BM25Retriever\]\.ray_actor_options: unknown key\(s\) \['num_gpu'\]"):
+        render.render_serve_config(render.TARGETS["local"], DEPLOYMENTS_YAML, [typo])
+
+
+# --------------------------------------------------------------------------- RayService
+
+
+def test_rayservice_schema(rayservice):
+    assert rayservice["apiVersion"] == "ray.io/v1"
+    assert rayservice["kind"] == "RayService"
+    assert rayservice["metadata"]["name"]
+    spec = rayservice["spec"]
+    assert isinstance(spec["serveConfigV2"], str), "serveConfigV2 is a YAML string"
+    cluster = spec["rayClusterConfig"]
+    assert cluster["rayVersion"].startswith("2.")
+    head = cluster["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    assert head["template"]["spec"]["containers"][0]["image"]
+    groups = cluster["workerGroupSpecs"]
+    assert len({g["groupName"] for g in groups}) == len(groups) >= 2
+    for g in groups:
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+        assert g["maxReplicas"] > g["minReplicas"], f"{g['groupName']} cannot autoscale"
+        assert isinstance(g["rayStartParams"], dict) and all(isinstance(v, str) for v in g["rayStartParams"].values()), "rayStartParams values are strings"
+        assert g["template"]["spec"]["containers"][0]["image"]
+
+
+def test_rayservice_embeds_a_valid_serve_config(embedded):
+    _serve_schema().model_validate(embedded)
+
+
+def test_rayservice_autoscaling_on(rayservice):
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+
+
+def _start_resources(group: dict) -> dict[str, float]:
+    raw = group["rayStartParams"].get("resources")
+    if raw is None:
+        return {}
+    # KubeRay's format: a JSON object inside a quoted string, e.g. '"{\"retriever_node\": 1}"'.
+    return json.loads(json.loads(raw))
+
+
+def _gpu_limit(group: dict) -> int:
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    return int(limits.get("nvidia.com/gpu", 0))
+
+
+def test_rayservice_gpu_group_serves_the_reranker(rayservice, embedded):
+    groups = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    reranker = _deployments(embedded)["CrossEncoderReranker"]
+    opts = reranker["ray_actor_options"]
+    assert opts["num_gpus"] >= 1, "reranker replicas use a GPU on the cluster"
+    gpu_groups = [g for g in groups if _gpu_limit(g) > 0]
+    assert gpu_groups, "a worker group with nvidia.com/gpu limits"
+    for g in gpu_groups:
+        assert int(g["rayStartParams"]["num-gpus"]) == _gpu_limit(g), "Ray's GPU count equals the container's GPU limit"
+    pinned = [g for g in gpu_groups if set(opts["resources"]) <= set(_start_resources(g))]
+    assert pinned, f"no GPU group advertises {opts['resources']}"
+    capacity = sum(g["maxReplicas"] * _gpu_limit(g) for g in pinned)
+    needed = reranker["autoscaling_config"]["max_replicas"] * opts["num_gpus"]
+    assert capacity >= needed, f"GPU groups hold {capacity} GPUs; reranker max_replicas needs {needed}"
+    for g in groups:
+        if _gpu_limit(g) == 0:
+            assert "reranker_node" not in _start_resources(g), "CPU groups must not attract reranker replicas"
+
+
+def test_every_pinned_deployment_has_a_node_group(rayservice, embedded):
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    offered = [_start_resources(g) for g in cluster["workerGroupSpecs"]]
+    for name, dep in _deployments(embedded).items():
+        wanted = set((dep.get("ray_actor_options") or {}).get("resources") or {})
+        assert any(wanted <= set(o) for o in offered), f"{name} asks for {wanted}; no worker group offers it"
+        if name in PIN_RESOURCES:
+            assert PIN_RESOURCES[name] in wanted, f"{name} is not pinned to {PIN_RESOURCES[name]}"
+
+
+# --------------------------------------------------------------------------- consistency with deployments.yaml
+
+
+@pytest.mark.parametrize("rendered", ["rayservice", "local"])
+def test_rendered_configs_keep_deployments_yaml(base, embedded, rendered):
+    other = embedded if rendered == "rayservice" else yaml.safe_load(LOCAL_CONFIG.read_text(encoding="utf-8"))
+    assert [a["name"] for a in other["applications"]] == [a["name"] for a in base["applications"]]
+    for a, b in zip(base["applications"], other["applications"]):
+        assert b["import_path"] == a["import_path"]
+        assert b.get("route_prefix") == a.get("route_prefix")
+    mine, theirs = _deployments(base), _deployments(other)
+    assert list(theirs) == list(mine), "same deployment names, same order"
+    for name, dep in mine.items():
+        for key in ("autoscaling_config", "max_ongoing_requests", "max_queued_requests", "user_config", "num_replicas"):
+            assert theirs[name].get(key) == dep.get(key), f"{rendered}: {name}.{key} differs from deployments.yaml"
+        assert "autoscaling_config" in dep, f"deployments.yaml: {name} has no autoscaling_config"
+
+
+def test_autoscaling_bounds_are_sane(base):
+    for name, dep in _deployments(base).items():
+        cfg = dep["autoscaling_config"]
+        assert 1 <= cfg["min_replicas"] <= cfg["max_replicas"], name
+
+
+# --------------------------------------------------------------------------- launcher (AWS)
+
+
+def test_launcher_matches_rays_schema(launcher):
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(launcher, schema)
+
+
+def test_launcher_node_types(launcher):
+    types = launcher["available_node_types"]
+    assert launcher["provider"]["type"] == "aws"
+    assert launcher["head_node_type"] in types
+    head = types[launcher["head_node_type"]]
+    assert "GPU" not in head["resources"]
+    workers = {k: v for k, v in types.items() if k != launcher["head_node_type"]}
+    gpu = [v for v in workers.values() if v["resources"].get("GPU", 0) >= 1]
+    cpu = [v for v in workers.values() if not v["resources"].get("GPU")]
+    assert gpu and cpu
+    assert all(v["resources"].get("reranker_node") == 1 for v in gpu)
+    assert any(v["resources"].get("retriever_node") == 1 for v in cpu)
+    assert not any("reranker_node" in v["resources"] for v in cpu)
+    for v in workers.values():
+        assert v["max_workers"] > v["min_workers"] >= 0, "worker types autoscale"
+    assert sum(v["max_workers"] for v in workers.values()) <= launcher["max_workers"]
+
+
+def test_launcher_security(launcher):
+    starts = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+    for cmd in starts:
+        if "ray start" in cmd:
+            assert "RAY_AUTH_MODE=token" in cmd, f"start without token auth: {cmd}"
+    head_start = " ".join(launcher["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start, "dashboard bound to the head's loopback"
+    assert "0.0.0.0" not in head_start
+    assert any(dst.endswith("/.ray/auth_token") for dst in launcher["file_mounts"]), "the token is copied to every node"
+    for rule in launcher["provider"]["security_group"]["IpPermissions"]:
+        ports = set(range(rule["FromPort"], rule["ToPort"] + 1))
+        assert not ports & set(RAY_PORTS), f"security group opens {sorted(ports & set(RAY_PORTS))}"
+        assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule.get("IpRanges", [])), "no rule open to the internet"
+
+
+# --------------------------------------------------------------------------- security of the Kubernetes files
+
+
+def _k8s_docs() -> list[tuple[Path, dict]]:
+    return [(p, d) for p in sorted((CLUSTER / "kuberay").glob("*.yaml")) if p.name != "rayservice.template.yaml" for d in _yaml_docs(p)]
+
+
+def test_token_auth_on(rayservice):
+    auth = rayservice["spec"]["rayClusterConfig"]["authOptions"]
+    assert auth["mode"] == "token"
+    assert auth.get("secretName"), "the token comes from a Secret"
+    text = RAYSERVICE.read_text()
+    assert "auth_token:" not in text, "no token value in the manifest"
+
+
+def test_no_service_exposed_outside_the_cluster(rayservice):
+    spec = rayservice["spec"]
+    assert spec["rayClusterConfig"]["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert spec["serveService"]["spec"]["type"] == "ClusterIP"
+    assert not spec["rayClusterConfig"]["headGroupSpec"].get("enableIngress"), "no Ingress to the head (dashboard/GCS/client)"
+    for path, doc in _k8s_docs():
+        for where, node in _walk(doc):
+            assert node.get("type") not in ("LoadBalancer", "NodePort"), f"{path}: {where} is {node.get('type')}"
+            assert node.get("serviceType") not in ("LoadBalancer", "NodePort"), f"{path}: {where}"
+            assert "hostPort" not in node, f"{path}: {where} uses hostPort"
+        assert doc.get("spec", {}).get("template", {}).get("spec", {}).get("hostNetwork") is not True
+
+
+def test_ingress_is_tls_and_reaches_only_the_serve_service(rayservice):
+    serve_svc = rayservice["spec"]["serveService"]["metadata"]["name"]
+    serve_port = rayservice["spec"]["serveService"]["spec"]["ports"][0]["port"]
+    ingresses = [d for _, d in _k8s_docs() if d["kind"] == "Ingress"]
+    assert ingresses
+    for ing in ingresses:
+        tls_hosts = {h for t in ing["spec"]["tls"] for h in t["hosts"]}
+        for rule in ing["spec"]["rules"]:
+            assert rule["host"] in tls_hosts, f"{rule['host']} served without TLS"
+            for p in rule["http"]["paths"]:
+                backend = p["backend"]["service"]
+                assert backend["name"] == serve_svc and backend["port"]["number"] == serve_port
+                assert backend["port"]["number"] not in RAY_PORTS
+
+
+def test_network_policy_keeps_ray_ports_inside(rayservice):
+    policies = [d for _, d in _k8s_docs() if d["kind"] == "NetworkPolicy"]
+    assert policies
+    pod_labels = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        assert group["template"]["metadata"]["labels"].items() >= policies[0]["spec"]["podSelector"]["matchLabels"].items()
+    assert pod_labels.items() >= policies[0]["spec"]["podSelector"]["matchLabels"].items(), "the policy selects the Ray pods"
+    for pol in policies:
+        assert "Ingress" in pol["spec"]["policyTypes"]
+        for rule in pol["spec"]["ingress"]:
+            sources = rule["from"]
+            same_cluster = all("podSelector" in s and "namespaceSelector" not in s for s in sources)
+            ports = {p["port"] for p in rule.get("ports", [])}
+            if same_cluster:
+                continue
+            assert ports, "a rule from outside the Ray pods must name its ports"
+            assert not ports & {6379, 10001}, f"GCS/client port open to {sources}"
+
+
+def test_serve_http_host_is_explicit_everywhere(base, embedded):
+    # Serve's config schema defaults http_options.host to 0.0.0.0: never rely on the default.
+    assert base["http_options"]["host"] in ("127.0.0.1", "localhost", "::1"), "deployments.yaml serves on loopback"
+    local = yaml.safe_load(LOCAL_CONFIG.read_text(encoding="utf-8"))
+    assert local["http_options"]["host"] == "127.0.0.1"
+    assert "host" in embedded["http_options"]
+
+
+# --------------------------------------------------------------------------- local cluster scripts
+
+
+def test_local_cluster_is_loopback_and_authenticated():
+    start = (CLUSTER / "local" / "start.sh").read_text()
+    assert "HOST=127.0.0.1" in start and '--node-ip-address "$HOST"' in start and '--dashboard-host "$HOST"' in start
+    assert "export RAY_AUTH_MODE=token" in start
+    assert "ray stop" not in start.replace("never `ray stop`", "")
+    stop = (CLUSTER / "local" / "stop.sh").read_text()
+    assert not re.search(r"^\s*[^#]*\bray stop\b", stop, re.M), "stop.sh must end only its own processes"
+    for name in ("retriever_node", "reranker_node", "head_node"):
+        assert f'{{"{name}": 1}}' in start, name
+    local = yaml.safe_load(LOCAL_CONFIG.read_text(encoding="utf-8"))
+    assert local["proxy_location"] == "HeadOnly", "one proxy: every node shares 127.0.0.1"
+    for name, dep in _deployments(local).items():
+        res = (dep.get("ray_actor_options") or {}).get("resources") or {}
+        if name in PIN_RESOURCES:
+            assert PIN_RESOURCES[name] in res, name
+
+
+# --------------------------------------------------------------------------- monitoring
+
+
+def dashboard_metric_names() -> set[str]:
+    """Metric names queried by the Grafana dashboard's PromQL."""
+    data = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    exprs = [t["expr"] for p in data["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"]["query"] for v in data["templating"]["list"] if isinstance(v.get("query"), dict)]
+    return {m for e in exprs for m in re.findall(r"\bray_[a-z0-9_]+", e)}
+
+
+def test_dashboard_covers_every_custom_metric():
+    from serve_app.serve.metrics import SPECS
+
+    used = dashboard_metric_names()
+    for name, spec in SPECS.items():
+        prom = "ray_" + name
+        if spec.kind == "histogram":
+            assert {prom + "_bucket", prom + "_sum", prom + "_count"} & used, f"{prom} not on the dashboard"
+        else:
+            assert (prom if prom.endswith("_total") else prom + "_total") in used, f"{prom} not on the dashboard"
+    custom = {m for m in used if m.startswith("ray_serve_app_")}
+    known = {"ray_" + n + s for n in SPECS for s in ("", "_bucket", "_sum", "_count", "_total")}
+    assert custom <= known, f"dashboard queries unknown custom metrics: {sorted(custom - known)}"
+    assert {"ray_serve_deployment_replica_healthy", "ray_serve_deployment_queued_queries"} <= used
+
+
+def test_prometheus_config_reads_rays_service_discovery():
+    cfg = yaml.safe_load((CLUSTER / "monitoring" / "prometheus.yml").read_text())
+    files = [f for job in cfg["scrape_configs"] for sd in job.get("file_sd_configs", []) for f in sd["files"]]
+    assert files and all(os.path.basename(f) == "prom_metrics_service_discovery.json" for f in files)
+    from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
+
+    assert PROMETHEUS_SERVICE_DISCOVERY_FILE == "prom_metrics_service_discovery.json"
