@@ -29,6 +29,8 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.serve import metrics
 from serve_app.serve.config import (
+    ENV_DENSE_MODEL,
+    ENV_RERANKER_MODEL,
     AppConfig,
     BatchingConfig,
     FaultInjection,
@@ -51,10 +53,28 @@ class InjectedFault(RuntimeError):
 
 
 async def _apply_fault(fault: FaultInjection, stage: str) -> None:
+    """Simulate an unresponsive or failing stage (every call: search, rerank and ping)."""
     if fault.mode == "error":
         raise InjectedFault(f"{stage}: injected failure (fault.mode=error)")
     if fault.mode == "delay" and fault.delay_s > 0:
         await asyncio.sleep(fault.delay_s)
+
+
+def _load(what: str, loader: Any, *args: Any, hint: str = "") -> Any:
+    """Run ``loader``; a user-facing failure (missing model, damaged index) is logged and
+    re-raised without its chain, so that Serve's DEPLOY_FAILED message stays short and leads
+    with the explanation instead of a long library traceback."""
+    from serve_app.errors import UserFacingError
+
+    try:
+        return loader(*args)
+    except UserFacingError as exc:
+        from serve_app.models import ModelLoadError
+
+        text = f"{exc} {hint}" if hint and isinstance(exc, ModelLoadError) else str(exc)
+        logger.error("%s: %s", what, text)
+        clean = type(exc)(text)
+    raise clean from None
 
 
 def _replica_id() -> str:
@@ -71,7 +91,7 @@ class BM25Deployment:
     def __init__(self, index_dir: str) -> None:
         from serve_app.serve.stores import load_bm25
 
-        self.retriever = load_bm25(index_dir)
+        self.retriever = _load("BM25Retriever", load_bm25, index_dir)
         self.fault = FaultInjection()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -85,6 +105,7 @@ class BM25Deployment:
         return hits
 
     async def ping(self) -> dict[str, Any]:
+        await _apply_fault(self.fault, "bm25")
         return {"stage": "bm25", "documents": self.retriever.num_documents, "replica": _replica_id()}
 
     def check_health(self) -> None:
@@ -100,7 +121,7 @@ class DenseDeployment:
         from serve_app.config import DenseConfig
         from serve_app.serve.stores import load_dense
 
-        self.retriever = load_dense(index_dir, DenseConfig.model_validate(dense))
+        self.retriever = _load("DenseRetriever", load_dense, index_dir, DenseConfig.model_validate(dense), hint=f"For the Serve app, {ENV_DENSE_MODEL}=/path/to/model also overrides dense.model.")
         self.fault = FaultInjection()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -130,6 +151,7 @@ class DenseDeployment:
         return out
 
     async def ping(self) -> dict[str, Any]:
+        await _apply_fault(self.fault, "dense")
         return {"stage": "dense", "model": self.retriever.encoder.model_name, "vectors": self.retriever.num_vectors, "replica": _replica_id()}
 
     def check_health(self) -> None:
@@ -147,7 +169,7 @@ class RerankerDeployment:
         from serve_app.rerank.reranker import Reranker
 
         cfg = CrossEncoderConfig.model_validate(reranker)
-        self.reranker = Reranker(CrossEncoderScorer(cfg), cfg)
+        self.reranker = Reranker(_load("CrossEncoderReranker", CrossEncoderScorer, cfg, hint=f"For the Serve app, {ENV_RERANKER_MODEL}=/path/to/model also overrides reranker.model."), cfg)
         self.batching = BatchingConfig()
         self.fault = FaultInjection()
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10000)
@@ -177,6 +199,7 @@ class RerankerDeployment:
         return [RerankOutcome([float(x) for x in s], len(requests), pairs) for s in scores]
 
     async def ping(self) -> dict[str, Any]:
+        await _apply_fault(self.fault, "reranker")
         return {"stage": "reranker", "model": self.reranker.scorer.model_name, "batching": self.batching.model_dump(), "replica": _replica_id()}
 
     async def stats(self) -> dict[str, Any]:
@@ -224,7 +247,7 @@ class SearchIngress:
         from serve_app.serve.stores import load_documents
 
         cfg = AppConfig.model_validate(config)
-        corpus, manifest = load_documents(cfg.index_dir)
+        corpus, manifest = _load("SearchIngress", load_documents, cfg.index_dir)
         handles = {name: h for name, h in (("bm25", bm25), ("dense", dense), ("reranker", reranker)) if h is not None}
         index_info = {
             "chunks": manifest.corpus.num_chunks,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
@@ -81,7 +82,14 @@ def load_serve_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> Any
     return config
 
 
-def start_ray(address: Optional[str] = None, *, num_cpus: Optional[float] = None, env_vars: Optional[Mapping[str, str]] = None, metrics_export_port: Optional[int] = None) -> None:
+def start_ray(
+    address: Optional[str] = None,
+    *,
+    num_cpus: Optional[float] = None,
+    env_vars: Optional[Mapping[str, str]] = None,
+    metrics_export_port: Optional[int] = None,
+    system_config: Optional[Mapping[str, Any]] = None,
+) -> None:
     """Connect to ``address`` (e.g. ``auto`` or ``ray://host:10001``), or start a local instance on 127.0.0.1."""
     import ray
 
@@ -98,6 +106,8 @@ def start_ray(address: Optional[str] = None, *, num_cpus: Optional[float] = None
             kwargs["num_cpus"] = num_cpus
         if metrics_export_port is not None:
             kwargs["_metrics_export_port"] = metrics_export_port
+        if system_config:
+            kwargs["_system_config"] = dict(system_config)
     try:
         ray.init(**kwargs)
     except Exception as exc:  # AuthenticationError, ConnectionError...
@@ -133,13 +143,25 @@ def app_statuses() -> dict[str, Any]:
     return dict(serve.status().applications)
 
 
+def summarize(message: str) -> str:
+    """Serve's status message without the traceback it embeds: its first line and the final
+    exception (where our errors say what is wrong and how to fix it)."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    if not any("Traceback (most recent call last)" in line for line in lines):
+        return message.strip()
+    exc_line = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\w*(\(\w+\))?: ")
+    starts = [i for i, line in enumerate(lines) if exc_line.match(line)]
+    tail = " ".join(line.strip() for line in lines[starts[-1]:]) if starts else lines[-1].strip()
+    return f"{lines[0].strip()} {tail}".strip()
+
+
 def status_message(app: Any) -> str:
-    """The application's message and its failing deployments' messages."""
-    parts = [app.message] if getattr(app, "message", "") else []
+    """The application's message and its failing deployments' messages (tracebacks removed)."""
+    parts = [summarize(app.message)] if getattr(app, "message", "") else []
     for name, dep in getattr(app, "deployments", {}).items():
         if str(getattr(dep.status, "value", dep.status)) != "HEALTHY" and dep.message:
-            parts.append(f"{name}: {dep.message}")
-    return "\n".join(parts)
+            parts.append(f"{name}: {summarize(dep.message)}")
+    return "\n".join(p for p in parts if p)
 
 
 def wait_for_apps(names: Iterable[str], timeout_s: float = 300.0, *, poll_s: float = 0.5) -> dict[str, Any]:

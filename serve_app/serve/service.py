@@ -82,6 +82,9 @@ def describe_exception(exc: BaseException, limit: int = 300) -> str:
     """A short, single-line description of a stage failure (no traceback, no request data)."""
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return "timed out"
+    cause = getattr(exc, "cause", None)  # Ray wraps a remote exception in RayTaskError(.cause)
+    if isinstance(cause, BaseException):
+        exc = cause
     text = str(exc).strip().splitlines()
     first = next((line.strip() for line in text if line.strip() and not line.startswith("Traceback")), "")
     msg = f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -1,0 +1,323 @@
+"""The Serve application over real HTTP: one local Ray + Serve for the session, tiny models.
+
+Covers both endpoints against the core run in process, the error matrix, batching (sizes above
+1 under concurrency, each answer equal to the same request sent alone), live reconfigure of the
+batch size, degraded answers when a retriever fails or hangs, autoscaling of the reranker alone,
+and a model that cannot load failing its deployment with the explanation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from serve_fakes import TOPICS, wait_until
+
+from serve_app.client import ServeAppClient, ServeAppError
+
+pytestmark = [pytest.mark.slow, pytest.mark.serve]
+
+DOCS = [
+    "protein cell gene dna study about the results",
+    "ocean sea river water and the climate",
+    "football soccer team player in the league",
+    "music song album band concert",
+    "space star planet moon orbit telescope",
+    "food bread coffee cheese recipe",
+    "the gene expression of cancer cells in mice",
+    "rain snow and weather over the sea",
+]
+
+
+def queries(n: int) -> list[str]:
+    words = " ".join(TOPICS).split()
+    return [f"{words[i % len(words)]} {words[(3 * i + 1) % len(words)]} {i}" for i in range(n)]
+
+
+async def post_many(url: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=120) as c:
+        return await asyncio.gather(*(c.post(url, json=b) for b in bodies))
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def test_health_and_info(serve_stack):
+    with ServeAppClient(serve_stack.url()) as c:
+        assert c.health() == {"status": "ok", "stages": {"bm25": "ok", "dense": "ok", "reranker": "ok"}}
+        info = c.info()
+    assert info["retrievers"] == ["bm25", "dense"]
+    assert info["index"]["documents"] == 60
+    assert info["limits"]["max_documents"] == 1000
+    assert info["batching"]["max_batch_size"] == 16  # live value, from the reranker's user_config
+
+
+def test_search_equals_the_in_process_pipeline(serve_stack, tiny_cross_encoder_dir, tiny_bi_encoder_dir):
+    from serve_app.config import CrossEncoderConfig, DenseConfig
+    from serve_app.pipeline import SearchPipeline
+
+    pipeline = SearchPipeline.from_index(
+        serve_stack.base_args["index_dir"],
+        reranker_cfg=CrossEncoderConfig(model=str(tiny_cross_encoder_dir)),
+        dense_config=DenseConfig(model=str(tiny_bi_encoder_dir)),
+    )
+    with ServeAppClient(serve_stack.url(), timeout=60) as c:
+        for q in ("protein gene study", "space planet moon", "music band album"):
+            got = c.search(q, top_k=20, rerank_top_m=10, top_n=12, return_documents=True)
+            want = pipeline.search(q, top_k=20, rerank_top_m=10, top_n=12)
+            assert got["degraded"] is False
+            assert [r["id"] for r in got["results"]] == [r.doc_id for r in want.results]
+            for g, w in zip(got["results"], want.results):
+                assert g["fused_score"] == pytest.approx(w.fused_score, rel=1e-6)
+                if w.rerank_score is None:
+                    assert g["rerank_score"] is None
+                else:
+                    assert g["rerank_score"] == pytest.approx(w.rerank_score, abs=1e-4)
+                assert {k: v["rank"] for k, v in g["retrievers"].items()} == w.retriever_ranks
+                assert g["text"] == pipeline.corpus.get(g["id"]).text
+            assert got["stages"]["rerank"]["candidates"] == 10
+
+
+def test_rerank_endpoints_return_the_cross_encoder_scores(serve_stack, tiny_cross_encoder_dir):
+    from serve_app.config import CrossEncoderConfig
+    from serve_app.rerank import CrossEncoderScorer, Reranker
+
+    cfg = CrossEncoderConfig(model=str(tiny_cross_encoder_dir))
+    local = Reranker(CrossEncoderScorer(cfg), cfg).rerank("gene cancer cells", DOCS)
+    body = {"query": "gene cancer cells", "documents": [d if i % 2 else {"text": d} for i, d in enumerate(DOCS)], "top_n": 5, "return_documents": True, "model": "any"}
+    for path in ("/rerank", "/v1/rerank"):
+        r = httpx.post(serve_stack.url() + path, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert [x["index"] for x in out["results"]] == list(np.argsort(-local, kind="stable")[:5])
+        for x in out["results"]:
+            assert x["relevance_score"] == pytest.approx(float(local[x["index"]]), abs=1e-4)
+            assert x["document"]["text"] == DOCS[x["index"]]
+        assert out["meta"]["model"] == str(tiny_cross_encoder_dir)
+
+
+ERRORS = [
+    # (path, body, content type, status, type)
+    ("/search", b'{"query": "a",', "application/json", 400, "invalid_json"),
+    ("/search", b'{"query": "a", "top_k": NaN}', "application/json", 400, "invalid_json"),
+    ("/rerank", b'{"query": "a", "documents": ["x"], "top_n": Infinity}', "application/json", 400, "invalid_json"),
+    ("/v1/rerank", b"\x89PNG\r\n\x1a\n\x00\x00binary", "application/json", 400, "invalid_json"),
+    ("/search", b'{"query": "a"}', "text/plain", 415, "unsupported_media_type"),
+    ("/search", b'{"query": 1}', "application/json", 422, "validation_error"),
+    ("/search", b'{"query": "a", "top_k": 100000}', "application/json", 422, "validation_error"),
+    ("/rerank", b'{"query": "a", "documents": []}', "application/json", 422, "validation_error"),
+    ("/v1/rerank", json.dumps({"query": "a", "documents": ["d"] * 1001}).encode(), "application/json", 422, "validation_error"),
+    ("/v1/rerank", json.dumps({"query": "q" * 3000, "documents": ["d"]}).encode(), "application/json", 422, "validation_error"),
+    ("/rerank", b'{"query": "' + b"a" * (9 * 1024 * 1024) + b'"}', "application/json", 413, "payload_too_large"),
+    ("/nowhere", b"{}", "application/json", 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize("path,body,ctype,status,etype", ERRORS, ids=[f"{e[0]}-{e[4]}-{i}" for i, e in enumerate(ERRORS)])
+def test_error_matrix_over_http(serve_stack, path, body, ctype, status, etype):
+    r = httpx.post(serve_stack.url() + path, content=body, headers={"content-type": ctype}, timeout=60)
+    assert r.status_code == status, r.text[:300]
+    assert r.json()["error"]["type"] == etype
+    assert set(r.json()["error"]) == {"type", "message"}
+
+
+def test_client_raises_the_envelope(serve_stack):
+    with ServeAppClient(serve_stack.url()) as c:
+        with pytest.raises(ServeAppError) as info:
+            c.search("a", top_k=0)
+    assert info.value.status_code == 422 and info.value.type == "validation_error" and "top_k" in info.value.message
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def scrape_histogram(port: int, name: str) -> tuple[float, float]:
+    """(observations, observations <= 1) of a histogram summed over its series."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    count = sum(float(m) for m in re.findall(rf"^{name}_count{{[^}}]*}} ([0-9.e+]+)$", text, re.M))
+    le1 = sum(float(m) for m in re.findall(rf'^{name}_bucket{{[^}}]*le="1(?:\.0)?"[^}}]*}} ([0-9.e+]+)$', text, re.M))
+    return count, le1
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_scores(serve_stack):
+    url = serve_stack.url() + "/v1/rerank"
+    qs = queries(24)
+    bodies = [{"query": q, "documents": DOCS} for q in qs]
+    alone = []
+    for b in bodies:
+        r = httpx.post(url, json=b, timeout=60)
+        assert r.status_code == 200
+        alone.append({x["index"]: x["relevance_score"] for x in r.json()["results"]})
+    together = asyncio.run(post_many(url, bodies))
+    sizes = []
+    for b, r, want in zip(bodies, together, alone):
+        assert r.status_code == 200, r.text
+        got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        assert got.keys() == want.keys()
+        for i in got:  # padding inside a shared batch changes scores only by float noise
+            assert got[i] == pytest.approx(want[i], abs=1e-4), (b["query"], i)
+        sizes.append(r.json()["meta"]["batch_size"])
+    # Distinct queries give distinct score vectors, so a mix-up between requests would show above.
+    assert len({tuple(round(a[i], 3) for i in sorted(a)) for a in alone}) == len(alone)
+    assert max(sizes) > 1, sizes
+    stats = serve_stack.handle("main", "CrossEncoderReranker").stats.remote().result()
+    assert max(stats["batch_sizes"]) > 1
+    print(f"\nobserved rerank batch sizes (per response) for 24 concurrent requests: {sorted(sizes)}")
+    # The same evidence through the metric on Ray's Prometheus endpoint.
+    name = "ray_serve_app_rerank_batch_size"
+    count, le1 = wait_until(lambda: (lambda c: c if c[0] > c[1] else None)(scrape_histogram(serve_stack.metrics_port, name)), 60, f"{name} observations above 1")
+    assert count > le1
+
+
+def test_search_concurrency_matches_sequential(serve_stack):
+    url = serve_stack.url() + "/search"
+    bodies = [{"query": q, "top_k": 15, "rerank_top_m": 8, "top_n": 8} for q in queries(12)]
+    alone = [httpx.post(url, json=b, timeout=60).json() for b in bodies]
+    together = [r.json() for r in asyncio.run(post_many(url, bodies))]
+    for a, t in zip(alone, together):
+        assert [x["id"] for x in t["results"]] == [x["id"] for x in a["results"]]
+        assert [x["score"] for x in t["results"]] == pytest.approx([x["score"] for x in a["results"]], abs=1e-4)
+
+
+def test_reconfigure_batch_size_live(serve_stack):
+    handle = serve_stack.handle("main", "CrossEncoderReranker")
+    before = handle.stats.remote().result()
+    app = serve_stack.app_config("main", deployments={"CrossEncoderReranker": {"user_config": {"max_batch_size": 2, "batch_wait_timeout_s": 0.05}}})
+    try:
+        serve_stack.deploy(app)
+        wait_until(lambda: handle.stats.remote().result()["batching"]["max_batch_size"] == 2, 60, "max_batch_size 2 applied")
+        after = handle.stats.remote().result()
+        assert after["replica"] == before["replica"]  # reconfigured in place, not restarted
+        out = asyncio.run(post_many(serve_stack.url() + "/rerank", [{"query": q, "documents": DOCS[:4]} for q in queries(16)]))
+        sizes = [r.json()["meta"]["batch_size"] for r in out]
+        assert max(sizes) == 2, sizes
+    finally:
+        serve_stack.deploy(serve_stack.app_config("main"))
+    wait_until(lambda: handle.stats.remote().result()["batching"]["max_batch_size"] == 16, 60, "max_batch_size 16 restored")
+
+
+# --------------------------------------------------------------------------- degradation
+
+
+def _with_faults(stack, faults: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    deployments = {name: {"user_config": {"fault": f}} for name, f in faults.items()}
+    return stack.app_config("main", deployments=deployments)
+
+
+def test_retriever_down_or_hanging_gives_degraded_results_then_recovers(serve_stack):
+    url = serve_stack.url() + "/search"
+    body = {"query": "space star planet", "top_n": 5}
+    timeout = serve_stack.base_args["timeouts"]["retriever_timeout_s"]
+    try:
+        serve_stack.deploy(_with_faults(serve_stack, {"DenseRetriever": {"mode": "error"}}))
+        out = wait_until(lambda: (lambda j: j if j["stages"]["dense"]["status"] == "error" else None)(httpx.post(url, json=body, timeout=60).json()), 60, "dense failing")
+        assert out["degraded"] is True and out["stages"]["bm25"]["status"] == "ok"
+        assert out["results"] and all(set(x["retrievers"]) == {"bm25"} for x in out["results"])
+        assert "injected failure" in out["stages"]["dense"]["error"]
+
+        serve_stack.deploy(_with_faults(serve_stack, {"DenseRetriever": {"mode": "delay", "delay_s": 60}}))
+        wait_until(lambda: httpx.post(url, json=body, timeout=60).json()["stages"]["dense"]["status"] == "timeout", 60, "dense hanging")
+        t0 = time.perf_counter()
+        out = httpx.post(url, json=body, timeout=60).json()
+        elapsed = time.perf_counter() - t0
+        assert out["degraded"] is True and out["stages"]["dense"]["status"] == "timeout" and out["results"]
+        assert elapsed < timeout + 3.0, elapsed  # the ingress does not wait for the hung retriever
+        r = httpx.get(serve_stack.url() + "/healthz", timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready" and "dense" in r.json()["error"]["message"]
+
+        serve_stack.deploy(_with_faults(serve_stack, {"DenseRetriever": {"mode": "delay", "delay_s": 60}, "BM25Retriever": {"mode": "error"}}))
+        r = wait_until(lambda: (lambda r: r if r.status_code == 503 else None)(httpx.post(url, json=body, timeout=60)), 60, "both retrievers down")
+        assert r.json()["error"]["type"] == "service_unavailable"
+    finally:
+        serve_stack.deploy(serve_stack.app_config("main"))
+    out = wait_until(lambda: (lambda j: j if not j["degraded"] else None)(httpx.post(url, json=body, timeout=60).json()), 60, "recovery")
+    assert {out["stages"][s]["status"] for s in ("bm25", "dense", "rerank")} == {"ok"}
+
+
+# --------------------------------------------------------------------------- autoscaling
+
+
+def test_reranker_autoscales_alone_under_load(serve_stack):
+    fast = {"upscale_delay_s": 0.5, "downscale_delay_s": 3, "look_back_period_s": 2, "metrics_interval_s": 0.5}
+    app = serve_stack.app_config(
+        "scale",
+        args={"retrievers": ["bm25"]},
+        deployments={
+            # A delay fault makes each rerank call last 0.3 s without burning CPU.
+            "CrossEncoderReranker": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, **fast}, "user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "fault": {"mode": "delay", "delay_s": 0.3}}},
+            "BM25Retriever": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 50, **fast}},
+        },
+    )
+    serve_stack.deploy(app)
+    try:
+        assert serve_stack.replicas("scale", "CrossEncoderReranker") == 1
+        stop = threading.Event()
+        errors: list[str] = []
+        sent = [0]
+
+        def load() -> None:
+            with httpx.Client(timeout=60) as c:
+                while not stop.is_set():
+                    r = c.post(serve_stack.url("scale") + "/search", json={"query": "gene protein", "top_k": 5, "rerank_top_m": 3, "top_n": 3})
+                    sent[0] += 1
+                    if r.status_code != 200 or r.json()["degraded"]:
+                        errors.append(r.text[:200])
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(10)]
+        for t in threads:
+            t.start()
+        bm25_counts = []
+        try:
+            def scaled() -> bool:
+                bm25_counts.append(serve_stack.replicas("scale", "BM25Retriever"))
+                return serve_stack.replicas("scale", "CrossEncoderReranker") >= 2
+
+            wait_until(scaled, 90, "the reranker to scale to 2 replicas", poll_s=0.5)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+        assert set(bm25_counts) == {1}, bm25_counts
+        assert not errors, errors[:3]
+        print(f"\nautoscaling: reranker reached 2 replicas after {sent[0]} requests; BM25 stayed at 1")
+        wait_until(lambda: serve_stack.replicas("scale", "CrossEncoderReranker") == 1, 90, "the reranker to scale back to 1", poll_s=0.5)
+        assert serve_stack.replicas("scale", "BM25Retriever") == 1
+    finally:
+        serve_stack.remove("scale")
+
+
+# --------------------------------------------------------------------------- model load failure
+
+
+def test_unloadable_model_fails_the_deployment_with_the_explanation(serve_stack):
+    from serve_app.serve.runner import DeployError, wait_for_apps
+
+    app = serve_stack.app_config("broken", args={"retrievers": ["bm25"], "reranker": {"model": "acme/no-such-reranker"}})
+    serve_stack.deploy(app, wait=False)
+    try:
+        with pytest.raises(DeployError) as info:
+            wait_for_apps(["broken"], timeout_s=240)
+        message = str(info.value)
+        assert "DEPLOY_FAILED" in message
+        assert "acme/no-such-reranker" in message
+        assert "SERVE_APP_MODEL_PATH__ACME_NO_SUCH_RERANKER" in message  # how to provide it offline
+        assert "SERVE_APP_RERANKER_MODEL" in message
+        assert "Traceback" not in message
+        from ray import serve
+
+        dep = serve.status().applications["broken"].deployments["CrossEncoderReranker"]
+        assert str(getattr(dep.status, "value", dep.status)) == "DEPLOY_FAILED"  # terminal, not retrying forever
+        assert "ModelLoadError: Could not load the cross-encoder model 'acme/no-such-reranker'" in dep.message
+        print(f"\nDEPLOY_FAILED message as the CLI shows it:\n{message}")
+    finally:
+        serve_stack.remove("broken")
+    with ServeAppClient(serve_stack.url()) as c:  # the main application is untouched
+        assert c.health()["status"] == "ok"
