@@ -169,7 +169,11 @@ def validate_serve_config(config: Mapping[str, Any], *, source: str) -> None:
     """
     from pydantic import ValidationError
     from ray.serve.config import AutoscalingConfig
-    from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema, ServeDeploySchema
+    from ray.serve.schema import (
+        DeploymentSchema,
+        RayActorOptionsSchema,
+        ServeDeploySchema,
+    )
 
     try:
         ServeDeploySchema.model_validate(dict(config))

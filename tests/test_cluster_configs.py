@@ -382,7 +382,7 @@ def test_local_cluster_is_loopback_and_authenticated():
     assert "export RAY_AUTH_MODE=token" in start
     assert "ray stop" not in start.replace("never `ray stop`", "")
     stop = (CLUSTER / "local" / "stop.sh").read_text()
-    assert not re.search(r"^\s*[^#]*\bray stop\b", stop, re.M), "stop.sh must end only its own processes"
+    assert not re.search(r"^\s*[^#]*\bray stop\b", stop, re.MULTILINE), "stop.sh must end only its own processes"
     for name in ("retriever_node", "reranker_node", "head_node"):
         assert f'{{"{name}": 1}}' in start, name
     local = yaml.safe_load(LOCAL_CONFIG.read_text(encoding="utf-8"))
@@ -397,11 +397,8 @@ def test_local_cluster_is_loopback_and_authenticated():
 
 
 def dashboard_metric_names() -> set[str]:
-    """Metric names queried by the Grafana dashboard's PromQL."""
-    data = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    exprs = [t["expr"] for p in data["panels"] for t in p.get("targets", [])]
-    exprs += [v["query"]["query"] for v in data["templating"]["list"] if isinstance(v.get("query"), dict)]
-    return {m for e in exprs for m in re.findall(r"\bray_[a-z0-9_]+", e)}
+    """Metric names queried by the committed Grafana dashboard."""
+    return grafana.queried_metric_names(json.loads(DASHBOARD.read_text(encoding="utf-8")))
 
 
 def test_dashboard_covers_every_custom_metric():

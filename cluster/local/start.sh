@@ -92,41 +92,49 @@ unset RAY_AUTH_TOKEN RAY_ADDRESS
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-2}"
 export RAY_USAGE_STATS_ENABLED=0
 
-node_index=0
-start_node() {  # name, then extra `ray start` arguments
-  local name="$1"; shift
-  local metrics_port=$(( PORT_BASE + 10 * node_index ))
-  local agent_port=$(( PORT_BASE + 10 * node_index + 1 ))
-  node_index=$(( node_index + 1 ))
-  # setsid: own session and process group, so that stop.sh can end the node
-  # and everything it spawned by this one id.
-  setsid "$RAY_BIN" start --block --disable-usage-stats \
+launch_node() {  # name, index (for its ports), then extra `ray start` arguments
+  local name="$1" index="$2"; shift 2
+  local metrics_port=$(( PORT_BASE + 10 * index ))
+  local agent_port=$(( PORT_BASE + 10 * index + 1 ))
+  # setsid: own session and process group, so that stop.sh can end the node and everything
+  # it spawned by this one id. --block: the node lives as long as this process.
+  PYTHONUNBUFFERED=1 setsid "$RAY_BIN" start --block --disable-usage-stats \
       --node-ip-address "$HOST" --temp-dir "$TEMP_DIR" \
       --object-store-memory "$OBJECT_STORE_BYTES" \
       --metrics-export-port "$metrics_port" \
       --dashboard-agent-listen-port "$agent_port" \
-      "$@" > "$LOG_DIR/$name.log" 2>&1 < /dev/null &
+      "$@" >> "$LOG_DIR/$name.log" 2>&1 < /dev/null &
   echo $! > "$PID_DIR/$name.pid"
   echo "start.sh: node $name (pid $!, metrics port $metrics_port), log $LOG_DIR/$name.log"
 }
 
-wait_for_port() {  # port, seconds, pid that must stay alive
-  local deadline=$(( SECONDS + $2 ))
-  until (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; do
-    if (( SECONDS >= deadline )) || ! kill -0 "$3" 2>/dev/null; then return 1; fi
+wait_started() {  # name: until `ray start` reports the node registered; 1 if it exited
+  local name="$1" pid deadline=$(( SECONDS + TIMEOUT_S ))
+  pid=$(cat "$PID_DIR/$name.pid")
+  until grep -q "Ray runtime started" "$LOG_DIR/$name.log" 2>/dev/null; do
+    if ! kill -0 "$pid" 2>/dev/null || (( SECONDS >= deadline )); then return 1; fi
     sleep 0.5
   done
 }
 
+# Nodes start one after the other: `ray start` gives a node 30 s to register with the GCS,
+# which a loaded machine (2 cores shared with other work) can miss when all start at once.
+# A node that misses it is started once more.
+start_node() {  # name, index, then extra `ray start` arguments
+  local name="$1" attempt
+  for attempt in 1 2; do
+    launch_node "$@"
+    if wait_started "$name"; then return 0; fi
+    local pid; pid=$(cat "$PID_DIR/$name.pid")
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    echo "start.sh: node $name did not start (attempt $attempt); end of its log:" >&2
+    tail -n 3 "$LOG_DIR/$name.log" >&2 || true
+  done
+  return 1
+}
+
 fail() {
   echo "start.sh: error: $1" >&2
-  for f in "$PID_DIR"/*.pid; do
-    local name; name=$(basename "$f" .pid)
-    if ! kill -0 "$(cat "$f")" 2>/dev/null; then
-      echo "--- node $name exited; end of $LOG_DIR/$name.log:" >&2
-      tail -n 20 "$LOG_DIR/$name.log" >&2 || true
-    fi
-  done
   "$(dirname "$0")/stop.sh" >&2 || true
   exit 1
 }
@@ -135,23 +143,30 @@ TIMEOUT_S="${SERVE_APP_START_TIMEOUT_S:-120}"
 
 # Ray's fixed defaults (44227, 44217) would collide with any other Ray instance on the machine.
 export DASHBOARD_METRIC_PORT=$(( PORT_BASE + 2 )) AUTOSCALER_METRIC_PORT=$(( PORT_BASE + 3 ))
-start_node head --head --port "$GCS_PORT" \
+start_node head 0 --head --port "$GCS_PORT" \
     --dashboard-host "$HOST" --dashboard-port "$DASHBOARD_PORT" \
     --ray-client-server-port "$CLIENT_PORT" \
-    --num-cpus "$HEAD_CPUS" --num-gpus 0 --resources '{"head_node": 1}'
-wait_for_port "$GCS_PORT" "$TIMEOUT_S" "$(cat "$PID_DIR/head.pid")" || fail "the head's GCS did not open port $GCS_PORT within ${TIMEOUT_S}s"
+    --num-cpus "$HEAD_CPUS" --num-gpus 0 --resources '{"head_node": 1}' \
+  || fail "the head node did not start"
 
+index=1
 for i in $(seq 1 "$N_RETRIEVER"); do
-  start_node "retriever-$i" --address "$HOST:$GCS_PORT" \
-      --num-cpus "$NODE_CPUS" --num-gpus 0 --resources '{"retriever_node": 1}'
+  start_node "retriever-$i" "$index" --address "$HOST:$GCS_PORT" \
+      --num-cpus "$NODE_CPUS" --num-gpus 0 --resources '{"retriever_node": 1}' \
+    || fail "node retriever-$i did not start"
+  index=$(( index + 1 ))
 done
 for i in $(seq 1 "$N_RERANKER"); do
-  start_node "reranker-$i" --address "$HOST:$GCS_PORT" \
-      --num-cpus "$NODE_CPUS" --num-gpus "$RERANKER_GPUS" --resources '{"reranker_node": 1}'
+  start_node "reranker-$i" "$index" --address "$HOST:$GCS_PORT" \
+      --num-cpus "$NODE_CPUS" --num-gpus "$RERANKER_GPUS" --resources '{"reranker_node": 1}' \
+    || fail "node reranker-$i did not start"
+  index=$(( index + 1 ))
 done
 
 want=$(( 1 + N_RETRIEVER + N_RERANKER ))
-"${PYTHON:-python3}" - "$HOST:$GCS_PORT" "$want" "$TIMEOUT_S" "$PID_DIR" <<'PY' || fail "the cluster did not come up"
+# RAY_ADDRESS: the state API would otherwise look for "the" local cluster and refuse when
+# other Ray instances run on the machine.
+RAY_ADDRESS="$HOST:$GCS_PORT" "${PYTHON:-python3}" - "$HOST:$GCS_PORT" "$want" "$TIMEOUT_S" "$PID_DIR" <<'PY' || fail "the cluster did not come up"
 """Wait until the expected number of nodes is alive; fail early if a node process exits."""
 import os, sys, time
 address, want, timeout, pid_dir = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]

@@ -19,15 +19,15 @@ stop_node() {  # pid file
   pid=$(cat "$f")
   if [[ ! "$pid" =~ ^[0-9]+$ ]]; then rm -f "$f"; return; fi
   if group_alive "$pid"; then
+    local t0=$SECONDS how="SIGTERM"
     kill -TERM "$pid" 2>/dev/null || true
     local deadline=$(( SECONDS + GRACE_S ))
-    while kill -0 "$pid" 2>/dev/null && (( SECONDS < deadline )); do sleep 0.5; done
+    while group_alive "$pid" && (( SECONDS < deadline )); do sleep 0.5; done
     # Anything of this node's process group still running after the grace period.
     if group_alive "$pid"; then
-      sleep 1
-      group_alive "$pid" && kill -KILL -- "-$pid" 2>/dev/null
+      kill -KILL -- "-$pid" 2>/dev/null && how="SIGKILL after ${GRACE_S}s"
     fi
-    echo "stop.sh: stopped node $name (pid $pid)"
+    echo "stop.sh: stopped node $name (pid $pid, $how, $(( SECONDS - t0 ))s)"
   fi
   rm -f "$f"
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,13 @@ def build_dashboard() -> dict:
         "annotations": {"list": []},
         "panels": panels,
     }
+
+
+def queried_metric_names(dashboard: dict) -> set[str]:
+    """Metric names (``ray_...``) used by the PromQL of a dashboard's panels and variables."""
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if isinstance(v.get("query"), dict)]
+    return {m for e in exprs for m in re.findall(r"\bray_[a-z0-9_]+", e)}
 
 
 def render() -> str:
