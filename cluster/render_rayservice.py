@@ -23,7 +23,9 @@ Targets (``python cluster/render_rayservice.py [TARGET ...] [--check]``):
   hand-written ``rayservice.template.yaml`` (cluster, worker groups, auth) with ``serveConfigV2``
   filled from ``deployments.yaml`` + ``overlays/kuberay.yaml``;
 * ``local``: ``cluster/local/deployments.local.yaml``, for the local multi-node cluster
-  (``deployments.yaml`` + ``overlays/local.yaml``).
+  (``deployments.yaml`` + ``overlays/local.yaml``);
+* ``aws``: ``cluster/launcher/deployments.aws.yaml``, for the VM cluster of
+  ``cluster/launcher/aws.yaml`` (``deployments.yaml`` + ``overlays/aws.yaml``).
 
 ``--check`` writes nothing and exits 1 when a committed file differs from its rendering
 (``tests/test_cluster_configs.py`` runs the same comparison). ``local --overlay EXTRA --out
@@ -71,6 +73,11 @@ TARGETS: dict[str, Target] = {
         overlay=CLUSTER_DIR / "overlays" / "kuberay.yaml",
         output=CLUSTER_DIR / "kuberay" / "rayservice.yaml",
         template=CLUSTER_DIR / "kuberay" / "rayservice.template.yaml",
+    ),
+    "aws": Target(
+        "aws",
+        overlay=CLUSTER_DIR / "overlays" / "aws.yaml",
+        output=CLUSTER_DIR / "launcher" / "deployments.aws.yaml",
     ),
     "local": Target(
         "local",

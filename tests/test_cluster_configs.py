@@ -23,6 +23,7 @@ DEPLOYMENTS_YAML = REPO / "deployments.yaml"
 RAYSERVICE = CLUSTER / "kuberay" / "rayservice.yaml"
 LAUNCHER = CLUSTER / "launcher" / "aws.yaml"
 LOCAL_CONFIG = CLUSTER / "local" / "deployments.local.yaml"
+AWS_CONFIG = CLUSTER / "launcher" / "deployments.aws.yaml"
 DASHBOARD = CLUSTER / "monitoring" / "grafana-serve-app.json"
 RAY_PORTS = {6379: "GCS", 8265: "dashboard", 10001: "Ray client"}
 PIN_RESOURCES = {"BM25Retriever": "retriever_node", "DenseRetriever": "retriever_node", "CrossEncoderReranker": "reranker_node"}
@@ -238,9 +239,10 @@ def test_every_pinned_deployment_has_a_node_group(rayservice, embedded):
 # --------------------------------------------------------------------------- consistency with deployments.yaml
 
 
-@pytest.mark.parametrize("rendered", ["rayservice", "local"])
+@pytest.mark.parametrize("rendered", ["rayservice", "local", "aws"])
 def test_rendered_configs_keep_deployments_yaml(base, embedded, rendered):
-    other = embedded if rendered == "rayservice" else yaml.safe_load(LOCAL_CONFIG.read_text(encoding="utf-8"))
+    paths = {"local": LOCAL_CONFIG, "aws": AWS_CONFIG}
+    other = embedded if rendered == "rayservice" else yaml.safe_load(paths[rendered].read_text(encoding="utf-8"))
     assert [a["name"] for a in other["applications"]] == [a["name"] for a in base["applications"]]
     for a, b in zip(base["applications"], other["applications"]):
         assert b["import_path"] == a["import_path"]
@@ -286,6 +288,22 @@ def test_launcher_node_types(launcher):
     for v in workers.values():
         assert v["max_workers"] > v["min_workers"] >= 0, "worker types autoscale"
     assert sum(v["max_workers"] for v in workers.values()) <= launcher["max_workers"]
+
+
+def test_launcher_node_types_host_every_deployment(launcher):
+    config = yaml.safe_load(AWS_CONFIG.read_text(encoding="utf-8"))
+    _serve_schema().model_validate(config)
+    types = {k: v for k, v in launcher["available_node_types"].items() if k != launcher["head_node_type"]}
+    for name, dep in _deployments(config).items():
+        opts = dep.get("ray_actor_options") or {}
+        wanted = set(opts.get("resources") or {}) | ({"GPU"} if opts.get("num_gpus") else set())
+        hosts = [t for t in types.values() if wanted <= set(t["resources"])]
+        assert hosts, f"{name} asks for {wanted}; no launcher node type offers it"
+        if name in PIN_RESOURCES:
+            assert PIN_RESOURCES[name] in wanted, f"{name} is not pinned to {PIN_RESOURCES[name]}"
+        if opts.get("num_gpus"):
+            capacity = sum(t["max_workers"] * t["resources"]["GPU"] for t in hosts)
+            assert capacity >= dep["autoscaling_config"]["max_replicas"] * opts["num_gpus"], f"{name}: not enough GPU nodes for max_replicas"
 
 
 def test_launcher_security(launcher):
