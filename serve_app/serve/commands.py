@@ -48,7 +48,7 @@ def demo_reranker_model(cache: Path) -> Optional[str]:
         logger.warning("serve_app.training.demo_reranker is not available; using the configured reranker model")
         return None
     print("Preparing the demo reranker (fine-tuned once from all-MiniLM-L6-v2 on the demo data; a few minutes on first run)...", flush=True)
-    return str(ensure_demo_reranker(cache / "demo-reranker"))
+    return str(ensure_demo_reranker())
 
 
 def demo_config(*, host: str, port: int, index_dir: str, reranker_model: Optional[str], num_cpus_per_replica: float = 0.5) -> dict[str, Any]:
@@ -126,10 +126,11 @@ def run_demo(args: argparse.Namespace) -> int:
     app_cfg = parse_app_config(raw["applications"][0]["args"])
     if ensure_index(app_cfg):  # here, so that the build's progress shows in this terminal
         print(f"Built the demo index in {index_dir}", flush=True)
-    start_ray(num_cpus=args.num_cpus)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    start_ray(num_cpus=args.num_cpus, log_to_driver=args.verbose)
     try:
         deploy_config(config)
-        print("Deploying (model loading takes a little while)...", flush=True)
+        print("Deploying (model loading takes a little while; replica logs: /tmp/ray/session_latest/logs/serve)...", flush=True)
         wait_for_apps(["serve_app"], timeout_s=args.timeout)
         base_url = f"http://{args.host}:{args.port}"
         _show_example(base_url, args.query)

@@ -89,13 +89,18 @@ def start_ray(
     env_vars: Optional[Mapping[str, str]] = None,
     metrics_export_port: Optional[int] = None,
     system_config: Optional[Mapping[str, Any]] = None,
+    log_to_driver: bool = True,
 ) -> None:
-    """Connect to ``address`` (e.g. ``auto`` or ``ray://host:10001``), or start a local instance on 127.0.0.1."""
+    """Connect to ``address`` (e.g. ``auto`` or ``ray://host:10001``), or start a local instance on 127.0.0.1.
+
+    ``log_to_driver=False`` keeps the replicas' logs out of this terminal (they stay in
+    ``/tmp/ray/session_latest/logs``).
+    """
     import ray
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"namespace": SERVE_NAMESPACE, "logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {"namespace": SERVE_NAMESPACE, "logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     if env_vars:
         kwargs["runtime_env"] = {"env_vars": dict(env_vars)}
     if address:

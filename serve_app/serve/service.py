@@ -16,7 +16,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Optional, Protocol
 
 from serve_app.errors import FunnelError
 from serve_app.pipeline import FunnelRequest, apply_rerank, assemble, fuse_candidates, resolve_funnel, select_for_rerank

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytest
 from serve_fakes import small_corpus, wait_until  # noqa: F401 - re-exported for tests

@@ -174,3 +174,9 @@ def test_damaged_index_files_fail_loading(tmp_path):
     victim.write_bytes(bytes(data[:-3]))
     with pytest.raises(IndexLoadError, match="truncated"):
         stores.load_bm25(cfg.index_dir)
+
+
+def test_generated_doc_tables_are_up_to_date():
+    from serve_app.serve.docs import stale_sections
+
+    assert stale_sections() == [], "run: python -m serve_app.serve.docs"

@@ -239,7 +239,7 @@ def test_error_matrix(name, method, path, body, ctype, status, etype):
     app, backends, _ = make_app()
     headers = {"content-type": ctype} if ctype else {}
     r = call(app, method, path, content=body, headers=headers)
-    err = assert_envelope(r, status, etype)
+    assert_envelope(r, status, etype)
     assert SECRET not in r.text
     assert not backends.calls  # rejected before any stage is called
 

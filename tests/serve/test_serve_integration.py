@@ -321,3 +321,27 @@ def test_unloadable_model_fails_the_deployment_with_the_explanation(serve_stack)
         serve_stack.remove("broken")
     with ServeAppClient(serve_stack.url()) as c:  # the main application is untouched
         assert c.health()["status"] == "ok"
+
+
+# --------------------------------------------------------------------------- metrics (after the tests above recorded them)
+
+
+def test_every_documented_metric_is_exported(serve_stack):
+    from serve_app.serve import metrics
+
+    def exported() -> list[str]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{serve_stack.metrics_port}/metrics", timeout=10).read().decode()
+        missing = []
+        for spec in metrics.SPECS.values():
+            name = f"ray_{spec.name}" + ("_bucket" if spec.kind == "histogram" else "")
+            if not re.search(rf"^{name}{{", text, re.M):
+                missing.append(name)
+        return missing
+
+    deadline = time.monotonic() + 60
+    while True:
+        missing = exported()
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert missing == [], f"documented in docs/METRICS.md but not exported: {missing}"
