@@ -1,0 +1,443 @@
+"""Cross-encoder throughput: our /rerank endpoint vs CrossEncoder.predict vs the infinity-emb server.
+
+Command::
+
+    python -m benchmarks.rerank_peers                          # BM25 top-10 per request, N = 1, 4, 16, 64
+    python -m benchmarks.rerank_peers --docs 100 --concurrency 1,4,16 --min-requests 16   # full-size requests
+
+Same model (a MiniLM-L6 sequence classifier: ``--model``, default the speed model built from
+the packaged all-MiniLM-L6-v2 weights), same pairs (SciFact test queries with their BM25
+top-``--docs`` documents, so lengths vary naturally), same max_length (512), same machine, one run:
+
+* ``CrossEncoder.predict``: sentence-transformers in this process, all pairs of the workload in
+  one call (``batch_size=32``, its default): the library's best throughput;
+* ``serve_app Reranker (in process)``: our core (``Reranker.rerank_many``, length-sorted
+  token-budget batches) on the same pairs, without any serving: separates compute from serving;
+* ``infinity``: the infinity-emb server (``infinity_emb v2 --engine torch``), run from its own
+  virtualenv (``--infinity-venv``; it pins transformers 4.x), driven by N concurrent clients;
+* ``serve_app /rerank``: our Ray Serve application (one CrossEncoderReranker replica with all the
+  machine's cores, ``@serve.batch`` cross-request batching), driven by N concurrent clients.
+
+Each client sends one request (a query and its documents) at a time (closed loop); a level
+sends ``max(N, --min-requests)`` requests, bounded by ``--max-seconds``. pairs/s is documents
+scored per second over the level's span; latency is per request. Each repeat runs every system
+once (in alternating order across repeats, so slow drifts of a shared machine hit them alike);
+medians and spread over the repeats are reported. ``--profile`` records py-spy samples of the
+reranker replica at the highest concurrency and lists where its time goes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, md_table, summarize, target_line
+from benchmarks.loadgen import closed_loop, wait_ready
+from benchmarks.serving import free_port, serve_stack
+
+SERVED_NAME = "minilm-ce"
+
+
+# --------------------------------------------------------------------------- infinity
+
+
+class InfinityServer:
+    """infinity_emb v2 in its own virtualenv, on 127.0.0.1; records why it failed when it does."""
+
+    def __init__(self, venv: Path, model_dir: Path, port: int, log_path: Path, batch_size: int | None) -> None:
+        self.cmd = [str(venv / "bin" / "infinity_emb"), "v2", "--model-id", str(model_dir), "--served-model-name", SERVED_NAME, "--engine", "torch", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--no-model-warmup"]
+        if batch_size:
+            self.cmd += ["--batch-size", str(batch_size)]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.error: str | None = None
+        self.version: str | None = None
+
+    def start(self, timeout_s: float) -> bool:
+        exe = Path(self.cmd[0])
+        if not exe.is_file():
+            self.error = f"{exe} not found: create the venv (python3 -m venv DIR; DIR/bin/pip install torch==2.13.0 'infinity-emb[torch,server]') or pass --infinity-venv"
+            return False
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+        env.pop("PYTHONPATH", None)
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            wait_ready(self.url + "/models", timeout_s=timeout_s)
+        except TimeoutError as exc:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            self.error = f"{exc}; exit code {self.proc.poll()}; log tail:\n{tail}"
+            self.stop()
+            return False
+        out = subprocess.run([str(exe.parent / "python"), "-c", "import importlib.metadata as m; print(m.version('infinity-emb'), m.version('transformers'), m.version('torch'))"], capture_output=True, text=True)
+        self.version = out.stdout.strip()
+        return True
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+# --------------------------------------------------------------------------- py-spy
+
+
+def find_replica_pid(deployment: str) -> int | None:
+    """PID of the Ray worker running ``ServeReplica:...:<deployment>`` (this user's processes only)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "ServeReplica:" in cmd and cmd.rstrip().endswith(deployment):
+            return int(d.name)
+    return None
+
+
+def pyspy_record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling of ``pid`` (all threads, idle frames excluded) into a collapsed-stack file."""
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "50", "--format", "raw", "--output", str(out), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+PROFILE_BUCKETS: list[tuple[str, Callable[[str], bool]]] = [
+    ("model forward (torch)", lambda s: "CrossEncoderScorer._forward" in s and "Module._call_impl" in s),
+    ("pad batches", lambda s: "CrossEncoderScorer._forward" in s and ".pad (" in s),
+    ("tokenize pairs", lambda s: "CrossEncoderScorer._tokenize" in s or "Reranker.windows" in s or "query_overhead" in s),
+    ("other scorer / reranker work", lambda s: "CrossEncoderScorer.score" in s or "Reranker.rerank_many" in s),
+    ("Ray worker main loop (waiting in C)", lambda s: s.split(";")[-1].startswith("Worker.main_loop")),
+    ("Serve request handling, asyncio, metrics", lambda s: "ray/serve" in s or "asyncio" in s),
+]
+
+
+def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
+    """Share of samples under each bucket and the top leaf functions of a py-spy raw profile."""
+    stacks: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if n.isdigit():
+            stacks[stack] = stacks.get(stack, 0) + int(n)
+    total = sum(stacks.values()) or 1
+    buckets = {name: 0 for name, _ in PROFILE_BUCKETS}
+    buckets["other"] = 0
+    leaves: dict[str, int] = {}
+    for stack, n in stacks.items():
+        for name, match in PROFILE_BUCKETS:
+            if match(stack):
+                buckets[name] += n
+                break
+        else:
+            buckets["other"] += n
+        leaf = stack.split(";")[-1]
+        leaves[leaf] = leaves.get(leaf, 0) + n
+    return {
+        "samples": total,
+        "buckets": {k: v / total for k, v in buckets.items()},
+        "top_leaves": [(k, v / total) for k, v in sorted(leaves.items(), key=lambda kv: -kv[1])[:top]],
+    }
+
+
+# --------------------------------------------------------------------------- systems
+
+
+def in_process_ce(model_dir: Path, max_length: int, batch_size: int) -> Callable[[list[tuple[str, str]]], np.ndarray]:
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(str(model_dir), device="cpu", max_length=max_length)
+    return lambda pairs: np.asarray(ce.predict(pairs, batch_size=batch_size, show_progress_bar=False))
+
+
+def in_process_ours(model_dir: Path, max_length: int) -> Callable[[list[tuple[str, list[str]]]], list[np.ndarray]]:
+    from serve_app.config import CrossEncoderConfig
+    from serve_app.rerank import CrossEncoderScorer, Reranker
+    from serve_app.rerank.reranker import RerankRequest
+
+    cfg = CrossEncoderConfig(model=str(model_dir), max_length=max_length, device="cpu", activation="sigmoid")
+    rr = Reranker(CrossEncoderScorer(cfg), cfg)
+    return lambda reqs: rr.rerank_many([RerankRequest(q, d) for q, d in reqs])
+
+
+def ensure_bm25_demo_index(path: Path) -> Path:
+    """A BM25-only index of the demo corpus: the /rerank benchmark needs the app, not its retrieval."""
+    from serve_app.config import BM25Config, ChunkingConfig
+    from serve_app.index_store import build_index
+    from serve_app.serve.stores import demo_dir, index_exists, read_corpus_source
+
+    if not index_exists(path):
+        build_index(read_corpus_source(str(demo_dir())), path, bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), show_progress=False)
+    return path
+
+
+def level_bodies(requests: list[tuple[str, list[str]]], n: int, min_requests: int, model_field: str | None) -> list[dict[str, Any]]:
+    count = max(n, min_requests)
+    out = []
+    for i in range(count):
+        q, docs = requests[i % len(requests)]
+        body: dict[str, Any] = {"query": q, "documents": docs, "return_documents": False}
+        if model_field:
+            body["model"] = model_field
+        out.append(body)
+    return out
+
+
+def run_level(name: str, url: str, bodies: list[dict[str, Any]], n: int, max_seconds: float) -> dict[str, Any]:
+    res = closed_loop(url, bodies, n, max_seconds=max_seconds, timeout_s=max_seconds + 600, units=lambda b: len(b["documents"]))
+    s = res.summary()
+    print(f"  {name} N={n}: {s['units_per_s']:.1f} pairs/s, p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, {s['ok']}/{s['requests']} ok" + (f" errors {s['error_examples']}" if s["errors"] else ""))
+    return s
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from benchmarks.common import speed_model_dir
+
+    p = base_parser(__doc__.split("\n")[0])
+    p.add_argument("--scifact", default=None, help="SciFact BEIR directory")
+    p.add_argument("--model", default=None, help="cross-encoder directory (default: the MiniLM-L6 speed model, $BENCH_CACHE/minilm-ce)")
+    p.add_argument("--docs", type=int, default=10, help="BM25 documents per request (the issue's full size is 100)")
+    p.add_argument("--concurrency", default="1,4,16,64", help="client counts N")
+    p.add_argument("--min-requests", type=int, default=16, help="requests per level at least (a level sends max(N, this))")
+    p.add_argument("--max-seconds", type=float, default=240, help="a level stops sending new requests after this")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per pair, for every system")
+    p.add_argument("--ce-batch-size", type=int, default=32, help="CrossEncoder.predict batch_size")
+    p.add_argument("--infinity-venv", default=str(DEFAULT_CACHE / "infinity-venv"), help="virtualenv with infinity-emb")
+    p.add_argument("--infinity-batch-size", type=int, default=None, help="infinity --batch-size (default: infinity's own, 32)")
+    p.add_argument("--skip-infinity", action="store_true")
+    p.add_argument("--skip-serve", action="store_true")
+    p.add_argument("--max-batch-size", type=int, default=16, help="our reranker's @serve.batch max_batch_size (requests per call)")
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01, help="our reranker's batch_wait_timeout_s")
+    p.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 2), help="num_cpus (and torch threads) of our reranker replica")
+    p.add_argument("--profile", action="store_true", help="py-spy the reranker replica at the highest concurrency")
+    p.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for a server to start")
+    p.set_defaults(repeats=2)
+    args = p.parse_args(argv)
+    run = BenchRun("rerank_peers", args, args.out)
+    levels = [int(x) for x in args.concurrency.split(",")]
+
+    model_dir = speed_model_dir(args.model)
+    n_queries = max(max(levels), args.min_requests)
+    requests = bm25_candidates(load_scifact(args.scifact), n_queries, args.docs)
+    all_pairs = [(q, d) for q, docs in requests for d in docs]
+    # The in-process systems score the first requests (their throughput does not depend on the count).
+    inproc = requests[: max(args.min_requests, args.max_batch_size)]
+    inproc_pairs = [(q, d) for q, docs in inproc for d in docs]
+    print(f"{len(requests)} requests x {args.docs} docs = {len(all_pairs)} pairs ({len(inproc_pairs)} in process); model {model_dir}")
+
+    results: dict[str, Any] = {"model": str(model_dir), "docs_per_request": args.docs, "pairs": len(all_pairs), "levels": levels, "systems": {}}
+    ce = in_process_ce(model_dir, args.max_length, args.ce_batch_size)
+    ours_local = in_process_ours(model_dir, args.max_length)
+    ce(all_pairs[:8])
+    ours_local(requests[:1])
+
+    infinity: InfinityServer | None = None
+    if not args.skip_infinity:
+        infinity = InfinityServer(Path(args.infinity_venv), model_dir, free_port(), run.raw / "infinity.log", args.infinity_batch_size)
+        print("starting infinity:", " ".join(infinity.cmd))
+        if not infinity.start(args.start_timeout):
+            print("infinity failed:", infinity.error)
+            results["infinity_error"] = {"command": " ".join(infinity.cmd), "error": infinity.error}
+            infinity = None
+        else:
+            results["infinity_version"] = infinity.version
+
+    app_args = {
+        "index_dir": str(ensure_bm25_demo_index(DEFAULT_CACHE / "bench" / "demo-bm25-index")),
+        "build_index_if_missing": False,
+        "retrievers": ["bm25"],
+        "reranker": {"model": str(model_dir), "max_length": args.max_length, "device": "cpu", "activation": "sigmoid"},
+        "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
+        "timeouts": {"rerank_timeout_s": 600},
+        "limits": {"max_document_chars": 1_000_000},
+    }
+    threads = str(max(1, int(args.replica_cpus)))
+    deployments = {
+        "SearchIngress": {"num_replicas": 1, "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.5}},
+        "BM25Retriever": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+        "CrossEncoderReranker": {
+            "num_replicas": 1,
+            "max_ongoing_requests": max(64, max(levels)),
+            "ray_actor_options": {"num_cpus": args.replica_cpus, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}},
+            "user_config": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
+        },
+    }
+    series: dict[str, dict[str, list[dict[str, Any]]]] = {"ce": {"all": []}, "local": {"all": []}, "infinity": {str(n): [] for n in levels}, "serve": {str(n): [] for n in levels}}
+    agreement: dict[str, float] = {}
+    profile: dict[str, Any] | None = None
+
+    def stack():
+        if args.skip_serve:
+            import contextlib
+
+            return contextlib.nullcontext(None)
+        return serve_stack(app_args, deployments, num_cpus=max(4.0, args.replica_cpus + 1), timeout_s=args.start_timeout)
+
+    try:
+        with stack() as base:
+            serve_url = f"{base}/rerank" if base else None
+            if serve_url:  # warm-up and a correctness check against the library
+                import httpx
+
+                q, docs = requests[0]
+                r = httpx.post(serve_url, json={"query": q, "documents": docs}, timeout=600).json()
+                ours = np.zeros(len(docs))
+                for item in r["results"]:
+                    ours[item["index"]] = item["relevance_score"]
+                agreement["serve_vs_crossencoder_max_abs_diff"] = float(np.max(np.abs(ours - ce([(q, d) for d in docs]))))
+            if infinity is not None:
+                import httpx
+
+                q, docs = requests[0]
+                r = httpx.post(infinity.url + "/rerank", json={"query": q, "documents": docs, "model": SERVED_NAME}, timeout=600).json()
+                theirs = np.zeros(len(docs))
+                for item in r["results"]:
+                    theirs[item["index"]] = item["relevance_score"]
+                agreement["infinity_vs_crossencoder_max_abs_diff"] = float(np.max(np.abs(theirs - ce([(q, d) for d in docs]))))
+            print("score agreement:", agreement)
+
+            for rep in range(args.repeats):
+                order = ["ce", "local", "infinity", "serve"]
+                if rep % 2:
+                    order.reverse()
+                print(f"repeat {rep + 1}/{args.repeats}: {order}")
+                for system in order:
+                    if system == "ce":
+                        t = time.perf_counter()
+                        ce(inproc_pairs)
+                        dt = time.perf_counter() - t
+                        series["ce"]["all"].append({"units_per_s": len(inproc_pairs) / dt})
+                        print(f"  CrossEncoder.predict: {len(inproc_pairs) / dt:.1f} pairs/s")
+                    elif system == "local":
+                        t = time.perf_counter()
+                        for s in range(0, len(inproc), args.max_batch_size):
+                            ours_local(inproc[s : s + args.max_batch_size])
+                        dt = time.perf_counter() - t
+                        series["local"]["all"].append({"units_per_s": len(inproc_pairs) / dt})
+                        print(f"  serve_app Reranker in process: {len(inproc_pairs) / dt:.1f} pairs/s")
+                    elif system == "infinity" and infinity is not None:
+                        for n in levels:
+                            series["infinity"][str(n)].append(run_level("infinity", infinity.url + "/rerank", level_bodies(requests, n, args.min_requests, SERVED_NAME), n, args.max_seconds))
+                    elif system == "serve" and serve_url:
+                        for n in levels:
+                            prof_proc = None
+                            if args.profile and rep == 0 and n == max(levels):
+                                pid = find_replica_pid("CrossEncoderReranker")
+                                if pid:
+                                    prof_path = run.raw / "reranker_replica.pyspy.txt"
+                                    prof_proc = pyspy_record(pid, int(min(args.max_seconds, 60)), prof_path)
+                            series["serve"][str(n)].append(run_level("serve_app", serve_url, level_bodies(requests, n, args.min_requests, None), n, args.max_seconds))
+                            if prof_proc is not None:
+                                prof_proc.wait(120)
+                                if prof_path.is_file():
+                                    profile = summarize_profile(prof_path)
+    finally:
+        if infinity is not None:
+            infinity.stop()
+
+    # ---------------------------------------------------------------- summary
+    def agg(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"pairs_per_s": summarize(r["units_per_s"] for r in runs), "runs": runs}
+        for key in ("p50_ms", "p99_ms"):
+            if runs and key in runs[0]:
+                out[key] = summarize(r[key] for r in runs)
+        return out
+
+    systems = results["systems"]
+    systems["CrossEncoder.predict (in process)"] = {"all": agg(series["ce"]["all"])}
+    systems["serve_app Reranker (in process)"] = {"all": agg(series["local"]["all"])}
+    if infinity is not None or series["infinity"][str(levels[0])]:
+        systems["infinity /rerank"] = {str(n): agg(v) for n, v in series["infinity"].items() if v}
+    if series["serve"][str(levels[0])]:
+        systems["serve_app /rerank"] = {str(n): agg(v) for n, v in series["serve"].items() if v}
+    results["score_agreement"] = agreement
+    if profile:
+        results["profile_reranker_replica"] = profile
+
+    ce_rate = systems["CrossEncoder.predict (in process)"]["all"]["pairs_per_s"]["median"]
+    targets = []
+    for n in levels:
+        ours = systems.get("serve_app /rerank", {}).get(str(n))
+        inf = systems.get("infinity /rerank", {}).get(str(n))
+        if ours:
+            ours["vs_crossencoder"] = ours["pairs_per_s"]["median"] / ce_rate
+            if inf:
+                ours["vs_infinity"] = ours["pairs_per_s"]["median"] / inf["pairs_per_s"]["median"]
+        if n >= 16:
+            targets.append(target_line(f"serve_app /rerank vs CrossEncoder.predict pairs/s, N={n}", ours["vs_crossencoder"] if ours else None, 1.0))
+            targets.append(target_line(f"serve_app /rerank vs infinity pairs/s, N={n}", ours.get("vs_infinity") if ours else None, 1.2))
+
+    rows = []
+    for name, by_level in systems.items():
+        for lvl, r in by_level.items():
+            rows.append((
+                name, "-" if lvl == "all" else lvl, fmt_spread(r["pairs_per_s"]), f"{r['pairs_per_s']['median'] / ce_rate:.2f}x",
+                fmt_spread(r["p50_ms"], 0) if "p50_ms" in r else "-", fmt_spread(r["p99_ms"], 0) if "p99_ms" in r else "-",
+            ))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name, by_level in systems.items():
+        if "all" in by_level:
+            ax[0].axhline(by_level["all"]["pairs_per_s"]["median"], ls="--", lw=1, label=name, color="grey" if "CrossEncoder" in name else "tab:green")
+            continue
+        xs = [int(n) for n in by_level]
+        med = [by_level[str(n)]["pairs_per_s"]["median"] for n in xs]
+        lo = [by_level[str(n)]["pairs_per_s"]["min"] for n in xs]
+        hi = [by_level[str(n)]["pairs_per_s"]["max"] for n in xs]
+        ax[0].errorbar(xs, med, yerr=[np.subtract(med, lo), np.subtract(hi, med)], marker="o", capsize=3, label=name)
+        ax[1].plot(xs, [by_level[str(n)]["p50_ms"]["median"] for n in xs], marker="o", label=f"{name} p50")
+        ax[1].plot(xs, [by_level[str(n)]["p99_ms"]["median"] for n in xs], marker="x", ls=":", label=f"{name} p99")
+    for a in ax:
+        a.set_xscale("log", base=2)
+        a.set_xlabel("concurrent clients N")
+        a.legend(fontsize=7)
+    ax[0].set_ylabel("pairs/s")
+    ax[1].set_ylabel("latency per request (ms)")
+    ax[1].set_yscale("log")
+    fig.suptitle(f"Reranking {args.docs} SciFact BM25 documents per request, MiniLM-L6 cross-encoder, max_length {args.max_length}")
+    run.save_figure(fig, "rerank_peers.png")
+
+    md = run.header_markdown("Cross-encoder serving throughput vs peers")
+    md += (
+        f"Model: MiniLM-L6 sequence classifier ({model_dir}), max_length {args.max_length}, CPU. Workload: {len(requests)} SciFact test queries, "
+        f"each with its BM25 top-{args.docs} documents ({len(all_pairs)} pairs); a level with N clients sends max(N, {args.min_requests}) requests; "
+        f"the in-process rows score the first {len(inproc)} requests ({len(inproc_pairs)} pairs; ours {args.max_batch_size} requests per rerank_many call). "
+        f"serve_app: one CrossEncoderReranker replica (num_cpus {args.replica_cpus}, {threads} torch threads), @serve.batch max_batch_size {args.max_batch_size}, "
+        f"batch_wait_timeout_s {args.batch_wait_timeout_s}. infinity: {results.get('infinity_version') or 'not run'} (infinity-emb, transformers, torch), default batch size"
+        f"{'' if not args.infinity_batch_size else ' ' + str(args.infinity_batch_size)}. "
+        f"pairs/s and latencies: median [min-max] over {args.repeats} repeats.\n\n"
+    )
+    md += md_table(["system", "N", "pairs/s", "vs CrossEncoder.predict", "p50 ms", "p99 ms"], rows)
+    if agreement:
+        md += "\nScore agreement with CrossEncoder.predict (sigmoid scores, first request): " + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()) + "\n"
+    if "infinity_error" in results:
+        md += f"\n**infinity could not be run**: `{results['infinity_error']['command']}`\n\n```\n{results['infinity_error']['error']}\n```\n"
+    if profile:
+        md += f"\n## py-spy profile of the reranker replica (N={max(levels)}, {profile['samples']} samples)\n\n"
+        md += md_table(["where", "share of samples"], [(k, f"{v:.1%}") for k, v in profile["buckets"].items()])
+        md += "\nTop leaf frames:\n\n" + md_table(["frame", "share"], [(f"`{k[:110]}`", f"{v:.1%}") for k, v in profile["top_leaves"]])
+    run.write(results, md, targets)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Run the serve_app Ray Serve application locally for a benchmark, and stop it afterwards.
+
+``serve_stack(app_args, deployments, ...)`` starts Ray on 127.0.0.1 (logical CPUs given by
+``num_cpus``), deploys one application the way ``serve run deployments.yaml`` does (through
+``serve_app.serve.runner``), waits until it is RUNNING and ``/healthz`` answers, yields the
+application's base URL, and shuts Serve and Ray down on exit, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import socket
+import time
+from typing import Any, Iterator, Mapping, Optional
+
+from benchmarks.common import REPO_ROOT
+from benchmarks.loadgen import wait_ready
+
+APP = "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def app_config(app_args: Mapping[str, Any], deployments: Mapping[str, Mapping[str, Any]], port: int) -> dict[str, Any]:
+    """A Serve config with one application ``bench`` at ``/`` over ``app_args``."""
+    deps = []
+    for name, opts in deployments.items():
+        d = {"name": name, **copy.deepcopy(dict(opts))}
+        if "autoscaling_config" in d:
+            d.pop("num_replicas", None)
+        deps.append(d)
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port, "request_timeout_s": 600},
+        "applications": [{"name": APP, "route_prefix": "/", "import_path": "serve_app.serve.app:build_app", "args": dict(app_args), "deployments": deps}],
+    }
+
+
+@contextlib.contextmanager
+def serve_stack(
+    app_args: Mapping[str, Any],
+    deployments: Mapping[str, Mapping[str, Any]],
+    *,
+    num_cpus: float = 4,
+    port: Optional[int] = None,
+    timeout_s: float = 600,
+    env: Optional[Mapping[str, str]] = None,
+) -> Iterator[str]:
+    """Ray + Serve with the application deployed; yields ``http://127.0.0.1:PORT``."""
+    from serve_app.serve.runner import deploy_config, load_serve_config, start_ray, wait_for_apps
+
+    port = port or free_port()
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    for k, v in (env or {}).items():
+        os.environ[k] = v
+    config = app_config(app_args, deployments, port)
+    import ray
+    from ray import serve
+
+    t0 = time.perf_counter()
+    start_ray(num_cpus=num_cpus, log_to_driver=False)
+    try:
+        deploy_config(load_serve_config(config))
+        time.sleep(1.0)
+        wait_for_apps([APP], timeout_s=timeout_s)
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base + "/healthz", timeout_s=timeout_s)
+        print(f"serve_app ready at {base} after {time.perf_counter() - t0:.0f} s")
+        yield base
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def replica_counts(app: str = APP) -> dict[str, int]:
+    """RUNNING replicas of each deployment of ``app`` (from ``serve.status()``)."""
+    from ray import serve
+
+    deps = serve.status().applications[app].deployments
+    return {name: sum(n for state, n in d.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING") for name, d in deps.items()}
