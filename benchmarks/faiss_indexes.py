@@ -30,22 +30,46 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks.common import BenchRun, base_parser, fmt_spread, md_table, summarize, target_line
+from pathlib import Path
+
+from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, fmt_spread, md_table, summarize, target_line
 
 K = 10
 
 
-def clustered_vectors(n: int, dim: int, clusters: int, latent_dim: int, noise: float, seed: int) -> np.ndarray:
-    """``n`` L2-normalised float32 vectors with cluster structure (see the module docstring)."""
+def clustered_vectors(n: int, dim: int, clusters: int, latent_dim: int, noise: float, seed: int, anisotropy: float = 0.0) -> np.ndarray:
+    """``n`` L2-normalised float32 vectors with cluster structure (see the module docstring).
+
+    ``anisotropy`` adds that multiple of one shared unit direction to every (normalised) vector
+    before the final normalisation: sentence embeddings share such a direction (their mean
+    pairwise cosine is well above 0).
+    """
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, latent_dim)).astype(np.float32)
     proj = rng.standard_normal((latent_dim, dim)).astype(np.float32) / np.sqrt(latent_dim)
+    shared = rng.standard_normal(dim).astype(np.float32)
+    shared /= np.linalg.norm(shared)
     sizes = rng.dirichlet(np.ones(clusters) * 2.0)
     assign = rng.choice(clusters, size=n, p=sizes)
     latent = centres[assign] + 0.6 * rng.standard_normal((n, latent_dim)).astype(np.float32)
     x = latent @ proj + noise * rng.standard_normal((n, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
+    if anisotropy:
+        x += anisotropy * shared
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def neighbour_stats(x: np.ndarray, queries: int = 300, seed: int = 0) -> dict[str, float]:
+    """Mean cosine of the 1st/10th/100th nearest neighbour and of all pairs, for points of ``x``
+    used as queries (leave-one-out): a summary of how hard the data is for approximate search."""
+    rng = np.random.default_rng(seed)
+    qi = rng.choice(len(x), min(queries, len(x)), replace=False)
+    s = x[qi] @ x.T
+    s[np.arange(len(qi)), qi] = -np.inf
+    top = -np.sort(-s, axis=1)
+    finite = s[np.isfinite(s)]
+    return {"nn1": float(top[:, 0].mean()), "nn10": float(top[:, 9].mean()), "nn100": float(top[:, 99].mean()), "mean": float(finite.mean()), "std": float(finite.std())}
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray, k: int = K) -> float:
@@ -83,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clusters", type=int, default=2000, help="mixture components of the synthetic vectors")
     p.add_argument("--latent-dim", type=int, default=48, help="intrinsic dimension of the synthetic vectors")
     p.add_argument("--noise", type=float, default=0.15, help="isotropic noise added in the full dimension")
-    p.add_argument("--ef-search", default="16,32,64,128,256", help="HNSW efSearch values")
+    p.add_argument("--anisotropy", type=float, default=0.4, help="weight of the direction shared by all vectors (0.4 gives SciFact's mean pairwise cosine, about 0.13)")
+    p.add_argument("--real-index", default=str(DEFAULT_CACHE / "bench" / "scifact-index" / "dense" / "index.faiss"), help="a FAISS index of real MiniLM embeddings (SciFact) to compare the synthetic data's neighbour statistics with (skipped when absent)")
+    p.add_argument("--ef-search", default="8,12,16,24,32,64,128,256", help="HNSW efSearch values")
     p.add_argument("--nprobe", default="8,16,32,64", help="IVF-PQ nprobe values")
     p.add_argument("--ivfpq", default="IVF1024,PQ48", help="IVF-PQ factory string")
     p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads (0: FAISS default; 1 keeps shared machines from OpenMP spin-wait stalls and makes the index types comparable)")
@@ -98,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scifact_embeddings:
         real = np.load(args.scifact_embeddings, allow_pickle=False).astype(np.float32)
         n_synth = max(0, args.vectors - len(real))
-    allv = clustered_vectors(n_synth + args.queries, args.dim, args.clusters, args.latent_dim, args.noise, args.seed)
+    allv = clustered_vectors(n_synth + args.queries, args.dim, args.clusters, args.latent_dim, args.noise, args.seed, args.anisotropy)
     rng = np.random.default_rng(args.seed + 7)
     perm = rng.permutation(len(allv))
     q = np.ascontiguousarray(allv[perm[: args.queries]])
@@ -106,8 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if real is not None:
         base = np.ascontiguousarray(np.vstack([base, real]))
     print(f"base {base.shape}, queries {q.shape}, faiss threads {faiss.omp_get_max_threads()}")
+    calibration: dict[str, Any] = {}
+    if Path(args.real_index).is_file():
+        real_idx = faiss.read_index(args.real_index)
+        real_x = real_idx.reconstruct_n(0, real_idx.ntotal)
+        calibration[f"real SciFact MiniLM embeddings ({len(real_x)})"] = neighbour_stats(real_x, seed=args.seed)
+        calibration[f"synthetic, same count ({len(real_x)})"] = neighbour_stats(base[: len(real_x)], seed=args.seed)
+    calibration[f"synthetic, 20,000"] = neighbour_stats(base[:20000], seed=args.seed)
 
-    results: dict[str, Any] = {"base_vectors": int(len(base)), "dim": args.dim, "queries": args.queries, "faiss_threads": faiss.omp_get_max_threads(), "data": "synthetic clustered" + (" + real embeddings" if real is not None else ""), "indexes": {}}
+    results: dict[str, Any] = {"base_vectors": int(len(base)), "dim": args.dim, "queries": args.queries, "faiss_threads": faiss.omp_get_max_threads(), "data": "synthetic clustered" + (" + real embeddings" if real is not None else ""), "neighbour_stats": calibration, "indexes": {}}
     built: dict[str, Any] = {}
     for factory in ("Flat", "HNSW32", args.ivfpq):
         t = time.perf_counter()
@@ -189,12 +222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     md = run.header_markdown("Dense index: FAISS Flat vs HNSW32 vs IVF-PQ")
     md += (
-        f"{len(base):,} base vectors, dim {args.dim} ({results['data']}: {args.clusters} clusters, latent dim {args.latent_dim}, noise {args.noise}); "
+        f"{len(base):,} base vectors, dim {args.dim} ({results['data']}: {args.clusters} clusters, latent dim {args.latent_dim}, noise {args.noise}, anisotropy {args.anisotropy}); "
         f"{args.queries} held-out queries ({args.single_queries} for single-query timing); FAISS threads {results['faiss_threads']}. "
         "queries/s: median [min-max] of the repeats.\n\n"
     )
     md += md_table(["index", "setting", "recall@10", "queries/s (1 per call)", "vs Flat", "queries/s (batch)", "vs Flat"], rows)
     md += "\n" + md_table(["index", "build s", "size MB"], build_rows)
+    md += "\nHow hard the data is (mean cosine of the k-th nearest neighbour of 300 points, and over all pairs):\n\n"
+    md += md_table(["data", "nn1", "nn10", "nn100", "all pairs mean", "all pairs std"], [(k, *(f"{v[x]:.3f}" for x in ("nn1", "nn10", "nn100", "mean", "std"))) for k, v in calibration.items()])
     run.write(results, md, targets)
     return 0
 
