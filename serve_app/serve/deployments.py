@@ -73,7 +73,10 @@ def _load(what: str, loader: Any, *args: Any, hint: str = "") -> Any:
 
         text = f"{exc} {hint}" if hint and isinstance(exc, ModelLoadError) else str(exc)
         logger.error("%s: %s", what, text)
-        clean = type(exc)(text)
+        try:
+            clean = type(exc)(text)
+        except Exception:  # noqa: BLE001 - an exception type with another signature: keep it as is
+            raise exc from None
     raise clean from None
 
 
