@@ -166,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--scifact", default=None, help="SciFact BEIR directory (default: ../shared/datasets/scifact)")
+    p.add_argument("--scifact-queries", type=int, default=None, help="SciFact test queries used (default: all 300)")
     p.add_argument("--synthetic-docs", type=int, default=100_000, help="documents of the synthetic corpus (0 skips it)")
     p.add_argument("--vocab", type=int, default=200_000, help="synthetic vocabulary size")
     p.add_argument("--doc-len", type=int, default=100, help="median synthetic document length in tokens")
@@ -180,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = BM25Config(method="robertson", k1=K1, b=B)
     tok = Tokenizer.from_config(cfg)
     tokens = tok([d.content for d in ds.corpus])
-    qtexts = [ds.queries[q] for q in sorted(ds.queries)]
+    qtexts = [ds.queries[q] for q in sorted(ds.queries)][: args.scifact_queries]
     engines, counts, build = make_engines(tokens, tok(qtexts), len(qtexts), ds.corpus, qtexts, cfg)
     results["scifact"] = bench_corpus("scifact", engines, counts, build, args.repeats, len(ds.corpus))
     del engines

@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["infinity_version"] = infinity.version
 
     app_args = {
-        "index_dir": str(ensure_bm25_demo_index(DEFAULT_CACHE / "bench" / "demo-bm25-index")),
+        "index_dir": str(DEFAULT_CACHE / "bench" / "demo-bm25-index"),
         "build_index_if_missing": False,
         "retrievers": ["bm25"],
         "reranker": {"model": str(model_dir), "max_length": args.max_length, "device": "cpu", "activation": "sigmoid"},
@@ -285,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import contextlib
 
             return contextlib.nullcontext(None)
+        ensure_bm25_demo_index(Path(app_args["index_dir"]))
         return serve_stack(app_args, deployments, num_cpus=max(4.0, args.replica_cpus + 1), timeout_s=args.start_timeout)
 
     try:

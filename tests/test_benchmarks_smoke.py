@@ -1,0 +1,197 @@
+"""The benchmark scripts run end to end at tiny sizes and write their results; their helpers compute the right figures.
+
+These check behaviour (files written, figures consistent), never speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import common
+from benchmarks.loadgen import Record, LoadResult, check_loopback
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_summarize_median_and_spread():
+    s = common.summarize([3.0, 1.0, 2.0, 10.0])
+    assert s["n"] == 4 and s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 10.0
+    assert s["p25"] <= s["median"] <= s["p75"]
+    assert math.isnan(common.summarize([])["median"])
+
+
+def test_latency_percentiles_are_milliseconds():
+    p = common.latency_percentiles([0.010] * 99 + [1.0])
+    assert p["p50"] == pytest.approx(10.0)
+    assert p["p99"] > 10.0 and p["p99"] <= 1000.0
+
+
+def test_target_line_directions():
+    assert common.target_line("x", 1.2, 1.0)["met"] is True
+    assert common.target_line("x", 0.9, 1.0)["met"] is False
+    assert common.target_line("x", 12.0, 15.0, "ms", higher_is_better=False)["met"] is True
+    assert common.target_line("x", None, 1.0)["met"] is None
+    md = common.targets_markdown([common.target_line("a", 0.5, 1.0), common.target_line("b", None, 1.0)])
+    assert "MISSED" in md and "not measured" in md
+
+
+def test_md_table_shape():
+    t = common.md_table(["a", "b"], [(1, 2), (3, 4)])
+    lines = t.strip().splitlines()
+    assert lines[0] == "| a | b |" and len(lines) == 4
+
+
+def test_machine_info_has_load_and_cpu():
+    m = common.machine_info()
+    assert m["nproc"] >= 1 and len(m["loadavg"]) == 3 and m["cpu_model"]
+
+
+def test_loadgen_refuses_non_loopback_targets():
+    check_loopback("http://127.0.0.1:8000/rerank")
+    check_loopback("http://localhost:1/x")
+    with pytest.raises(ValueError, match="loopback"):
+        check_loopback("http://example.com/rerank")
+    with pytest.raises(ValueError, match="loopback"):
+        check_loopback("http://10.0.0.1:8000/")
+
+
+def test_load_result_summary_counts_units_over_the_span():
+    recs = [Record(0, 0.0, 1.0, 200, units=10), Record(1, 0.5, 2.0, 200, units=10), Record(2, 1.0, 1.5, 500, units=10, error="boom")]
+    s = LoadResult(2, recs, 2.0).summary()
+    assert s["ok"] == 2 and s["errors"] == 1
+    assert s["span_s"] == pytest.approx(2.0)
+    assert s["units_per_s"] == pytest.approx(10.0)  # 20 units of the ok requests over 2 s
+    assert s["p50_ms"] == pytest.approx(1250.0)
+
+
+def test_zipf_corpus_is_seeded_and_queries_avoid_stopwords():
+    from benchmarks.bm25_engines import zipf_corpus, zipf_queries
+
+    a, b = zipf_corpus(50, 20000, 80, seed=3), zipf_corpus(50, 20000, 80, seed=3)
+    assert a == b and len(a) == 50
+    qs = zipf_queries(a, 20, seed=3)
+    assert qs == zipf_queries(a, 20, seed=3)
+    assert all(1 <= len(q) <= 6 and len(q) == len(set(q)) for q in qs)
+    stop = {f"w{i}" for i in range(100)}
+    assert not any(w in stop for q in qs for w in q)
+
+
+def test_clustered_vectors_are_unit_norm_and_recall_is_exact_on_itself():
+    from benchmarks.faiss_indexes import clustered_vectors, recall_at_k
+
+    x = clustered_vectors(300, 32, clusters=10, latent_dim=8, noise=0.1, seed=0, anisotropy=0.4)
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    ids = np.argsort(-(x[:20] @ x.T), axis=1)[:, :10]
+    assert recall_at_k(ids, ids) == 1.0
+    assert recall_at_k(ids, ids[:, ::-1]) == 1.0  # order inside the top-10 does not matter
+    assert recall_at_k(ids, ids + 1000) == 0.0
+
+
+def test_profile_summary_buckets(tmp_path):
+    from benchmarks.rerank_peers import summarize_profile
+
+    f = tmp_path / "p.txt"
+    f.write_text(
+        "Thread.run (t.py:1);Reranker.rerank_many (r.py:1);CrossEncoderScorer.score (c.py:1);CrossEncoderScorer._forward (c.py:2);Module._call_impl (m.py:1);Linear.forward (l.py:1) 30\n"
+        "Thread.run (t.py:1);Reranker.rerank_many (r.py:1);CrossEncoderScorer.score (c.py:1);CrossEncoderScorer._tokenize (c.py:3) 10\n"
+        "Worker.main_loop (ray/_private/worker.py:1) 10\n"
+    )
+    s = summarize_profile(f)
+    assert s["samples"] == 50
+    assert s["buckets"]["model forward (torch)"] == pytest.approx(0.6)
+    assert s["buckets"]["tokenize pairs"] == pytest.approx(0.2)
+    assert s["top_leaves"][0][0].startswith("Linear.forward")
+
+
+# --------------------------------------------------------------------------- scripts end to end
+
+
+def _load(out: Path, name: str) -> dict:
+    data = json.loads((out / f"{name}.json").read_text())
+    assert (out / "summary.md").is_file()
+    assert data["benchmark"] == name and data["machine"]["nproc"] >= 1 and len(data["loadavg_end"]) == 3
+    return data
+
+
+@pytest.mark.slow
+def test_faiss_indexes_tiny(tmp_path):
+    from benchmarks import faiss_indexes
+
+    out = tmp_path / "faiss"
+    faiss_indexes.main(["--vectors", "2000", "--queries", "40", "--single-queries", "10", "--repeats", "1", "--ivfpq", "IVF16,PQ8",
+                        "--ef-search", "16,64", "--nprobe", "4", "--clusters", "20", "--real-index", str(tmp_path / "none"), "--out", str(out)])
+    data = _load(out, "faiss_indexes")
+    idx = data["results"]["indexes"]
+    assert idx["Flat"]["settings"][0]["recall@10"] == 1.0
+    assert [e["value"] for e in idx["HNSW32"]["settings"]] == [16, 64]
+    assert all(0.0 <= e["recall@10"] <= 1.0 for e in idx["IVF16,PQ8"]["settings"])
+    assert (out / "recall_vs_qps.png").is_file()
+    assert len(data["targets"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.scifact
+def test_bm25_engines_tiny(tmp_path, scifact_dir):
+    from benchmarks import bm25_engines
+
+    out = tmp_path / "bm25"
+    bm25_engines.main(["--scifact", str(scifact_dir), "--scifact-queries", "10", "--synthetic-docs", "300", "--synthetic-queries", "10",
+                       "--rank-bm25-queries", "5", "--vocab", "2000", "--repeats", "1", "--out", str(out)])
+    data = _load(out, "bm25_engines")
+    sf = data["results"]["scifact"]["engines"]
+    assert sf["rank_bm25"]["queries_timed"] == 10 and sf["rank_bm25"]["speedup_wall"] == 1.0
+    # Same BM25 variant and tokens: bm25s and the service's retriever agree with rank_bm25.
+    assert sf["bm25s"]["top10_agreement_vs_rank_bm25"] >= 0.95
+    assert sf["serve_app"]["top10_agreement_vs_rank_bm25"] >= 0.95
+    assert data["results"]["synthetic"]["documents"] == 300
+
+
+@pytest.mark.slow
+@pytest.mark.scifact
+def test_batching_ablation_tiny(tmp_path, scifact_dir, tiny_cross_encoder_dir):
+    from benchmarks import batching_ablation
+
+    out = tmp_path / "abl"
+    batching_ablation.main(["--scifact", str(scifact_dir), "--model", str(tiny_cross_encoder_dir), "--queries", "1", "--depth", "12",
+                            "--max-length", "64", "--batch-sizes", "4", "--max-batch-tokens", "256", "--repeats", "1", "--out", str(out)])
+    data = _load(out, "batching_ablation")
+    st = data["results"]["strategies"]
+    assert set(st) == {"naive-4", "sorted-4", "token-budget", "scorer.score"}
+    # Sorting never pads more than input order at the same batch size, and scores do not depend on batching.
+    assert st["sorted-4"]["padded_token_fraction"] <= st["naive-4"]["padded_token_fraction"]
+    assert all(s["max_abs_score_diff_vs_naive"] < 1e-4 for s in st.values())
+
+
+@pytest.mark.slow
+@pytest.mark.scifact
+def test_rerank_peers_in_process_only(tmp_path, scifact_dir, tiny_cross_encoder_dir):
+    from benchmarks import rerank_peers
+
+    out = tmp_path / "peers"
+    rerank_peers.main(["--scifact", str(scifact_dir), "--model", str(tiny_cross_encoder_dir), "--docs", "3", "--concurrency", "1,16",
+                       "--min-requests", "2", "--max-length", "64", "--skip-infinity", "--skip-serve", "--repeats", "1", "--out", str(out)])
+    data = _load(out, "rerank_peers")
+    systems = data["results"]["systems"]
+    assert systems["CrossEncoder.predict (in process)"]["all"]["pairs_per_s"]["median"] > 0
+    assert systems["serve_app Reranker (in process)"]["all"]["pairs_per_s"]["median"] > 0
+    # Nothing served was measured, so the serving targets (N >= 16) are reported as not measured.
+    assert len(data["targets"]) == 2 and all(t["met"] is None for t in data["targets"])
+
+
+def test_gpu_script_runs_on_cpu(tmp_path):
+    from benchmarks import gpu_rerank
+
+    out = tmp_path / "gpu"
+    gpu_rerank.main(["--device", "cpu", "--tiny", "--random-init", "--out", str(out)])
+    data = _load(out, "gpu_rerank")
+    assert data["results"]["device"] == "cpu"
+    assert set(data["results"]["model_only"]) == {"16", "32"}
+    assert all(r["median"] > 0 for per in data["results"]["model_only"].values() for r in per.values())
+    assert data["targets"] == []  # no 256-token figure in a tiny CPU check
+    assert "not the GPU figure" in (out / "summary.md").read_text()
