@@ -1,4 +1,8 @@
-"""One local Ray + Serve instance for the whole test session (tiny models, small corpus).
+"""One local Ray + Serve instance for the integration tests (tiny models, small corpus).
+
+It is started once and stopped after the module that uses it (tests/serve/test_serve_integration.py),
+not at the end of the session: Ray lives in the pytest process, and other test modules start
+and check their own Ray instances (e.g. tests/test_training_ray.py asserts that none is left).
 
 The stack is deployed the way ``serve run deployments.yaml`` does it: a Serve config whose
 application args go through ``serve_app.serve.app:build_app`` on the controller (which builds
@@ -103,44 +107,58 @@ class ServeStack:
         return serve.get_deployment_handle(deployment, app_name=app)
 
 
-@pytest.fixture(scope="session")
+_ENV = {
+    # Autoscaling decisions on a test's time scale (defaults push metrics every 10 s).
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+
+
+@pytest.fixture(scope="module")
 def serve_stack(tmp_path_factory, tiny_cross_encoder_dir, tiny_bi_encoder_dir):
-    """Ray + Serve on 127.0.0.1 with the ``main`` application deployed (stopped at session end)."""
+    """Ray + Serve on 127.0.0.1 with the ``main`` application deployed; everything stopped and the
+    environment restored after the module."""
     from serve_app.corpus import write_documents_jsonl
     from serve_app.serve.runner import start_ray
 
     root = tmp_path_factory.mktemp("serve-stack")
     corpus = root / "corpus.jsonl"
     write_documents_jsonl(small_corpus(60), corpus)
+    import ray
+
+    assert not ray.is_initialized(), "another test left Ray initialized in this process"
     # Replicas and the controller's build task must import serve_app and run offline; Ray's
     # processes inherit this environment.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    # Autoscaling decisions on a test's time scale (defaults push metrics every 10 s).
-    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    env = {**_ENV, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     metrics_port = free_port()
-    start_ray(num_cpus=4, metrics_export_port=metrics_port, system_config={"metrics_report_interval_ms": 1000})
-    stack = ServeStack(
-        free_port(),
-        metrics_port,
-        {
-            "index_dir": str(root / "index"),
-            "corpus": str(corpus),
-            "dense": {"model": str(tiny_bi_encoder_dir)},
-            "reranker": {"model": str(tiny_cross_encoder_dir)},
-            "timeouts": {"retriever_timeout_s": 2.0, "rerank_timeout_s": 30.0, "health_timeout_s": 5.0},
-        },
-    )
     try:
+        start_ray(num_cpus=4, metrics_export_port=metrics_port, system_config={"metrics_report_interval_ms": 1000})
+        stack = ServeStack(
+            free_port(),
+            metrics_port,
+            {
+                "index_dir": str(root / "index"),
+                "corpus": str(corpus),
+                "dense": {"model": str(tiny_bi_encoder_dir)},
+                "reranker": {"model": str(tiny_cross_encoder_dir)},
+                "timeouts": {"retriever_timeout_s": 2.0, "rerank_timeout_s": 30.0, "health_timeout_s": 5.0},
+            },
+        )
         stack.deploy(stack.app_config("main"), timeout_s=300)
         yield stack
     finally:
-        import ray
         from ray import serve
 
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
