@@ -83,6 +83,8 @@ def test_deployments_yaml_is_a_valid_serve_config():
         auto = d.autoscaling_config
         assert auto and auto["min_replicas"] >= 1 and auto["max_replicas"] > auto["min_replicas"], d.name
         assert d.ray_actor_options.num_cpus is not None, d.name
+    # At min_replicas the reservations fit a 2-core machine, so `serve run deployments.yaml` works locally.
+    assert sum(d.ray_actor_options.num_cpus * d.autoscaling_config["min_replicas"] for d in deployments.values()) <= 2
     rr = deployments["CrossEncoderReranker"]
     assert rr.ray_actor_options.num_gpus is not None  # the GPU knob is explicit
     uc = RerankerUserConfig.model_validate(rr.user_config)
