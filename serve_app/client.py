@@ -7,8 +7,10 @@
 
 Errors come back as :class:`ServeAppError` carrying the service's envelope
 (``{"error": {"type", "message"}}``) and the HTTP status. ``retries`` (default 0) retries
-connection failures and 429/503 answers with exponential backoff, honouring ``Retry-After``;
-every endpoint is idempotent, so retrying is safe.
+connection failures, client-side timeouts and 429/502/503/504 answers (overload, a replica
+restarting, a deadline) with exponential backoff and jitter, honouring ``Retry-After``; every
+endpoint is idempotent (search, rerank, health, info), so retrying is safe. Other 4xx (bad input,
+401) are never retried.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any, Optional, Sequence, Union
 import httpx
 
 DocumentIn = Union[str, dict[str, Any]]
-RETRYABLE_STATUS = (429, 503)
+RETRYABLE_STATUS = (429, 502, 503, 504)
+#: Longest single wait between attempts (seconds), whatever Retry-After or the backoff says.
+MAX_BACKOFF_S = 30.0
 
 
 class ServeAppError(Exception):
@@ -70,8 +74,8 @@ def _delay(attempt: int, response: Optional[httpx.Response], backoff_s: float) -
     if response is not None:
         retry_after = response.headers.get("retry-after", "")
         if retry_after.strip().isdigit():
-            return min(float(retry_after), 60.0)
-    return backoff_s * (2**attempt) * (0.5 + random.random())
+            return min(float(retry_after) + backoff_s * random.random(), MAX_BACKOFF_S)  # jitter: no herd
+    return min(backoff_s * (2**attempt) * (0.5 + random.random()), MAX_BACKOFF_S)
 
 
 class _Base:

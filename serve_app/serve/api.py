@@ -35,6 +35,9 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
     "service_unavailable": (503, "A stage needed for the answer is unavailable: every retriever failed, or the reranker failed for /rerank."),
     "not_ready": (503, "GET /healthz: a stage has not loaded its index or model yet, or does not answer."),
     "stage_timeout": (504, "A stage needed for the answer did not answer within its timeout (e.g. the reranker for /rerank)."),
+    "unauthorized": (401, "An API key is configured and the request has no Authorization: Bearer header, or a key that is not valid (WWW-Authenticate: Bearer). GET /healthz is exempt."),
+    "overloaded": (503, "A stage needed for the answer is at capacity (its queue, max_queued_requests, is full): the request was shed; retry after the Retry-After header's seconds."),
+    "deadline_exceeded": (504, "The request did not complete within timeouts.request_timeout_s; its pending stage calls were cancelled."),
 }
 
 

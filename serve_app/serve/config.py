@@ -33,6 +33,8 @@ RetrieverName = Literal["bm25", "dense"]
 
 ENV_RERANKER_MODEL = "SERVE_APP_RERANKER_MODEL"
 ENV_DENSE_MODEL = "SERVE_APP_DENSE_MODEL"
+#: Default environment variable of the ingress holding the HTTP API key(s) (serve_app.serve.auth).
+ENV_API_KEY = "SERVE_APP_API_KEY"
 #: ``corpus: builtin:demo`` names the demo dataset shipped with the package (serve_app.demo).
 BUILTIN_PREFIX = "builtin:"
 
@@ -87,6 +89,13 @@ class StageTimeouts(_Strict):
     retriever_timeout_s: float = Field(5.0, gt=0, le=600, description="Per retriever call. A retriever past it is marked degraded (timeout) and the others' results are used.")
     rerank_timeout_s: float = Field(30.0, gt=0, le=600, description="Per reranker call. /search then returns the fused order marked degraded; /rerank answers 504.")
     health_timeout_s: float = Field(2.0, gt=0, le=60, description="Per stage readiness probe of GET /healthz.")
+    request_timeout_s: float = Field(45.0, gt=0, le=600, description="Overall deadline of one /search or /rerank request in the ingress: past it the pending stage calls are cancelled and the answer is 504 deadline_exceeded. Keep it below http_options.request_timeout_s (the proxy's own limit, answered 408 without the envelope).")
+
+
+class AuthConfig(_Strict):
+    """HTTP API key authentication (serve_app.serve.auth): the key itself never goes in the config."""
+
+    api_key_env: str = Field(ENV_API_KEY, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable of the ingress replicas holding the API key (several: comma-separated, for rotation). Unset or empty: no authentication. Every request but GET /healthz then needs Authorization: Bearer <key>.")
 
 
 class AppConfig(_Strict):
@@ -104,7 +113,8 @@ class AppConfig(_Strict):
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig, description="Index-time chunking (used when building the index).")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="HTTP request limits.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Reranker batching defaults; the reranker deployment's user_config overrides them live.")
-    timeouts: StageTimeouts = Field(default_factory=StageTimeouts, description="Per-stage timeouts of the ingress.")
+    timeouts: StageTimeouts = Field(default_factory=StageTimeouts, description="Per-stage timeouts and the per-request deadline of the ingress.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API key authentication of the HTTP API (the environment variable holding the key).")
     faults: dict[Literal["bm25", "dense", "reranker"], FaultInjection] = Field(default_factory=dict, description="Fault injection per stage at start-up (tests and drills); deployment user_config overrides it.")
 
     @field_validator("index_dir")

@@ -38,6 +38,7 @@ from serve_app.serve.config import (
     RetrieverUserConfig,
     parse_user_config,
 )
+from serve_app.serve.resilience import call_stage
 from serve_app.serve.service import RerankOutcome, SearchService
 from serve_app.types import Hit
 
@@ -220,7 +221,12 @@ class RerankerDeployment:
 
 
 class HandleBackends:
-    """:class:`~serve_app.serve.service.Backends` over deployment handles."""
+    """:class:`~serve_app.serve.service.Backends` over deployment handles.
+
+    Each call goes through :func:`~serve_app.serve.resilience.call_stage`: a full queue
+    (``BackPressureError``) becomes ``StageOverloaded``, a replica that died under the call is
+    retried once (all stage calls are idempotent).
+    """
 
     def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
         self.handles = handles
@@ -232,13 +238,16 @@ class HandleBackends:
         return h
 
     async def retrieve(self, name: str, query: str, k: int) -> list[Hit]:
-        return await self._handle(name).search.remote(query, k)
+        handle = self._handle(name)
+        return await call_stage(name, lambda: handle.search.remote(query, k))
 
     async def rerank(self, query: str, documents: list[str], max_tokens_per_doc: Optional[int]) -> RerankOutcome:
-        return await self._handle("reranker").rerank.remote(query, documents, max_tokens_per_doc)
+        handle = self._handle("reranker")
+        return await call_stage("reranker", lambda: handle.rerank.remote(query, documents, max_tokens_per_doc))
 
     async def ping(self, stage: str) -> dict[str, Any]:
-        return await self._handle(stage).ping.remote()
+        handle = self._handle(stage)
+        return await call_stage(stage, lambda: handle.ping.remote())
 
 
 @serve.deployment(name="SearchIngress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, max_constructor_retry_count=CONSTRUCTOR_RETRIES)

@@ -16,7 +16,7 @@ Request bodies are never logged nor echoed.
 import json
 import logging
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +36,7 @@ from serve_app.serve.api import (
     SearchResponse,
     envelope,
 )
+from serve_app.serve.auth import install_api_key_auth, load_api_keys
 from serve_app.serve.service import SearchService
 
 logger = logging.getLogger(__name__)
@@ -217,8 +218,12 @@ Errors always have the body `{"error": {"type": ..., "message": ...}}`.
 """
 
 
-def create_app(service: SearchService) -> FastAPI:
-    """The ASGI app serving ``service``."""
+def create_app(service: SearchService, *, api_keys: Optional[Sequence[str]] = None) -> FastAPI:
+    """The ASGI app serving ``service``.
+
+    ``api_keys``: keys accepted as ``Authorization: Bearer`` tokens; None reads them from the
+    environment variable ``service.cfg.auth.api_key_env`` (none: no authentication).
+    """
     SearchRequest = service.models.search
     RerankRequest = service.models.rerank
 
@@ -254,6 +259,9 @@ def create_app(service: SearchService) -> FastAPI:
 
     @app.get("/info", summary="Models, index size, limits, funnel defaults")
     async def info() -> Any:
-        return await service.info()
+        return {**await service.info(), "auth": {"api_key_required": auth.enabled, "api_key_env": service.cfg.auth.api_key_env}}
 
+    # Last: the outermost middleware, so that requests without a valid key are refused before
+    # anything reads their body.
+    auth = install_api_key_auth(app, load_api_keys(service.cfg.auth.api_key_env) if api_keys is None else api_keys)
     return app

@@ -5,7 +5,9 @@ stages, which it reaches through a :class:`Backends` object: deployment handles 
 application (:mod:`serve_app.serve.deployments`), or in-process objects in tests. Each stage
 call has its own timeout; a retriever that fails or times out is left out and the answer is
 marked degraded, a reranker that fails or times out leaves /search with the fused order
-(degraded) and /rerank with a 503/504.
+(degraded) and /rerank with a 503/504. A stage whose request queue is full sheds the request
+(503 ``overloaded`` with ``Retry-After``), and every request has an overall deadline,
+``timeouts.request_timeout_s`` (504 ``deadline_exceeded``); see :mod:`serve_app.serve.resilience`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from serve_app.pipeline import FunnelRequest, apply_rerank, assemble, fuse_candi
 from serve_app.serve import metrics
 from serve_app.serve.api import ApiError, RequestModels, build_request_models
 from serve_app.serve.config import AppConfig
+from serve_app.serve.resilience import DeadlineExceeded, StageOverloaded, overloaded_headers, run_with_deadline
 from serve_app.types import Document, Hit
 
 logger = logging.getLogger(__name__)
@@ -124,6 +127,8 @@ class SearchService:
         except (asyncio.TimeoutError, TimeoutError):
             metrics.count_degraded(stage, "timeout")
             raise
+        except StageOverloaded:
+            raise  # shed by _bounded (503 overloaded), not degraded
         except Exception:
             metrics.count_degraded(stage, "error")
             raise
@@ -135,6 +140,8 @@ class SearchService:
         except (asyncio.TimeoutError, TimeoutError):
             logger.warning("retriever %s timed out after %.3gs", name, self.cfg.timeouts.retriever_timeout_s)
             return None, _StageResult("timeout", ms=_ms(t0), error=f"no answer within retriever_timeout_s={self.cfg.timeouts.retriever_timeout_s}")
+        except StageOverloaded:
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure of one retriever degrades to the others
             logger.warning("retriever %s failed: %s", name, describe_exception(exc))
             return None, _StageResult("error", ms=_ms(t0), error=describe_exception(exc))
@@ -145,8 +152,21 @@ class SearchService:
 
     # ------------------------------------------------------------------ /search
 
+    async def _bounded(self, coro: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        """Run one request's handler within ``timeouts.request_timeout_s``; shed it when a stage is overloaded."""
+        try:
+            return await run_with_deadline(coro, self.cfg.timeouts.request_timeout_s)
+        except DeadlineExceeded as exc:
+            logger.warning("request deadline exceeded (%s)", exc)
+            raise ApiError("deadline_exceeded", f"the request did not complete within request_timeout_s={exc.timeout_s:g}") from None
+        except StageOverloaded as exc:
+            raise ApiError("overloaded", f"{exc}; retry after {exc.retry_after_header()} s", headers=overloaded_headers(exc)) from None
+
     async def search(self, req: Any) -> dict[str, Any]:
-        """Answer a validated search request (``self.models.search``)."""
+        """Answer a validated search request (``self.models.search``) within the request deadline."""
+        return await self._bounded(self._search(req))
+
+    async def _search(self, req: Any) -> dict[str, Any]:
         t_start = time.perf_counter()
         try:
             funnel = resolve_funnel(
@@ -167,6 +187,8 @@ class SearchService:
                 ranked[name] = hits
         if not ranked:
             detail = "; ".join(f"{n}: {stages[n].error}" for n in funnel.retrievers)
+            if all(stages[n].status == "timeout" for n in funnel.retrievers):
+                raise ApiError("stage_timeout", f"no requested retriever answered in time ({detail})")
             raise ApiError("service_unavailable", f"every requested retriever failed ({detail})")
 
         t0 = time.perf_counter()
@@ -191,7 +213,7 @@ class SearchService:
             except (asyncio.TimeoutError, TimeoutError):
                 scores = []
                 stages["rerank"] = _StageResult("timeout", ms=_ms(t0), error=f"no answer within rerank_timeout_s={self.cfg.timeouts.rerank_timeout_s}")
-            except ApiError:
+            except (ApiError, StageOverloaded):
                 raise
             except Exception as exc:  # noqa: BLE001 - fall back to the fused order
                 scores = []
@@ -232,7 +254,10 @@ class SearchService:
     # ------------------------------------------------------------------ /rerank
 
     async def rerank(self, req: Any) -> dict[str, Any]:
-        """Answer a validated Cohere-style rerank request (``self.models.rerank``)."""
+        """Answer a validated Cohere-style rerank request (``self.models.rerank``) within the request deadline."""
+        return await self._bounded(self._rerank(req))
+
+    async def _rerank(self, req: Any) -> dict[str, Any]:
         texts = req.texts()
         t0 = time.perf_counter()
         timeout = self.cfg.timeouts.rerank_timeout_s
@@ -240,6 +265,8 @@ class SearchService:
             outcome = await self._call("reranker", self.backends.rerank(req.query, texts, req.max_tokens_per_doc), timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise ApiError("stage_timeout", f"the reranker did not answer within rerank_timeout_s={timeout}") from None
+        except StageOverloaded:
+            raise
         except Exception as exc:  # noqa: BLE001
             logger.warning("reranker failed: %s", describe_exception(exc))
             raise ApiError("service_unavailable", f"the reranker failed: {describe_exception(exc)}") from None
