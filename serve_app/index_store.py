@@ -198,17 +198,22 @@ def build_index(
     chunking: ChunkingConfig,
     encoder: Any = None,
     show_progress: bool = True,
+    bm25_retriever: Optional[BM25Retriever] = None,
 ) -> Manifest:
     """Build the configured retrievers over ``corpus`` and (re)place the index at ``out_dir`` atomically.
 
     ``encoder`` (a ``BiEncoder``) is used for the dense side when given, else one is built from
-    ``dense``. Returns the manifest written.
+    ``dense``. ``bm25_retriever``, when given, is saved as the BM25 side instead of building one
+    from ``bm25``: it must index exactly ``corpus`` (used for index shards whose BM25 statistics
+    are those of the whole corpus, :mod:`serve_app.retrieval.sharding`). Returns the manifest written.
     """
-    if bm25 is None and dense is None:
+    if bm25 is None and dense is None and bm25_retriever is None:
         raise ValueError("nothing to build: give a BM25 config, a dense config, or both")
     corpus = corpus if isinstance(corpus, Corpus) else Corpus.from_documents(corpus)
     if len(corpus) == 0:
         raise ValueError("cannot index an empty corpus")
+    if bm25_retriever is not None and bm25_retriever.doc_ids != corpus.ids:
+        raise ValueError("bm25_retriever must index exactly the documents of `corpus`, in order")
     out = Path(out_dir).absolute()
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +222,9 @@ def build_index(
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the index is an ordinary directory
         write_documents_jsonl(corpus, tmp / DOCUMENTS)
         sections: dict[str, Optional[dict[str, Any]]] = {"bm25": None, "dense": None}
-        if bm25 is not None:
+        if bm25_retriever is not None:
+            sections["bm25"] = bm25_retriever.save(tmp / BM25_DIR)
+        elif bm25 is not None:
             sections["bm25"] = BM25Retriever.build(corpus, bm25, chunking, show_progress=show_progress).save(tmp / BM25_DIR)
         if dense is not None:
             from serve_app.retrieval.dense import BiEncoder, DenseRetriever
