@@ -98,6 +98,13 @@ class AuthConfig(_Strict):
     api_key_env: str = Field(ENV_API_KEY, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable of the ingress replicas holding the API key (several: comma-separated, for rotation). Unset or empty: no authentication. Every request but GET /healthz then needs Authorization: Bearer <key>.")
 
 
+class ShardingConfig(_Strict):
+    """Shards per retriever (``serve_app.serve.shards``): 1 serves the whole index from one deployment."""
+
+    bm25: int = Field(1, ge=1, le=64, description="BM25 shards: N > 1 deploys BM25Retriever-shard0..N-1, each holding the postings of 1/N of the documents (whole-corpus statistics, exact merge). Needs bm25.engine bm25s.")
+    dense: int = Field(1, ge=1, le=64, description="Dense shards: N > 1 deploys DenseRetriever-shard0..N-1, each holding the vectors of 1/N of the documents.")
+
+
 class AppConfig(_Strict):
     """Application args: everything the deployments need, validated once when the app is built."""
 
@@ -116,6 +123,7 @@ class AppConfig(_Strict):
     timeouts: StageTimeouts = Field(default_factory=StageTimeouts, description="Per-stage timeouts and the per-request deadline of the ingress.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API key authentication of the HTTP API (the environment variable holding the key).")
     faults: dict[Literal["bm25", "dense", "reranker"], FaultInjection] = Field(default_factory=dict, description="Fault injection per stage at start-up (tests and drills); deployment user_config overrides it.")
+    sharding: ShardingConfig = Field(default_factory=ShardingConfig, description="Shards per retriever ({bm25: N, dense: M}); shard sets are built under index_dir/shards/ and the ingress merges the shards' results exactly.")
 
     @field_validator("index_dir")
     @classmethod
@@ -131,6 +139,11 @@ class AppConfig(_Strict):
     def _unique_retrievers(self) -> "AppConfig":
         if len(set(self.retrievers)) != len(self.retrievers):
             raise ValueError(f"retrievers must not repeat a name: {list(self.retrievers)}")
+        for name in ("bm25", "dense"):
+            if getattr(self.sharding, name) > 1 and name not in self.retrievers:
+                raise ValueError(f"sharding.{name} is {getattr(self.sharding, name)} but {name} is not in retrievers")
+        if self.sharding.bm25 > 1 and self.bm25.engine != "bm25s":
+            raise ValueError("sharding.bm25 > 1 needs bm25.engine: bm25s (rank_bm25 cannot share corpus statistics across shards)")
         return self
 
     def reranker_user_config(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from typing import Any, Optional
@@ -92,9 +93,13 @@ def _replica_id() -> str:
 class BM25Deployment:
     """Top-k BM25 documents for a query."""
 
-    def __init__(self, index_dir: str) -> None:
+    def __init__(self, index_dir: str, shard: Optional[dict[str, int]] = None) -> None:
+        from serve_app.serve.shards import open_shard
         from serve_app.serve.stores import load_bm25
 
+        self.shard = shard  # {"index", "num_shards"}: this deployment serves one shard (serve_app.serve.shards)
+        if shard is not None:
+            index_dir = str(_load("BM25Retriever", open_shard, index_dir, "bm25", shard["index"], shard["num_shards"]))
         self.retriever = _load("BM25Retriever", load_bm25, index_dir)
         self.fault = FaultInjection()
 
@@ -110,7 +115,7 @@ class BM25Deployment:
 
     async def ping(self) -> dict[str, Any]:
         await _apply_fault(self.fault, "bm25")
-        return {"stage": "bm25", "documents": self.retriever.num_documents, "replica": _replica_id()}
+        return {"stage": "bm25", "documents": self.retriever.num_documents, "replica": _replica_id(), "shard": self.shard}
 
     def check_health(self) -> None:
         if self.retriever is None:
@@ -121,10 +126,14 @@ class BM25Deployment:
 class DenseDeployment:
     """Top-k documents by embedding similarity; concurrent queries are encoded together."""
 
-    def __init__(self, index_dir: str, dense: dict[str, Any]) -> None:
+    def __init__(self, index_dir: str, dense: dict[str, Any], shard: Optional[dict[str, int]] = None) -> None:
         from serve_app.config import DenseConfig
+        from serve_app.serve.shards import open_shard
         from serve_app.serve.stores import load_dense
 
+        self.shard = shard  # {"index", "num_shards"}: this deployment serves one shard (serve_app.serve.shards)
+        if shard is not None:
+            index_dir = str(_load("DenseRetriever", open_shard, index_dir, "dense", shard["index"], shard["num_shards"]))
         self.retriever = _load("DenseRetriever", load_dense, index_dir, DenseConfig.model_validate(dense), hint=f"For the Serve app, {ENV_DENSE_MODEL}=/path/to/model also overrides dense.model.")
         self.fault = FaultInjection()
 
@@ -156,7 +165,7 @@ class DenseDeployment:
 
     async def ping(self) -> dict[str, Any]:
         await _apply_fault(self.fault, "dense")
-        return {"stage": "dense", "model": self.retriever.encoder.model_name, "vectors": self.retriever.num_vectors, "replica": _replica_id()}
+        return {"stage": "dense", "model": self.retriever.encoder.model_name, "vectors": self.retriever.num_vectors, "replica": _replica_id(), "shard": self.shard}
 
     def check_health(self) -> None:
         if self.retriever is None or self.retriever.encoder is None:
@@ -226,12 +235,19 @@ class HandleBackends:
     Each call goes through :func:`~serve_app.serve.resilience.call_stage`: a full queue
     (``BackPressureError``) becomes ``StageOverloaded``, a replica that died under the call is
     retried once (all stage calls are idempotent).
+
+    A sharded retriever is a list of handles, one per shard: its calls go to every shard
+    concurrently and the lists are merged (:func:`~serve_app.serve.shards.scatter_gather`);
+    ``shard_deadline_s`` (``ping_deadline_s`` for pings) bounds the wait for the shards so that
+    late ones can be named before the stage's own timeout fires.
     """
 
-    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, handles: dict[str, Any], shard_deadline_s: float = 4.5, ping_deadline_s: float = 1.8) -> None:
         self.handles = handles
+        self.shard_deadline_s = shard_deadline_s
+        self.ping_deadline_s = ping_deadline_s
 
-    def _handle(self, stage: str) -> DeploymentHandle:
+    def _handle(self, stage: str) -> Any:
         h = self.handles.get(stage)
         if h is None:
             raise LookupError(f"stage {stage} is not deployed")
@@ -239,6 +255,11 @@ class HandleBackends:
 
     async def retrieve(self, name: str, query: str, k: int) -> list[Hit]:
         handle = self._handle(name)
+        if isinstance(handle, list):
+            from serve_app.serve.shards import scatter_gather
+
+            calls = [functools.partial(call_stage, f"{name} shard {i}", functools.partial(lambda h: h.search.remote(query, k), h)) for i, h in enumerate(handle)]
+            return await scatter_gather(name, calls, k, self.shard_deadline_s)
         return await call_stage(name, lambda: handle.search.remote(query, k))
 
     async def rerank(self, query: str, documents: list[str], max_tokens_per_doc: Optional[int]) -> RerankOutcome:
@@ -247,6 +268,10 @@ class HandleBackends:
 
     async def ping(self, stage: str) -> dict[str, Any]:
         handle = self._handle(stage)
+        if isinstance(handle, list):
+            from serve_app.serve.shards import ping_all
+
+            return await ping_all(stage, [functools.partial(call_stage, f"{stage} shard {i}", functools.partial(lambda h: h.ping.remote(), h)) for i, h in enumerate(handle)], self.ping_deadline_s)
         return await call_stage(stage, lambda: handle.ping.remote())
 
 
@@ -255,7 +280,9 @@ class HandleBackends:
 class SearchIngress:
     """HTTP ingress: validates requests, fans out to the stages, fuses, reranks, answers."""
 
-    def __init__(self, config: dict[str, Any], bm25: Optional[DeploymentHandle], dense: Optional[DeploymentHandle], reranker: DeploymentHandle) -> None:
+    def __init__(self, config: dict[str, Any], bm25: Optional[DeploymentHandle | list[DeploymentHandle]], dense: Optional[DeploymentHandle | list[DeploymentHandle]], reranker: DeploymentHandle) -> None:
+        """``bm25`` / ``dense``: the retriever's handle, or one handle per shard when sharded."""
+        from serve_app.serve.shards import shard_deadline
         from serve_app.serve.stores import load_documents
 
         cfg = AppConfig.model_validate(config)
@@ -267,7 +294,10 @@ class SearchIngress:
             "dense_model": (manifest.dense or {}).get("model"),
             "bm25_engine": (manifest.bm25 or {}).get("engine"),
         }
-        self.service = SearchService(cfg, HandleBackends(handles), corpus, index_info)
+        if cfg.sharding.bm25 > 1 or cfg.sharding.dense > 1:
+            index_info["shards"] = {r: getattr(cfg.sharding, r) for r in cfg.retrievers}
+        backends = HandleBackends(handles, shard_deadline(cfg.timeouts.retriever_timeout_s), shard_deadline(cfg.timeouts.health_timeout_s))
+        self.service = SearchService(cfg, backends, corpus, index_info)
 
     def __serve_build_asgi_app__(self) -> Any:
         from serve_app.serve.http import create_app
