@@ -4,6 +4,8 @@ Each deployment loads only its share of the index directory (``serve_app.index_s
 the ingress the document store, the BM25 retriever its ``bm25/`` files, the dense retriever its
 ``dense/`` files and the query encoder. Each first checks the manifest's sizes and sha256 of the
 files it reads, so a damaged index fails the deployment at start with ``IndexLoadError``.
+Each load runs through :func:`serve_app.index_consistency.load_consistent`, so a replica that
+starts while the index is being rebuilt in place loads one build, never a mix of two.
 
 :func:`ensure_index` builds a missing index from the configured corpus, under an exclusive file
 lock next to the index directory, so concurrent builders (several app builds, replicas) build
@@ -23,6 +25,7 @@ from typing import Any, Iterator, Sequence
 from serve_app.config import DenseConfig
 from serve_app.corpus import Corpus, load_corpus
 from serve_app.errors import CorpusError, IndexLoadError
+from serve_app.index_consistency import load_consistent
 from serve_app.index_store import BM25_DIR, DENSE_DIR, DOCUMENTS, MANIFEST, Manifest, build_index, read_manifest
 from serve_app.serve.config import BUILTIN_PREFIX, AppConfig, ConfigError
 
@@ -54,6 +57,20 @@ def verify_files(index_dir: str | os.PathLike[str], manifest: Manifest, prefixes
 
 def load_documents(index_dir: str | os.PathLike[str]) -> tuple[Corpus, Manifest]:
     """The document store of an index and its manifest."""
+    return load_consistent(index_dir, _load_documents)
+
+
+def load_bm25(index_dir: str | os.PathLike[str]) -> Any:
+    """The index's BM25 retriever (memory-mapped)."""
+    return load_consistent(index_dir, _load_bm25)
+
+
+def load_dense(index_dir: str | os.PathLike[str], cfg: DenseConfig) -> Any:
+    """The index's dense retriever with a query encoder built from ``cfg`` (checked against the index)."""
+    return load_consistent(index_dir, lambda d: _load_dense(d, cfg))
+
+
+def _load_documents(index_dir: Path) -> tuple[Corpus, Manifest]:
     d = Path(index_dir)
     manifest = read_manifest(d)
     verify_files(d, manifest, [DOCUMENTS])
@@ -66,8 +83,7 @@ def load_documents(index_dir: str | os.PathLike[str]) -> tuple[Corpus, Manifest]
     return corpus, manifest
 
 
-def load_bm25(index_dir: str | os.PathLike[str]) -> Any:
-    """The index's BM25 retriever (memory-mapped)."""
+def _load_bm25(index_dir: Path) -> Any:
     from serve_app.retrieval.bm25 import BM25Retriever
 
     d = Path(index_dir)
@@ -81,8 +97,7 @@ def load_bm25(index_dir: str | os.PathLike[str]) -> Any:
     return retriever
 
 
-def load_dense(index_dir: str | os.PathLike[str], cfg: DenseConfig) -> Any:
-    """The index's dense retriever with a query encoder built from ``cfg`` (checked against the index)."""
+def _load_dense(index_dir: Path, cfg: DenseConfig) -> Any:
     from serve_app.retrieval.dense import BiEncoder, DenseRetriever
 
     d = Path(index_dir)
