@@ -278,7 +278,7 @@ def rel(serve_stack):
 def set_reranker_fault(stack, fault: Optional[dict[str, Any]]) -> None:
     """Reconfigure the ``rel`` rerankers' fault live and wait until a call shows it."""
     stack.deploy(rel_app(stack, fault))
-    delay = (fault or {}).get("delay_s", 0.0)
+    delay = min((fault or {}).get("delay_s", 0.0), REL_TIMEOUTS["request_timeout_s"])  # the deadline cuts longer delays
     url = stack.url("rel") + "/rerank"
 
     def applied() -> bool:
