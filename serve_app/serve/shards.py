@@ -34,7 +34,13 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
 from serve_app.errors import IndexLoadError
-from serve_app.retrieval.sharding import SHARDS_MANIFEST, build_shards, merge_top_k, read_shards_manifest, shard_dir
+from serve_app.retrieval.sharding import (
+    SHARDS_MANIFEST,
+    build_shards,
+    merge_top_k,
+    read_shards_manifest,
+    shard_dir,
+)
 from serve_app.serve.config import AppConfig
 from serve_app.types import Hit
 

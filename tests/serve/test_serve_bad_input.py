@@ -64,7 +64,6 @@ def bad_inputs(path: str) -> Iterator[tuple[str, str, Any, Optional[str], int, s
     ok: dict[str, Any] = {"query": f"{MARK} gene"} if search else {"query": f"{MARK} gene", "documents": [f"{MARK} protein", "ocean"]}
     num = "top_k" if search else "top_n"
     body = _j(ok)
-    q = "query"
 
     def with_(**fields: Any) -> bytes:
         return _j({**ok, **fields})
@@ -222,9 +221,7 @@ FUZZ_EXAMPLES = 150  # per body operation and generation mode: ~900 cases, well 
 @pytest.mark.slow
 def test_schemathesis_fuzz_finds_no_5xx_and_responses_match_the_schema():
     import schemathesis
-    from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
-    from schemathesis.checks import content_type_conformance, negative_data_rejection, not_a_server_error, response_schema_conformance
 
     app, _ = make_app()
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
@@ -233,23 +230,8 @@ def test_schemathesis_fuzz_finds_no_5xx_and_responses_match_the_schema():
     operations = list(schema.get_all_operations())
     for result in operations:
         op = result.ok()
-        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.method.upper() == "POST" else [])
-        for mode in modes:
-            checks = [not_a_server_error, response_schema_conformance, content_type_conformance]
-            if mode.is_negative:
-                checks.append(negative_data_rejection)
-
-            @settings(max_examples=FUZZ_EXAMPLES if op.method.upper() == "POST" else 5, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
-            @given(case=op.as_strategy(generation_mode=mode))
-            def run(case) -> None:
-                response = case.call()
-                statuses[(f"{op.method.upper()} {op.path}", mode.value, response.status_code)] += 1
-                try:
-                    case.validate_response(response, checks=checks)
-                except Exception as exc:  # noqa: BLE001 - collect every failure, report them together
-                    failures.append(f"{op.method.upper()} {op.path} [{mode.value}] -> {response.status_code}: {str(exc)[:300]}")
-
-            run()
+        for mode in [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.method.upper() == "POST" else []):
+            _fuzz_operation(op, mode, statuses, failures)
     total = sum(statuses.values())
     server_errors = sum(n for (_, _, status), n in statuses.items() if status >= 500)
     summary = ", ".join(f"{op} {mode} {status}: {n}" for (op, mode, status), n in sorted(statuses.items()))
@@ -260,3 +242,31 @@ def test_schemathesis_fuzz_finds_no_5xx_and_responses_match_the_schema():
         seen = {status // 100 for (op, _, status) in statuses if op == f"POST {path}"}
         assert {2, 4} <= seen, (path, seen)
     assert total >= 5 * FUZZ_EXAMPLES
+
+
+def _fuzz_operation(op: Any, mode: Any, statuses: collections.Counter, failures: list[str]) -> None:
+    """Run schemathesis cases of one operation and generation mode; count statuses, collect failures."""
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import (
+        content_type_conformance,
+        negative_data_rejection,
+        not_a_server_error,
+        response_schema_conformance,
+    )
+
+    label = f"{op.method.upper()} {op.path}"
+    checks = [not_a_server_error, response_schema_conformance, content_type_conformance]
+    if mode.is_negative:
+        checks.append(negative_data_rejection)
+
+    @settings(max_examples=FUZZ_EXAMPLES if op.method.upper() == "POST" else 5, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(case=op.as_strategy(generation_mode=mode))
+    def run(case: Any) -> None:
+        response = case.call()
+        statuses[(label, mode.value, response.status_code)] += 1
+        try:
+            case.validate_response(response, checks=checks)
+        except Exception as exc:  # noqa: BLE001 - collect every failure, report them together
+            failures.append(f"{label} [{mode.value}] -> {response.status_code}: {str(exc)[:300]}")
+
+    run()

@@ -17,7 +17,14 @@ from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
 from serve_app.errors import IndexLoadError
 from serve_app.index_store import build_index
 from serve_app.retrieval.bm25 import BM25Retriever
-from serve_app.retrieval.sharding import SHARDS_MANIFEST, read_shards_manifest, shard_bounds, shard_dir, split_bm25, split_corpus
+from serve_app.retrieval.sharding import (
+    SHARDS_MANIFEST,
+    read_shards_manifest,
+    shard_bounds,
+    shard_dir,
+    split_bm25,
+    split_corpus,
+)
 from serve_app.serve.config import ConfigError, parse_app_config
 from serve_app.serve.deployments import HandleBackends
 from serve_app.serve.http import create_app
