@@ -2,8 +2,8 @@
 
 Command::
 
-    python -m benchmarks.batching_ablation                       # 3 SciFact queries x BM25 top-100
-    python -m benchmarks.batching_ablation --queries 10 --max-length 512 --repeats 5
+    python -m benchmarks.batching_ablation                       # 2 SciFact queries x BM25 top-100
+    python -m benchmarks.batching_ablation --queries 10 --batch-sizes 8,16,32,64 --repeats 5
 
 The same (query, document) pairs (SciFact test queries with their BM25 top-``--depth``
 documents, so lengths vary naturally) are tokenised once (``truncation="only_second"``, the
@@ -64,10 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--scifact", default=None, help="SciFact BEIR directory")
     p.add_argument("--model", default=None, help="cross-encoder directory (default: the MiniLM-L6 speed model in $BENCH_CACHE/minilm-ce, built if missing)")
-    p.add_argument("--queries", type=int, default=3, help="SciFact test queries")
+    p.add_argument("--queries", type=int, default=2, help="SciFact test queries")
     p.add_argument("--depth", type=int, default=100, help="BM25 documents per query")
     p.add_argument("--max-length", type=int, default=512, help="tokens per pair")
-    p.add_argument("--batch-sizes", default="16,32", help="fixed batch sizes of the naive and sorted strategies")
+    p.add_argument("--batch-sizes", default="32", help="fixed batch sizes of the naive and sorted strategies (32: CrossEncoder.predict's default)")
     p.add_argument("--max-batch-tokens", type=int, default=CrossEncoderConfig().max_batch_tokens, help="token budget of plan_batches")
     p.add_argument("--max-batch-pairs", type=int, default=CrossEncoderConfig().max_batch_pairs, help="pair cap of plan_batches")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

@@ -2,7 +2,8 @@
 
 Command::
 
-    python -m benchmarks.rerank_peers                          # BM25 top-10 per request, N = 1, 4, 16, 64
+    python -m benchmarks.rerank_peers                          # BM25 top-10 per request, N = 1, 4, 16 (~10 min)
+    python -m benchmarks.rerank_peers --concurrency 1,4,16,64 --min-requests 16 --profile   # adds N = 64 (~25 min on 2 cores)
     python -m benchmarks.rerank_peers --docs 100 --concurrency 1,4,16 --min-requests 16   # full-size requests
 
 Same model (a MiniLM-L6 sequence classifier: ``--model``, default the speed model built from
@@ -40,7 +41,7 @@ import numpy as np
 
 from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, md_table, summarize, target_line
 from benchmarks.loadgen import closed_loop, wait_ready
-from benchmarks.serving import free_port, serve_stack
+from benchmarks.serving import find_replica_pid, free_port, proc_stat, serve_stack
 
 SERVED_NAME = "minilm-ce"
 
@@ -93,20 +94,6 @@ class InfinityServer:
 
 
 # --------------------------------------------------------------------------- py-spy
-
-
-def find_replica_pid(deployment: str) -> int | None:
-    """PID of the Ray worker running ``ServeReplica:...:<deployment>`` (this user's processes only)."""
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "ServeReplica:" in cmd and cmd.rstrip().endswith(deployment):
-            return int(d.name)
-    return None
 
 
 def pyspy_record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
@@ -194,10 +181,18 @@ def level_bodies(requests: list[tuple[str, list[str]]], n: int, min_requests: in
     return out
 
 
-def run_level(name: str, url: str, bodies: list[dict[str, Any]], n: int, max_seconds: float) -> dict[str, Any]:
+def run_level(name: str, url: str, bodies: list[dict[str, Any]], n: int, max_seconds: float, server_pid: int | None = None) -> dict[str, Any]:
+    """One closed-loop level; with ``server_pid``, also the CPU cores that process used and its nice value."""
+    before = proc_stat(server_pid) if server_pid else None
+    t0 = time.perf_counter()
     res = closed_loop(url, bodies, n, max_seconds=max_seconds, timeout_s=max_seconds + 600, units=lambda b: len(b["documents"]))
     s = res.summary()
-    print(f"  {name} N={n}: {s['units_per_s']:.1f} pairs/s, p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, {s['ok']}/{s['requests']} ok" + (f" errors {s['error_examples']}" if s["errors"] else ""))
+    if before is not None and server_pid:
+        after = proc_stat(server_pid)
+        s["server_cores_used"] = (after[0] - before[0]) / (time.perf_counter() - t0)
+        s["server_nice"] = after[1]
+    print(f"  {name} N={n}: {s['units_per_s']:.1f} pairs/s, p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, {s['ok']}/{s['requests']} ok"
+          + (f", server used {s['server_cores_used']:.2f} cores (nice {s['server_nice']})" if "server_cores_used" in s else "") + (f" errors {s['error_examples']}" if s["errors"] else ""))
     return s
 
 
@@ -211,8 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scifact", default=None, help="SciFact BEIR directory")
     p.add_argument("--model", default=None, help="cross-encoder directory (default: the MiniLM-L6 speed model, $BENCH_CACHE/minilm-ce)")
     p.add_argument("--docs", type=int, default=10, help="BM25 documents per request (the issue's full size is 100)")
-    p.add_argument("--concurrency", default="1,4,16,64", help="client counts N")
-    p.add_argument("--min-requests", type=int, default=16, help="requests per level at least (a level sends max(N, this))")
+    p.add_argument("--concurrency", default="1,4,16", help="client counts N (the full sweep of the issue: 1,4,16,64)")
+    p.add_argument("--min-requests", type=int, default=8, help="requests per level at least (a level sends max(N, this))")
     p.add_argument("--max-seconds", type=float, default=240, help="a level stops sending new requests after this")
     p.add_argument("--max-length", type=int, default=512, help="tokens per pair, for every system")
     p.add_argument("--ce-batch-size", type=int, default=32, help="CrossEncoder.predict batch_size")
@@ -223,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=16, help="our reranker's @serve.batch max_batch_size (requests per call)")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01, help="our reranker's batch_wait_timeout_s")
     p.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 2), help="num_cpus (and torch threads) of our reranker replica")
+    p.add_argument("--ray-worker-niceness", type=int, default=0, help="nice value of Ray's worker processes (Ray's own default is 15; -1 keeps it)")
     p.add_argument("--profile", action="store_true", help="py-spy the reranker replica at the highest concurrency")
     p.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for a server to start")
     p.set_defaults(repeats=2)
@@ -286,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return contextlib.nullcontext(None)
         ensure_bm25_demo_index(Path(app_args["index_dir"]))
-        return serve_stack(app_args, deployments, num_cpus=max(4.0, args.replica_cpus + 1), timeout_s=args.start_timeout)
+        return serve_stack(app_args, deployments, num_cpus=max(4.0, args.replica_cpus + 1), timeout_s=args.start_timeout, worker_niceness=None if args.ray_worker_niceness < 0 else args.ray_worker_niceness)
 
     try:
         with stack() as base:
@@ -332,16 +328,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         print(f"  serve_app Reranker in process: {len(inproc_pairs) / dt:.1f} pairs/s")
                     elif system == "infinity" and infinity is not None:
                         for n in levels:
-                            series["infinity"][str(n)].append(run_level("infinity", infinity.url + "/rerank", level_bodies(requests, n, args.min_requests, SERVED_NAME), n, args.max_seconds))
+                            series["infinity"][str(n)].append(run_level("infinity", infinity.url + "/rerank", level_bodies(requests, n, args.min_requests, SERVED_NAME), n, args.max_seconds, infinity.proc.pid if infinity.proc else None))
                     elif system == "serve" and serve_url:
                         for n in levels:
                             prof_proc = None
+                            pid = find_replica_pid("CrossEncoderReranker")
                             if args.profile and rep == 0 and n == max(levels):
-                                pid = find_replica_pid("CrossEncoderReranker")
                                 if pid:
                                     prof_path = run.raw / "reranker_replica.pyspy.txt"
                                     prof_proc = pyspy_record(pid, int(min(args.max_seconds, 60)), prof_path)
-                            series["serve"][str(n)].append(run_level("serve_app", serve_url, level_bodies(requests, n, args.min_requests, None), n, args.max_seconds))
+                            series["serve"][str(n)].append(run_level("serve_app", serve_url, level_bodies(requests, n, args.min_requests, None), n, args.max_seconds, pid))
                             if prof_proc is not None:
                                 prof_proc.wait(120)
                                 if prof_path.is_file():
@@ -353,9 +349,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ---------------------------------------------------------------- summary
     def agg(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {"pairs_per_s": summarize(r["units_per_s"] for r in runs), "runs": runs}
-        for key in ("p50_ms", "p99_ms"):
+        for key in ("p50_ms", "p99_ms", "server_cores_used"):
             if runs and key in runs[0]:
                 out[key] = summarize(r[key] for r in runs)
+        if runs and "server_nice" in runs[0]:
+            out["server_nice"] = runs[0]["server_nice"]
         return out
 
     systems = results["systems"]
@@ -388,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append((
                 name, "-" if lvl == "all" else lvl, fmt_spread(r["pairs_per_s"]), f"{r['pairs_per_s']['median'] / ce_rate:.2f}x",
                 fmt_spread(r["p50_ms"], 0) if "p50_ms" in r else "-", fmt_spread(r["p99_ms"], 0) if "p99_ms" in r else "-",
+                f"{r['server_cores_used']['median']:.2f} (nice {r.get('server_nice')})" if "server_cores_used" in r else "-",
             ))
 
     import matplotlib
@@ -404,9 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         med = [by_level[str(n)]["pairs_per_s"]["median"] for n in xs]
         lo = [by_level[str(n)]["pairs_per_s"]["min"] for n in xs]
         hi = [by_level[str(n)]["pairs_per_s"]["max"] for n in xs]
-        ax[0].errorbar(xs, med, yerr=[np.subtract(med, lo), np.subtract(hi, med)], marker="o", capsize=3, label=name)
-        ax[1].plot(xs, [by_level[str(n)]["p50_ms"]["median"] for n in xs], marker="o", label=f"{name} p50")
-        ax[1].plot(xs, [by_level[str(n)]["p99_ms"]["median"] for n in xs], marker="x", ls=":", label=f"{name} p99")
+        color = "tab:orange" if name.startswith("serve_app") else "tab:blue"
+        ax[0].errorbar(xs, med, yerr=[np.subtract(med, lo), np.subtract(hi, med)], marker="o", capsize=3, label=name, color=color)
+        ax[1].plot(xs, [by_level[str(n)]["p50_ms"]["median"] for n in xs], marker="o", label=f"{name} p50", color=color)
+        ax[1].plot(xs, [by_level[str(n)]["p99_ms"]["median"] for n in xs], marker="x", ls=":", label=f"{name} p99", color=color)
     for a in ax:
         a.set_xscale("log", base=2)
         a.set_xlabel("concurrent clients N")
@@ -423,11 +423,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"each with its BM25 top-{args.docs} documents ({len(all_pairs)} pairs); a level with N clients sends max(N, {args.min_requests}) requests; "
         f"the in-process rows score the first {len(inproc)} requests ({len(inproc_pairs)} pairs; ours {args.max_batch_size} requests per rerank_many call). "
         f"serve_app: one CrossEncoderReranker replica (num_cpus {args.replica_cpus}, {threads} torch threads), @serve.batch max_batch_size {args.max_batch_size}, "
-        f"batch_wait_timeout_s {args.batch_wait_timeout_s}. infinity: {results.get('infinity_version') or 'not run'} (infinity-emb, transformers, torch), default batch size"
+        f"batch_wait_timeout_s {args.batch_wait_timeout_s}, Ray worker niceness {args.ray_worker_niceness if args.ray_worker_niceness >= 0 else '15 (Ray default)'}. infinity: {results.get('infinity_version') or 'not run'} (infinity-emb, transformers, torch), default batch size"
         f"{'' if not args.infinity_batch_size else ' ' + str(args.infinity_batch_size)}. "
         f"pairs/s and latencies: median [min-max] over {args.repeats} repeats.\n\n"
     )
-    md += md_table(["system", "N", "pairs/s", "vs CrossEncoder.predict", "p50 ms", "p99 ms"], rows)
+    md += md_table(["system", "N", "pairs/s", "vs CrossEncoder.predict", "p50 ms", "p99 ms", "server process CPU cores used"], rows)
     if agreement:
         md += "\nScore agreement with CrossEncoder.predict (sigmoid scores, first request): " + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()) + "\n"
     if "infinity_error" in results:

@@ -51,8 +51,16 @@ def serve_stack(
     port: Optional[int] = None,
     timeout_s: float = 600,
     env: Optional[Mapping[str, str]] = None,
+    worker_niceness: Optional[int] = 0,
 ) -> Iterator[str]:
-    """Ray + Serve with the application deployed; yields ``http://127.0.0.1:PORT``."""
+    """Ray + Serve with the application deployed; yields ``http://127.0.0.1:PORT``.
+
+    ``worker_niceness``: Ray starts its worker processes (every replica) at ``nice 15`` by
+    default, so on a machine shared with other work they get a small fraction of the CPU that a
+    normal process (nice 0, e.g. an in-process library or another server) gets. Benchmarks
+    compare with such processes, so the default here is 0 (``RAY_worker_niceness``); None keeps
+    Ray's default.
+    """
     from serve_app.serve.runner import deploy_config, load_serve_config, start_ray, wait_for_apps
 
     port = port or free_port()
@@ -61,6 +69,8 @@ def serve_stack(
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    if worker_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(worker_niceness)
     for k, v in (env or {}).items():
         os.environ[k] = v
     config = app_config(app_args, deployments, port)
@@ -82,6 +92,62 @@ def serve_stack(
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def find_replica_pid(deployment: str, app: str = APP) -> int | None:
+    """PID of the Ray worker running ``ServeReplica:<app>:<deployment>`` (first one found)."""
+    from pathlib import Path
+
+    tag = f"ServeReplica:{app}:{deployment}"
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if cmd.endswith(tag):
+            return int(d.name)
+    return None
+
+
+def serve_pids(app: str = APP) -> dict[str, int]:
+    """PIDs of the processes that serve a request: the HTTP proxy and every replica of ``app``."""
+    from pathlib import Path
+
+    out: dict[str, int] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if cmd.startswith("ray::ProxyActor"):
+            out[f"ProxyActor:{d.name}"] = int(d.name)
+        elif cmd.startswith(f"ray::ServeReplica:{app}:"):
+            out[f"{cmd.split(':')[-1]}:{d.name}"] = int(d.name)
+    return out
+
+
+def cpu_seconds(pids: "dict[str, int]") -> float:
+    """Total CPU seconds used so far by ``pids`` (processes that exited count as 0)."""
+    total = 0.0
+    for pid in pids.values():
+        try:
+            total += proc_stat(pid)[0]
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def proc_stat(pid: int) -> tuple[float, int]:
+    """(CPU seconds used so far by all threads of ``pid``, its nice value), from /proc/PID/stat."""
+    from pathlib import Path
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, int(fields[16])
 
 
 def replica_counts(app: str = APP) -> dict[str, int]:

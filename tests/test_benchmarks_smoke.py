@@ -132,7 +132,9 @@ def test_faiss_indexes_tiny(tmp_path):
     assert [e["value"] for e in idx["HNSW32"]["settings"]] == [16, 64]
     assert all(0.0 <= e["recall@10"] <= 1.0 for e in idx["IVF16,PQ8"]["settings"])
     assert (out / "recall_vs_qps.png").is_file()
-    assert len(data["targets"]) == 2
+    assert len(data["targets"]) == 4  # single/batch calls x CPU/wall clock
+    flat = idx["Flat"]["settings"][0]
+    assert flat["single_speedup_vs_flat"] == 1.0 and flat["batch_speedup_vs_flat_cpu"] == 1.0
 
 
 @pytest.mark.slow
