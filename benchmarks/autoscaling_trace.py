@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "build_index_if_missing": False,
         "retrievers": ["bm25", "dense"],
         "reranker": {"model": str(model_dir), "max_length": args.max_length, "device": "cpu"},
-        "timeouts": {"retriever_timeout_s": 60, "rerank_timeout_s": 300},
+        "timeouts": {"retriever_timeout_s": 60, "rerank_timeout_s": 300, "request_timeout_s": 600},
     }
 
     samples: list[dict[str, Any]] = []
@@ -131,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         def sampler() -> None:
             while not stop.is_set():
                 try:
-                    samples.append({"t": time.perf_counter() - t0, **replica_counts()})
+                    starting = replica_counts(states=("STARTING", "UPDATING", "RECOVERING"))
+                    samples.append({"t": time.perf_counter() - t0, **replica_counts(), **{f"{d}:starting": n for d, n in starting.items()}})
                 except Exception as exc:  # noqa: BLE001 - keep sampling through transient status errors
                     samples.append({"t": time.perf_counter() - t0, "error": str(exc)[:200]})
                 stop.wait(args.sample_s)
@@ -167,7 +168,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "replicas_at_end": {d: ss[-1].get(d) for d in DEPLOYMENTS} if ss else {},
         })
     tail = [s for s in samples if s["t"] >= t_end and "error" not in s]
-    results = {"steps": steps, "load_start_s": t_load, "load_end_s": t_end, "phases": phases, "replicas_after_tail": tail[-1] if tail else None, "samples": samples, "requests": len(records)}
+    # Reaction times of the reranker to the high step: first STARTING replica, first extra RUNNING replica.
+    reaction: dict[str, float | None] = {}
+    if len(bounds) >= 2:
+        hi_start = bounds[1][0]
+        after = [s for s in samples if s["t"] >= hi_start and "error" not in s]
+        first_start = next((s["t"] for s in after if s.get("CrossEncoderReranker:starting", 0) > 0 or s.get("CrossEncoderReranker", 0) > 1), None)
+        first_run = next((s["t"] for s in after if s.get("CrossEncoderReranker", 0) > 1), None)
+        reaction = {"decision_s": None if first_start is None else first_start - hi_start, "extra_replica_running_s": None if first_run is None else first_run - hi_start}
+    results = {"steps": steps, "load_start_s": t_load, "load_end_s": t_end, "phases": phases, "reranker_reaction": reaction, "replicas_after_tail": tail[-1] if tail else None, "samples": samples, "requests": len(records)}
     (run.raw / "requests.json").write_text(__import__("json").dumps(records))
 
     import matplotlib
@@ -177,9 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     ts = [s["t"] for s in samples if "error" not in s]
+    colors = dict(zip(DEPLOYMENTS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     for d in DEPLOYMENTS:
-        ax1.step(ts, [s.get(d, 0) for s in samples if "error" not in s], where="post", label=d, lw=2 if d == "CrossEncoderReranker" else 1.2)
-    ax1.set_ylabel("RUNNING replicas")
+        ax1.step(ts, [s.get(d, 0) for s in samples if "error" not in s], where="post", label=f"{d} RUNNING", lw=2 if d == "CrossEncoderReranker" else 1.2, color=colors[d])
+        ax1.step(ts, [s.get(d, 0) + s.get(f"{d}:starting", 0) for s in samples if "error" not in s], where="post", ls="--", lw=1, color=colors[d], label=f"{d} RUNNING + STARTING" if d == "CrossEncoderReranker" else None)
+    ax1.set_ylabel("replicas")
     ax1b = ax1.twinx()
     ax1b.step([a for a, _, _ in bounds] + [bounds[-1][1]], [c for _, _, c in bounds] + [bounds[-1][2]], where="post", color="grey", ls=":", label="clients")
     ax1b.set_ylabel("clients (dotted)")
@@ -216,6 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"upscale_delay_s 3, downscale_delay_s 15), 1 torch thread per replica. Steps (clients:seconds): {args.steps}.\n\n"
     )
     md += md_table(["step", "clients", "time s", "requests ok", "errors", "requests/s", "p50 ms", "p95 ms", "max RUNNING replicas"], rows)
+    if reaction:
+        md += (f"\nReranker reaction to the high step: first new replica STARTING after {reaction['decision_s']:.0f} s, "
+               f"first extra replica RUNNING after {reaction['extra_replica_running_s']:.0f} s (process start, imports and model load on this machine).\n"
+               if reaction.get("decision_s") is not None and reaction.get("extra_replica_running_s") is not None else "\nThe reranker did not scale up during the high step.\n")
     if tail:
         md += f"\nReplicas {args.tail_s:.0f} s after the load ended: " + ", ".join(f"{d} {tail[-1].get(d)}" for d in DEPLOYMENTS) + "\n"
     run.write(results, md)

@@ -10,11 +10,15 @@ documents, so lengths vary naturally) are tokenised once (``truncation="only_sec
 serve_app scorer's rule) and scored with the same model under each batching strategy:
 
 * ``naive-B``: consecutive slices of B pairs in input order, each padded to its longest pair
-  (what ``CrossEncoder.predict(batch_size=B)`` does);
+  (a plain transformers loop);
 * ``sorted-B``: the same fixed size B after sorting by length (isolates the effect of sorting);
 * ``token-budget``: ``serve_app.rerank.batching.plan_batches`` (length-sorted, at most
   ``--max-batch-tokens`` padded tokens and ``--max-batch-pairs`` pairs per batch), the
-  service's strategy.
+  service's strategy;
+* ``CrossEncoder.predict``: sentence-transformers itself (``batch_size`` = the first of
+  ``--batch-sizes``); since sentence-transformers 6 it sorts the pairs of one call by character
+  length, so it is a ``sorted-B`` with tokenisation included. Its padded fraction is computed
+  from our token lengths in its order.
 
 Reported per strategy: pairs/s (median [min-max] of the repeats, forward passes only; the
 strategies are interleaved within each repeat so machine noise hits them alike), the padded
@@ -91,10 +95,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         plans[f"naive-{bs}"] = make_batches("naive", lengths, bs, 0, 0)
         plans[f"sorted-{bs}"] = make_batches("sorted", lengths, bs, 0, 0)
     plans["token-budget"] = make_batches("token-budget", lengths, 0, args.max_batch_tokens, args.max_batch_pairs)
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(str(model_dir), device="cpu", max_length=scorer.max_length)
+    ce_bs = int(args.batch_sizes.split(",")[0])
+    char_len = getattr(ce, "_input_length", lambda pair: sum(len(t) for t in pair))
+    ce_order = [int(i) for i in np.argsort([-char_len(p) for p in pairs], kind="stable")]
+    ce_plan = [ce_order[s : s + ce_bs] for s in range(0, len(ce_order), ce_bs)]
+    identity = __import__("torch").nn.Identity()
 
     ref = run_batches(model, tok, features, plans["naive-" + args.batch_sizes.split(",")[0]][:2])  # warm-up
     times: dict[str, list[float]] = {name: [] for name in plans}
     times["scorer.score"] = []
+    times["CrossEncoder.predict"] = []
     scores: dict[str, np.ndarray] = {}
     for r in range(args.repeats):
         for name, batches in plans.items():
@@ -104,13 +117,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = time.perf_counter()
         scores["scorer.score"] = scorer.score(pairs)
         times["scorer.score"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        scores["CrossEncoder.predict"] = np.asarray(ce.predict(pairs, batch_size=ce_bs, activation_fn=identity, show_progress_bar=False), dtype=np.float32)
+        times["CrossEncoder.predict"].append(time.perf_counter() - t)
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n} {len(pairs) / v[-1]:.1f}" for n, v in times.items()) + " pairs/s")
 
     base = scores["naive-" + args.batch_sizes.split(",")[0]]
     results: dict[str, Any] = {"pairs": len(pairs), "queries": len(cands), "depth": args.depth, "mean_tokens": float(np.mean(lengths)), "max_tokens": int(max(lengths)), "model": str(model_dir), "strategies": {}}
     naive_key = "naive-" + args.batch_sizes.split(",")[-1]
     for name, ts in times.items():
-        batches = plans.get(name, plans["token-budget"])
+        batches = ce_plan if name == "CrossEncoder.predict" else plans.get(name, plans["token-budget"])
         results["strategies"][name] = {
             "pairs_per_s": summarize(len(pairs) / t for t in ts),
             "forward_passes": len(batches),
@@ -150,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Model: MiniLM-L6 sequence classifier ({model_dir}); {len(pairs)} pairs = {len(cands)} SciFact test queries x BM25 top-{args.depth}; "
         f"tokens per pair mean {np.mean(lengths):.0f}, max {max(lengths)} (max_length {args.max_length}). "
         f"token-budget: max_batch_tokens {args.max_batch_tokens}, max_batch_pairs {args.max_batch_pairs}. "
-        f"pairs/s: median [min-max] over {args.repeats} interleaved repeats; forward passes only except `scorer.score` (tokenisation included).\n\n"
+        f"pairs/s: median [min-max] over {args.repeats} interleaved repeats; forward passes only except `scorer.score` and `CrossEncoder.predict` (tokenisation included; "
+        f"sentence-transformers {__import__('sentence_transformers').__version__} sorts each call's pairs by character length).\n\n"
     )
     md += md_table(["strategy", "pairs/s", f"vs {naive_key}", "padded fraction", "forward passes", "padded tokens", "max |score diff|"], rows)
     run.write(results, md)

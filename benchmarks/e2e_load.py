@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "retrievers": ["bm25", "dense"],
         "reranker": {"model": str(model_dir), "max_length": args.max_length, "device": "cpu"},
         "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
-        "timeouts": {"retriever_timeout_s": 60, "rerank_timeout_s": 600},
+        "timeouts": {"retriever_timeout_s": 60, "rerank_timeout_s": 600, "request_timeout_s": 600},
     }
     threads = str(max(1, int(args.replica_cpus)))
     deployments = {

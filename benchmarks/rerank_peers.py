@@ -41,7 +41,7 @@ import numpy as np
 
 from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, md_table, summarize, target_line
 from benchmarks.loadgen import closed_loop, wait_ready
-from benchmarks.serving import find_replica_pid, free_port, proc_stat, serve_stack
+from benchmarks.serving import cpu_seconds, find_replica_pid, free_port, proc_stat, serve_pids, serve_stack
 
 SERVED_NAME = "minilm-ce"
 
@@ -181,9 +181,12 @@ def level_bodies(requests: list[tuple[str, list[str]]], n: int, min_requests: in
     return out
 
 
-def run_level(name: str, url: str, bodies: list[dict[str, Any]], n: int, max_seconds: float, server_pid: int | None = None) -> dict[str, Any]:
-    """One closed-loop level; with ``server_pid``, also the CPU cores that process used and its nice value."""
+def run_level(name: str, url: str, bodies: list[dict[str, Any]], n: int, max_seconds: float, server_pid: int | None = None, all_pids: dict[str, int] | None = None) -> dict[str, Any]:
+    """One closed-loop level; with ``server_pid``, also the CPU cores that process used and its nice
+    value; with ``all_pids`` (every process that serves a request), the pairs scored per CPU-second."""
     before = proc_stat(server_pid) if server_pid else None
+    pids = all_pids or ({"server": server_pid} if server_pid else {})
+    cpu0 = cpu_seconds(pids)
     t0 = time.perf_counter()
     res = closed_loop(url, bodies, n, max_seconds=max_seconds, timeout_s=max_seconds + 600, units=lambda b: len(b["documents"]))
     s = res.summary()
@@ -191,7 +194,9 @@ def run_level(name: str, url: str, bodies: list[dict[str, Any]], n: int, max_sec
         after = proc_stat(server_pid)
         s["server_cores_used"] = (after[0] - before[0]) / (time.perf_counter() - t0)
         s["server_nice"] = after[1]
-    print(f"  {name} N={n}: {s['units_per_s']:.1f} pairs/s, p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, {s['ok']}/{s['requests']} ok"
+    if pids:
+        s["units_per_cpu_s"] = s["units"] / max(cpu_seconds(pids) - cpu0, 1e-9)
+    print(f"  {name} N={n}: {s['units_per_s']:.1f} pairs/s ({s.get('units_per_cpu_s', float('nan')):.2f} per CPU-s), p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, {s['ok']}/{s['requests']} ok"
           + (f", server used {s['server_cores_used']:.2f} cores (nice {s['server_nice']})" if "server_cores_used" in s else "") + (f" errors {s['error_examples']}" if s["errors"] else ""))
     return s
 
@@ -258,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "retrievers": ["bm25"],
         "reranker": {"model": str(model_dir), "max_length": args.max_length, "device": "cpu", "activation": "sigmoid"},
         "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
-        "timeouts": {"rerank_timeout_s": 600},
+        "timeouts": {"rerank_timeout_s": 600, "request_timeout_s": 600},
         "limits": {"max_document_chars": 1_000_000},
     }
     threads = str(max(1, int(args.replica_cpus)))
@@ -314,17 +319,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"repeat {rep + 1}/{args.repeats}: {order}")
                 for system in order:
                     if system == "ce":
+                        c0 = time.process_time()
                         t = time.perf_counter()
                         ce(inproc_pairs)
                         dt = time.perf_counter() - t
-                        series["ce"]["all"].append({"units_per_s": len(inproc_pairs) / dt})
+                        series["ce"]["all"].append({"units_per_s": len(inproc_pairs) / dt, "units_per_cpu_s": len(inproc_pairs) / (time.process_time() - c0)})
                         print(f"  CrossEncoder.predict: {len(inproc_pairs) / dt:.1f} pairs/s")
                     elif system == "local":
+                        c0 = time.process_time()
                         t = time.perf_counter()
                         for s in range(0, len(inproc), args.max_batch_size):
                             ours_local(inproc[s : s + args.max_batch_size])
                         dt = time.perf_counter() - t
-                        series["local"]["all"].append({"units_per_s": len(inproc_pairs) / dt})
+                        series["local"]["all"].append({"units_per_s": len(inproc_pairs) / dt, "units_per_cpu_s": len(inproc_pairs) / (time.process_time() - c0)})
                         print(f"  serve_app Reranker in process: {len(inproc_pairs) / dt:.1f} pairs/s")
                     elif system == "infinity" and infinity is not None:
                         for n in levels:
@@ -337,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 if pid:
                                     prof_path = run.raw / "reranker_replica.pyspy.txt"
                                     prof_proc = pyspy_record(pid, int(min(args.max_seconds, 60)), prof_path)
-                            series["serve"][str(n)].append(run_level("serve_app", serve_url, level_bodies(requests, n, args.min_requests, None), n, args.max_seconds, pid))
+                            series["serve"][str(n)].append(run_level("serve_app", serve_url, level_bodies(requests, n, args.min_requests, None), n, args.max_seconds, pid, serve_pids()))
                             if prof_proc is not None:
                                 prof_proc.wait(120)
                                 if prof_path.is_file():
@@ -349,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ---------------------------------------------------------------- summary
     def agg(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {"pairs_per_s": summarize(r["units_per_s"] for r in runs), "runs": runs}
-        for key in ("p50_ms", "p99_ms", "server_cores_used"):
+        for key in ("p50_ms", "p99_ms", "server_cores_used", "units_per_cpu_s"):
             if runs and key in runs[0]:
                 out[key] = summarize(r[key] for r in runs)
         if runs and "server_nice" in runs[0]:
@@ -379,6 +386,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if n >= 16:
             targets.append(target_line(f"serve_app /rerank vs CrossEncoder.predict pairs/s, N={n}", ours["vs_crossencoder"] if ours else None, 1.0))
             targets.append(target_line(f"serve_app /rerank vs infinity pairs/s, N={n}", ours.get("vs_infinity") if ours else None, 1.2))
+            ce_cpu = systems["CrossEncoder.predict (in process)"]["all"].get("units_per_cpu_s", {}).get("median")
+            if ours and "units_per_cpu_s" in ours and ce_cpu:
+                ours["cpu_efficiency_vs_crossencoder"] = ours["units_per_cpu_s"]["median"] / ce_cpu
+                targets.append(target_line(f"(CPU-time view) serve_app vs CrossEncoder.predict pairs per CPU-second, N={n}", ours["cpu_efficiency_vs_crossencoder"], 1.0))
+                if inf and "units_per_cpu_s" in inf:
+                    ours["cpu_efficiency_vs_infinity"] = ours["units_per_cpu_s"]["median"] / inf["units_per_cpu_s"]["median"]
+                    targets.append(target_line(f"(CPU-time view) serve_app vs infinity pairs per CPU-second, N={n}", ours["cpu_efficiency_vs_infinity"], 1.2))
 
     rows = []
     for name, by_level in systems.items():
@@ -387,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name, "-" if lvl == "all" else lvl, fmt_spread(r["pairs_per_s"]), f"{r['pairs_per_s']['median'] / ce_rate:.2f}x",
                 fmt_spread(r["p50_ms"], 0) if "p50_ms" in r else "-", fmt_spread(r["p99_ms"], 0) if "p99_ms" in r else "-",
                 f"{r['server_cores_used']['median']:.2f} (nice {r.get('server_nice')})" if "server_cores_used" in r else "-",
+                fmt_spread(r["units_per_cpu_s"], 2) if "units_per_cpu_s" in r else "-",
             ))
 
     import matplotlib
@@ -427,7 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{'' if not args.infinity_batch_size else ' ' + str(args.infinity_batch_size)}. "
         f"pairs/s and latencies: median [min-max] over {args.repeats} repeats.\n\n"
     )
-    md += md_table(["system", "N", "pairs/s", "vs CrossEncoder.predict", "p50 ms", "p99 ms", "server process CPU cores used"], rows)
+    md += md_table(["system", "N", "pairs/s", "vs CrossEncoder.predict", "p50 ms", "p99 ms", "server process CPU cores used", "pairs per CPU-second"], rows)
+    md += (
+        "\npairs per CPU-second: pairs scored divided by the CPU time of every process doing the work (this process for the in-process rows; "
+        "the infinity process; for serve_app the HTTP proxy and every replica of the application), a figure that does not depend on how much of "
+        "the machine other processes took during the run.\n"
+    )
     if agreement:
         md += "\nScore agreement with CrossEncoder.predict (sigmoid scores, first request): " + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()) + "\n"
     if "infinity_error" in results:

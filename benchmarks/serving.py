@@ -95,7 +95,10 @@ def serve_stack(
 
 
 def find_replica_pid(deployment: str, app: str = APP) -> int | None:
-    """PID of the Ray worker running ``ServeReplica:<app>:<deployment>`` (first one found)."""
+    """PID of the Ray worker running ``ServeReplica:<app>:<deployment>`` (first one found).
+
+    Ray sets the process title to ``ray::ServeReplica:<app>:<deployment>``, with the running
+    method appended (``.handle_request...``) while the replica is busy."""
     from pathlib import Path
 
     tag = f"ServeReplica:{app}:{deployment}"
@@ -106,7 +109,7 @@ def find_replica_pid(deployment: str, app: str = APP) -> int | None:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        if cmd.endswith(tag):
+        if cmd == f"ray::{tag}" or cmd.startswith(f"ray::{tag}."):
             return int(d.name)
     return None
 
@@ -126,7 +129,7 @@ def serve_pids(app: str = APP) -> dict[str, int]:
         if cmd.startswith("ray::ProxyActor"):
             out[f"ProxyActor:{d.name}"] = int(d.name)
         elif cmd.startswith(f"ray::ServeReplica:{app}:"):
-            out[f"{cmd.split(':')[-1]}:{d.name}"] = int(d.name)
+            out[f"{cmd.split(':')[2].split('.')[0]}:{d.name}"] = int(d.name)
     return out
 
 
@@ -150,9 +153,9 @@ def proc_stat(pid: int) -> tuple[float, int]:
     return (int(fields[11]) + int(fields[12])) / tick, int(fields[16])
 
 
-def replica_counts(app: str = APP) -> dict[str, int]:
-    """RUNNING replicas of each deployment of ``app`` (from ``serve.status()``)."""
+def replica_counts(app: str = APP, states: tuple[str, ...] = ("RUNNING",)) -> dict[str, int]:
+    """Replicas of each deployment of ``app`` in one of ``states`` (from ``serve.status()``)."""
     from ray import serve
 
     deps = serve.status().applications[app].deployments
-    return {name: sum(n for state, n in d.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING") for name, d in deps.items()}
+    return {name: sum(n for state, n in d.replica_states.items() if str(getattr(state, "value", state)) in states) for name, d in deps.items()}

@@ -164,7 +164,7 @@ def test_batching_ablation_tiny(tmp_path, scifact_dir, tiny_cross_encoder_dir):
                             "--max-length", "64", "--batch-sizes", "4", "--max-batch-tokens", "256", "--repeats", "1", "--out", str(out)])
     data = _load(out, "batching_ablation")
     st = data["results"]["strategies"]
-    assert set(st) == {"naive-4", "sorted-4", "token-budget", "scorer.score"}
+    assert set(st) == {"naive-4", "sorted-4", "token-budget", "scorer.score", "CrossEncoder.predict"}
     # Sorting never pads more than input order at the same batch size, and scores do not depend on batching.
     assert st["sorted-4"]["padded_token_fraction"] <= st["naive-4"]["padded_token_fraction"]
     assert all(s["max_abs_score_diff_vs_naive"] < 1e-4 for s in st.values())
