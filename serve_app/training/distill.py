@@ -218,13 +218,14 @@ class DistillTask:
         if not dev:
             return None
         length = self.settings.loop.max_length
-        doc_ids = sorted({d for r in dev for d in dev_candidates(r)})
+        limit = self.settings.mining.dev_candidates
+        doc_ids = sorted({d for r in dev for d in dev_candidates(r, limit)})
         docs = encode_texts(model, self.tokenizer, [self.data.docs[d] for d in doc_ids], length)
         queries = encode_texts(model, self.tokenizer, [r.text for r in dev], length)
         row = {d: i for i, d in enumerate(doc_ids)}
         run = {}
         for qi, r in enumerate(dev):
-            cands = dev_candidates(r)
+            cands = dev_candidates(r, limit)
             sims = docs[[row[d] for d in cands]] @ queries[qi]
             run[r.qid] = {d: float(s) for d, s in zip(cands, sims)}
         return evaluate(run, {r.qid: r.judged for r in dev}, ["nDCG@10", "RR@10"])

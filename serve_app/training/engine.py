@@ -70,6 +70,8 @@ class Task(Protocol):
     def evaluate(self, model: Any) -> Optional[dict[str, float]]:
         """Dev metrics of the (unwrapped) model, or None without a dev set."""
 
+    # Optional: ``lr_scale(parameter_name) -> float``, a learning-rate multiplier per parameter.
+
     def export(self, model: Any, directory: Path) -> None:
         """Write the finished model into the empty ``directory``."""
 
@@ -235,13 +237,18 @@ def unwrap(model: Any) -> Any:
     return getattr(model, "module", model)
 
 
-def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+def _param_groups(model: Any, lr: float, weight_decay: float, lr_scale: Callable[[str], float]) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and norms; per-parameter learning-rate multipliers."""
+    groups: dict[tuple[bool, float], list[Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name)
+        groups.setdefault((decay, float(lr_scale(name))), []).append(p)
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
+        for (decay, scale), params in sorted(groups.items(), key=lambda kv: kv[0])
+    ]
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, world_size: int) -> int:
@@ -321,7 +328,8 @@ def fit(task: Task, cfg: LoopConfig, session: Session) -> FitResult:
         if resume is not None:
             model.load_state_dict(_load_weights(resume / "model.safetensors"))
         model = session.prepare_model(model)
-        optimizer = torch.optim.AdamW(_param_groups(unwrap(model), cfg.weight_decay), lr=cfg.lr)
+        lr_scale = getattr(task, "lr_scale", None) or (lambda name: 1.0)
+        optimizer = torch.optim.AdamW(_param_groups(unwrap(model), cfg.lr, cfg.weight_decay, lr_scale), lr=cfg.lr)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(round(cfg.warmup * total_steps)), total_steps)
         autocast_dtype = resolve_precision(cfg.precision, session.device)
         device_type = getattr(session.device, "type", str(session.device)).split(":")[0]
@@ -389,6 +397,8 @@ def fit(task: Task, cfg: LoopConfig, session: Session) -> FitResult:
         state.history.append(record)
         return record
 
+    if cfg.eval_at_start and resume is None:
+        evaluate()
     status = "completed"
     recent: list[float] = []
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not cfg.show_progress or rank != 0)

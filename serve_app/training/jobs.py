@@ -169,6 +169,7 @@ def train_reranker(settings: RerankerTrainingConfig, options: RunOptions = RunOp
             random_pool_size=max(8, 4 * settings.negatives_per_query),
             dense_model=m.dense_model,
             dense_max_length=m.dense_max_length,
+            index=m.index,
             show_progress=settings.loop.show_progress,
         )
         logger.info("%d training queries, %d dev queries, %d documents", len(data.train), len(data.dev), len(data.docs))
@@ -199,6 +200,7 @@ def distill(settings: DistillConfig, options: RunOptions = RunOptions()) -> JobO
             random_pool_size=max(8, 4 * settings.triples_per_positive),
             dense_model=m.dense_model,
             dense_max_length=m.dense_max_length,
+            index=m.index,
             show_progress=loop.show_progress,
         )
         triples = build_triples(data, settings.triples_per_positive, m.random_negatives, loop.seed)

@@ -31,22 +31,28 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "training_config.json"
 
 
-def dev_candidates(record: QueryRecord) -> list[str]:
-    """Documents a dev query's model ranks: its positives and its hard negatives (random ones without hard)."""
+def dev_candidates(record: QueryRecord, limit: int) -> list[str]:
+    """Documents ranked for a dev query: its positives and its first ``limit`` hard negatives (random ones without hard)."""
     negatives = record.hard or record.random
     seen = set(record.positives)
-    return list(record.positives) + [d for d in negatives if d not in seen]
+    return list(record.positives) + [d for d in negatives if d not in seen][:limit]
 
 
-def load_sequence_classifier(path: str) -> Any:
-    """A 1-logit ``AutoModelForSequenceClassification`` from ``path``, with a new head when needed."""
+def load_sequence_classifier(path: str) -> tuple[Any, set[str]]:
+    """A 1-logit ``AutoModelForSequenceClassification`` from ``path`` and the names of its new parameters.
+
+    New parameters are those the checkpoint lacks or holds with another shape: the head of a
+    plain encoder, or of a classifier with another number of labels.
+    """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(path)
-    if int(getattr(config, "num_labels", 2)) != 1 and any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+    mismatched_head = int(getattr(config, "num_labels", 2)) != 1 and any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if mismatched_head:
         logger.warning("%s is a %d-label classifier; its head is replaced by a new 1-logit head", path, config.num_labels)
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, ignore_mismatched_sizes=True)
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, ignore_mismatched_sizes=mismatched_head, output_loading_info=True)
+    new = set(info.get("missing_keys", ())) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}
+    return model, new
 
 
 def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int, batch_size: int = 64) -> list[float]:
@@ -80,9 +86,17 @@ class RerankerTask:
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         self.keys = example_keys(data.train)
         self.group_size = 1 + settings.negatives_per_query
+        self.new_parameters: set[str] = set()
 
     def build_model(self) -> Any:
-        return load_sequence_classifier(self.base_path)
+        model, self.new_parameters = load_sequence_classifier(self.base_path)
+        if self.new_parameters:
+            logger.info("new parameters (learning rate x%g): %s", self.settings.head_lr_scale, ", ".join(sorted(self.new_parameters)))
+        return model
+
+    def lr_scale(self, name: str) -> float:
+        """``head_lr_scale`` for the parameters the base checkpoint did not have, else 1."""
+        return self.settings.head_lr_scale if name in self.new_parameters else 1.0
 
     def num_examples(self) -> int:
         return len(self.keys)
@@ -123,7 +137,7 @@ class RerankerTask:
             return None
         pairs, owners = [], []
         for record in dev:
-            for d in dev_candidates(record):
+            for d in dev_candidates(record, self.settings.mining.dev_candidates):
                 pairs.append((record.text, self.data.docs[d]))
                 owners.append((record.qid, d))
         scores = score_pairs(model, self.tokenizer, pairs, self.settings.loop.max_length)
