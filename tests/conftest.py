@@ -66,3 +66,28 @@ def scifact_dir() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+# --- process exit ----------------------------------------------------------------------------
+# Native libraries loaded by the suite (Ray's core worker, torch, FAISS) can crash in their own
+# destructors while the interpreter tears down, after every test has already reported: one CI
+# run printed "741 passed" and then died with SIGSEGV (exit 139). The verdict is pytest's, so
+# once everything (the terminal summary included) is written, leave with pytest's own exit
+# status and skip the interpreter teardown. SERVE_APP_TEST_NO_FAST_EXIT=1 turns this off, to
+# debug that teardown.
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if not _EXIT_STATUS or os.environ.get("SERVE_APP_TEST_NO_FAST_EXIT") == "1":
+        return
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT_STATUS[-1])
