@@ -167,7 +167,12 @@ def test_batching_ablation_tiny(tmp_path, scifact_dir, tiny_cross_encoder_dir):
     assert set(st) == {"naive-4", "sorted-4", "token-budget", "scorer.score", "CrossEncoder.predict"}
     # Sorting never pads more than input order at the same batch size, and scores do not depend on batching.
     assert st["sorted-4"]["padded_token_fraction"] <= st["naive-4"]["padded_token_fraction"]
-    assert all(s["max_abs_score_diff_vs_naive"] < 1e-4 for s in st.values())
+    ours = {k: v for k, v in st.items() if k != "CrossEncoder.predict"}
+    assert all(s["max_abs_score_diff_vs_naive"] < 1e-4 for s in ours.values())
+    # CrossEncoder.predict truncates with longest_first (the query too), ours only the document:
+    # with the tiny model's character-level vocabulary at 64 tokens the queries themselves get cut,
+    # so its scores are only required to exist here (parity without that: test_cross_encoder.py).
+    assert np.isfinite(st["CrossEncoder.predict"]["max_abs_score_diff_vs_naive"])
 
 
 @pytest.mark.slow
