@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
 
     samples: list[dict[str, Any]] = []
-    with serve_stack(app_args, deployments, num_cpus=8, timeout_s=900) as base:
+    with serve_stack(app_args, deployments, num_cpus=8, timeout_s=900, fast_autoscaling_metrics=True) as base:
         stop = threading.Event()
         t0 = time.perf_counter()
 

@@ -45,9 +45,12 @@ import numpy as np
 
 from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, fmt_spread, load_scifact, md_table, speed_model_dir, summarize, target_line
 from benchmarks.loadgen import closed_loop
+from benchmarks.rerank_peers import pyspy_record, summarize_profile
 from benchmarks.serving import cpu_seconds, serve_pids, serve_stack
 
 STAGES = ("bm25", "dense", "fusion", "rerank")
+#: Where the HTTP proxy and the ingress may spend their time (substrings of py-spy frames).
+FRONT_FRAMES = ("uvicorn", "h11", "httptools", "starlette", "fastapi", "pydantic", "json", "serve_app/serve", "serve_app/pipeline", "ray/serve/_private/proxy", "ray/serve/_private/router", "ray/serve/_private/replica", "ray/serve/handle", "asyncio", "_raylet", "grpc", "Worker.main_loop")
 
 
 def ensure_scifact_index(path: Path, scifact: str | None) -> Path:
@@ -98,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--replica-cpus", type=float, default=2.0, help="num_cpus (and torch threads) of the reranker replica")
     p.add_argument("--max-batch-size", type=int, default=16, help="reranker @serve.batch max_batch_size")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01, help="reranker batch_wait_timeout_s")
+    p.add_argument("--profile", action="store_true", help="py-spy the HTTP proxy and the ingress during the retrieval-only requests of the first repeat")
     p.add_argument("--ray-worker-niceness", type=int, default=0, help="nice value of Ray's worker processes (Ray's own default is 15; -1 keeps it)")
     p.set_defaults(repeats=2)
     args = p.parse_args(argv)
@@ -137,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handle_rtt: list[float] = []
     cpu_ms: dict[str, list[float]] = {"served_per_request": [], "in_process_per_query": [], "idle_serving_cores": []}
-    light: dict[str, list[float]] = {"client_ms": [], "in_process_ms": [], "overhead_ms": []}
+    light: dict[str, list[float]] = {"client_ms": [], "in_process_ms": [], "overhead_ms": [], "served_cpu_ms": [], "in_process_cpu_ms": [], "front_cpu_ms": [], "vs_response_stages_ms": []}
+    profiles: dict[str, Any] = {}
     overhead: dict[str, list[float]] = {"vs_in_process_compute": [], "vs_response_stages": [], "vs_response_total": [], "vs_response_stage_sum": [], "client_ms": [], "in_process_ms": []}
     sweep: dict[str, list[dict[str, Any]]] = {str(n): [] for n in levels}
     inproc: dict[str, list[float]] = {"search_qps": [], "search_batch_qps": []}
@@ -159,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bm25_handle.ping.remote().result()
                 handle_rtt.append((time.perf_counter() - t0) * 1000)
             pids = serve_pids()
+            front = {k: v for k, v in pids.items() if k.split(":")[0] in ("ProxyActor", "SearchIngress")}
             print(f"serving processes: {sorted(k.split(':')[0] for k in pids)}")
             for rep in range(args.repeats):
                 print(f"repeat {rep + 1}/{args.repeats}")
@@ -195,21 +201,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  overhead p50: {np.median(overhead['vs_in_process_compute']):.1f} ms vs in-process compute, {np.median(overhead['vs_response_stages']):.1f} ms vs response stages")
                 # Phase 1b: light requests (retrieval only, top-10): compute is small, so the wall-clock
                 # difference to the in-process pipeline is the serving overhead with little noise.
-                for i, q in enumerate(queries[100 : 100 + args.light_queries]):
+                spies = {}
+                if args.profile and rep == 0:
+                    for k, pid in front.items():
+                        spies[k.split(":")[0]] = (pyspy_record(pid, 30, run.raw / f"{k.split(':')[0]}.pyspy.txt"), run.raw / f"{k.split(':')[0]}.pyspy.txt")
+                    time.sleep(1)
+                t_light = time.perf_counter()
+                for i, q in enumerate(queries[100 : 100 + args.light_queries] * (4 if spies else 1)):
+                    if spies and time.perf_counter() - t_light > 28:
+                        break
                     order = ("local", "served") if (i + rep) % 2 == 0 else ("served", "local")
                     for which in order:
                         if which == "local":
+                            c0 = time.process_time()
                             res = pipe.search(q, top_k=10, rerank_top_m=0, top_n=10)
+                            light["in_process_cpu_ms"].append((time.process_time() - c0) * 1000)
                             lcp = critical_path(res.timings_ms)
                             light["in_process_ms"].append(res.timings_ms["total"])
                         else:
+                            c0, f0 = cpu_seconds(pids), cpu_seconds(front)
                             t0 = time.perf_counter()
                             r = client.post(url, json={"query": q, "top_k": 10, "rerank_top_m": 0, "top_n": 10})
                             lms = (time.perf_counter() - t0) * 1000
+                            light["served_cpu_ms"].append((cpu_seconds(pids) - c0) * 1000 - idle_cores * lms)
+                            light["front_cpu_ms"].append((cpu_seconds(front) - f0) * 1000)
                             r.raise_for_status()
+                            light["vs_response_stages_ms"].append(lms - critical_path(r.json()["timings_ms"]))
                     light["client_ms"].append(lms)
                     light["overhead_ms"].append(lms - lcp)
-                print(f"  light requests: overhead p50 {np.median(light['overhead_ms']):.1f} ms (client {np.median(light['client_ms']):.1f} ms)")
+                print(f"  light requests: overhead p50 {np.median(light['overhead_ms']):.1f} ms (client {np.median(light['client_ms']):.1f} ms), "
+                      f"{np.median(light['vs_response_stages_ms']):.1f} ms outside the stages, proxy+ingress CPU {np.median(light['front_cpu_ms']):.1f} ms")
+                for name, (proc, path) in spies.items():
+                    proc.wait(120)
+                    if path.is_file():
+                        profiles[name] = summarize_profile(path, top=15, inclusive=FRONT_FRAMES)
 
                 # Phase 2: concurrency sweep.
                 for n in levels:
@@ -248,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "handle_round_trip_ms": summarize(handle_rtt[5:]),
         "light_requests_1_client_ms": {k: summarize(v) for k, v in light.items()},
         "cpu_ms": {k: summarize(v) for k, v in cpu_ms.items()},
+        "profiles_front": profiles,
         "sweep": {},
         "in_process": {k: summarize(v) for k, v in inproc.items()},
     }
@@ -348,6 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("retrieval-only requests (top-10, no rerank): client latency", fmt_spread(results["light_requests_1_client_ms"]["client_ms"])),
         ("retrieval-only requests: in-process pipeline total", fmt_spread(results["light_requests_1_client_ms"]["in_process_ms"])),
         ("retrieval-only requests: client - in-process compute critical path", fmt_spread(results["light_requests_1_client_ms"]["overhead_ms"])),
+        ("retrieval-only requests: CPU time of the serving processes (minus idle background)", fmt_spread(results["light_requests_1_client_ms"]["served_cpu_ms"])),
+        ("retrieval-only requests: CPU time in process", fmt_spread(results["light_requests_1_client_ms"]["in_process_cpu_ms"])),
+        ("retrieval-only requests: client - response stage times (critical path)", fmt_spread(results["light_requests_1_client_ms"]["vs_response_stages_ms"])),
+        ("retrieval-only requests: CPU time of the HTTP proxy + ingress", fmt_spread(results["light_requests_1_client_ms"]["front_cpu_ms"])),
     ])
     md += (
         f"\nCPU time per full request (immune to waiting for a core): served {results['cpu_ms']['served_per_request']['median']:.0f} ms "
@@ -359,6 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the estimate adds two of them back (the retrievers run concurrently, then the reranker). The in-process comparison counts "
         "everything but is as noisy as the compute itself on a shared machine.\n"
     )
+    for name, prof in profiles.items():
+        md += f"\n### py-spy of {name} during retrieval-only requests ({prof['samples']} samples)\n\n"
+        md += md_table(["stacks containing", "share of samples"], [(f"`{k}`", f"{v:.1%}") for k, v in prof["inclusive"].items() if v > 0])
+        md += "\n" + md_table(["top leaf frame", "share"], [(f"`{k[:120]}`", f"{v:.1%}") for k, v in prof["top_leaves"]])
     md += "\n## Saturation\n\n"
     md += md_table(["", "queries/s"], [
         (f"served /search (best over the sweep, N={best_n})", f"{sat:.2f}"),

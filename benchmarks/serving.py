@@ -52,6 +52,7 @@ def serve_stack(
     timeout_s: float = 600,
     env: Optional[Mapping[str, str]] = None,
     worker_niceness: Optional[int] = 0,
+    fast_autoscaling_metrics: bool = False,
 ) -> Iterator[str]:
     """Ray + Serve with the application deployed; yields ``http://127.0.0.1:PORT``.
 
@@ -60,6 +61,9 @@ def serve_stack(
     normal process (nice 0, e.g. an in-process library or another server) gets. Benchmarks
     compare with such processes, so the default here is 0 (``RAY_worker_niceness``); None keeps
     Ray's default.
+
+    ``fast_autoscaling_metrics``: replicas and handles push autoscaling metrics every second
+    instead of Serve's default 10 s (for autoscaling traces; it costs background CPU).
     """
     from serve_app.serve.runner import deploy_config, load_serve_config, start_ray, wait_for_apps
 
@@ -67,8 +71,9 @@ def serve_stack(
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
-    os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    if fast_autoscaling_metrics:
+        os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+        os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     if worker_niceness is not None:
         os.environ["RAY_worker_niceness"] = str(worker_niceness)
     for k, v in (env or {}).items():
