@@ -346,7 +346,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 if pid:
                                     prof_path = run.raw / "reranker_replica.pyspy.txt"
                                     prof_proc = pyspy_record(pid, int(min(args.max_seconds, 60)), prof_path)
-                            series["serve"][str(n)].append(run_level("serve_app", serve_url, level_bodies(requests, n, args.min_requests, None), n, args.max_seconds, pid, serve_pids()))
+                            from ray import serve as _serve
+
+                            rr = _serve.get_deployment_handle("CrossEncoderReranker", app_name="bench")
+                            seen = len(rr.stats.remote().result()["batch_sizes"])
+                            lvl = run_level("serve_app", serve_url, level_bodies(requests, n, args.min_requests, None), n, args.max_seconds, pid, serve_pids())
+                            sizes = rr.stats.remote().result()["batch_sizes"][seen:]
+                            lvl["rerank_calls"] = len(sizes)
+                            lvl["requests_per_rerank_call"] = float(np.mean(sizes)) if sizes else float("nan")
+                            print(f"    reranker calls: {len(sizes)}, requests per call {sizes}")
+                            series["serve"][str(n)].append(lvl)
                             if prof_proc is not None:
                                 prof_proc.wait(120)
                                 if prof_path.is_file():
@@ -358,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ---------------------------------------------------------------- summary
     def agg(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {"pairs_per_s": summarize(r["units_per_s"] for r in runs), "runs": runs}
-        for key in ("p50_ms", "p99_ms", "server_cores_used", "units_per_cpu_s"):
+        for key in ("p50_ms", "p99_ms", "server_cores_used", "units_per_cpu_s", "requests_per_rerank_call"):
             if runs and key in runs[0]:
                 out[key] = summarize(r[key] for r in runs)
         if runs and "server_nice" in runs[0]:
@@ -402,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fmt_spread(r["p50_ms"], 0) if "p50_ms" in r else "-", fmt_spread(r["p99_ms"], 0) if "p99_ms" in r else "-",
                 f"{r['server_cores_used']['median']:.2f} (nice {r.get('server_nice')})" if "server_cores_used" in r else "-",
                 fmt_spread(r["units_per_cpu_s"], 2) if "units_per_cpu_s" in r else "-",
+                fmt_spread(r["requests_per_rerank_call"], 1) if "requests_per_rerank_call" in r else "-",
             ))
 
     import matplotlib
@@ -442,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{'' if not args.infinity_batch_size else ' ' + str(args.infinity_batch_size)}. "
         f"pairs/s and latencies: median [min-max] over {args.repeats} repeats.\n\n"
     )
-    md += md_table(["system", "N", "pairs/s", "vs CrossEncoder.predict", "p50 ms", "p99 ms", "server process CPU cores used", "pairs per CPU-second"], rows)
+    md += md_table(["system", "N", "pairs/s", "vs CrossEncoder.predict", "p50 ms", "p99 ms", "server process CPU cores used", "pairs per CPU-second", "requests per reranker call"], rows)
     md += (
         "\npairs per CPU-second: pairs scored divided by the CPU time of every process doing the work (this process for the in-process rows; "
         "the infinity process; for serve_app the HTTP proxy and every replica of the application), a figure that does not depend on how much of "

@@ -134,7 +134,7 @@ def serve_pids(app: str = APP) -> dict[str, int]:
         if cmd.startswith("ray::ProxyActor"):
             out[f"ProxyActor:{d.name}"] = int(d.name)
         elif cmd.startswith(f"ray::ServeReplica:{app}:"):
-            out[f"{cmd.split(':')[2].split('.')[0]}:{d.name}"] = int(d.name)
+            out[f"{cmd.split(':')[-1].split('.')[0]}:{d.name}"] = int(d.name)
     return out
 
 

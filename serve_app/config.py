@@ -87,6 +87,11 @@ class FusionConfig(_Strict):
     rrf_k: int = Field(60, ge=1, le=10000, description="RRF constant: score = sum over retrievers of 1 / (rrf_k + rank).")
     weights: dict[str, float] = Field(default_factory=lambda: {"bm25": 0.5, "dense": 0.5}, description="weighted: weight of each retriever by name.")
     normalization: Literal["minmax", "zscore"] = Field("minmax", description="weighted: per-list score normalisation before weighting.")
+    rerank_blend: Literal["none", "rrf"] = Field(
+        "none",
+        description="Order of the reranked candidates. none: by cross-encoder score alone. rrf: by rerank_weight / (rrf_k + cross-encoder rank) + 1 / (rrf_k + fused rank), so the first stage keeps a say (useful with a small or out-of-domain reranker); the result's score is then that sum.",
+    )
+    rerank_weight: float = Field(1.0, gt=0, le=100, description="rrf blend: weight of the cross-encoder's rank against the fused rank (weight 1).")
 
 
 class FunnelLimits(_Strict):

@@ -75,6 +75,23 @@ def run_from_results(results: Mapping[str, Any]) -> Run:
     return run
 
 
+def write_trec_run(run: Run, path: str | Path, tag: str) -> Path:
+    """Write ``run`` as a TREC run file (``qid Q0 doc rank score tag``, best first per query).
+
+    The file is what ``trec_eval``, ``ir_measures`` and ``ranx`` read, for significance tests
+    or for comparing runs later without running the pipeline again.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = "_".join(tag.split()) or "run"
+    lines = []
+    for qid, docs in run.items():
+        for rank, (doc, score) in enumerate(sorted(docs.items(), key=lambda kv: -kv[1]), start=1):
+            lines.append(f"{qid} Q0 {doc} {rank} {score:g} {tag}\n")
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
 def markdown_table(results: Mapping[str, Mapping[str, float]], digits: int = 4) -> str:
     """A markdown table: one row per system (e.g. pipeline), one column per measure."""
     columns: list[str] = []

@@ -7,7 +7,7 @@ Ray Serve ingress (which runs retrieval and reranking through deployment handles
 2. each retriever returns its top ``top_k`` documents;
 3. :func:`fuse_candidates` merges them (RRF or weighted fusion, ``FusionConfig``);
 4. :func:`select_for_rerank` takes the first ``rerank_top_m`` fused candidates;
-5. :func:`apply_rerank` orders those by cross-encoder score;
+5. :func:`apply_rerank` orders those by cross-encoder score (or blends it with the fused rank);
 6. :func:`assemble` keeps ``top_n`` results, attaches documents and timings.
 
 Sizes. ``top_k`` is per retriever, so the fused pool has at most ``top_k * len(retrievers)``
@@ -16,8 +16,8 @@ documents. An explicit ``rerank_top_m`` or ``top_n`` larger than that pool is an
 reranking (as does a pipeline without a reranker, where an explicit ``rerank_top_m > 0`` is an
 error). When ``top_n > rerank_top_m > 0`` the results are the reranked ``rerank_top_m``
 candidates in rerank order, followed by the remaining fused candidates in fused order (their
-``rerank_score`` is None); a result's ``score`` is its rerank score when it was reranked, its
-fused score otherwise.
+``rerank_score`` is None); a result's ``score`` is its rerank score when it was reranked (its
+blended score under ``FusionConfig.rerank_blend = "rrf"``), its fused score otherwise.
 """
 
 from __future__ import annotations
@@ -154,6 +154,7 @@ class RankedCandidate:
 
     hit: FusedHit
     rerank_score: float | None = None
+    blended_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -192,17 +193,27 @@ def select_for_rerank(fused: Sequence[FusedHit], funnel: ResolvedFunnel) -> list
     return list(fused[: funnel.rerank_top_m])
 
 
-def apply_rerank(fused: Sequence[FusedHit], scores: Sequence[float] | np.ndarray) -> list[RankedCandidate]:
+def apply_rerank(fused: Sequence[FusedHit], scores: Sequence[float] | np.ndarray, cfg: FusionConfig | None = None) -> list[RankedCandidate]:
     """Order the first ``len(scores)`` fused candidates by rerank score; the rest keep fused order.
 
     ``scores[i]`` belongs to ``fused[i]``. Equal rerank scores keep their fused order (stable).
-    A NaN score ranks below every number.
+    A NaN score ranks below every number. With ``cfg.rerank_blend == "rrf"`` the head is ordered
+    by ``rerank_weight / (rrf_k + rerank rank) + 1 / (rrf_k + fused rank)`` instead (ranks from 1;
+    ties keep the fused order), and each candidate carries that sum as ``blended_score``.
     """
     values = [float(s) for s in np.asarray(scores, dtype=np.float64).reshape(-1)]
     if len(values) > len(fused):
         raise ValueError(f"{len(values)} rerank scores for {len(fused)} candidates")
     head = sorted(range(len(values)), key=lambda i: -values[i] if not math.isnan(values[i]) else math.inf)
-    out = [RankedCandidate(fused[i], values[i]) for i in head]
+    if cfg is not None and cfg.rerank_blend == "rrf" and values:
+        k, w = cfg.rrf_k, cfg.rerank_weight
+        blended = [0.0] * len(values)
+        for rerank_rank, i in enumerate(head, start=1):
+            blended[i] = w / (k + rerank_rank) + 1.0 / (k + i + 1)
+        order = sorted(range(len(values)), key=lambda i: -blended[i])
+        out = [RankedCandidate(fused[i], values[i], blended[i]) for i in order]
+    else:
+        out = [RankedCandidate(fused[i], values[i]) for i in head]
     out.extend(RankedCandidate(h) for h in fused[len(values) :])
     return out
 
@@ -225,7 +236,7 @@ def assemble(
         items.append(
             SearchResultItem(
                 doc_id=h.doc_id,
-                score=c.rerank_score if c.rerank_score is not None else h.score,
+                score=c.blended_score if c.blended_score is not None else c.rerank_score if c.rerank_score is not None else h.score,
                 rerank_score=c.rerank_score,
                 fused_score=h.score,
                 retriever_ranks=dict(h.ranks),
@@ -327,7 +338,7 @@ class SearchPipeline:
             t = time.perf_counter()
             scores = self.reranker.rerank(funnel.query, [self._content(h.doc_id) for h in head])
             timings["rerank"] = _ms(t)
-        final = apply_rerank(fused, scores)
+        final = apply_rerank(fused, scores, self.fusion)
         timings["total"] = _ms(t0)
         return assemble(final, funnel, documents=self.corpus.get if return_documents else None, timings_ms=timings, degraded=list(errors))
 
@@ -386,7 +397,7 @@ class SearchPipeline:
                     scores_all[i] = s
                 progress(len(chunk))
             timings["rerank"] = _ms(t)
-        finals = [apply_rerank(f, s) for f, s in zip(fused_all, scores_all)]
+        finals = [apply_rerank(f, s, self.fusion) for f, s in zip(fused_all, scores_all)]
         timings["total"] = _ms(t0)
         per_query = {key: v / len(queries) for key, v in timings.items()}
         getter = self.corpus.get if return_documents else None

@@ -131,6 +131,46 @@ def test_eval_all_pipelines_with_tiny_models(beir_dir, tmp_path, tiny_bi_encoder
     assert cli.main(["eval", "--dataset", str(beir_dir), "--pipeline", "bm25", "--work-dir", str(work), "--out", str(tmp_path / "r2"), "-q", "--measures", "P@1,nDCG@3"]) == 0
     assert "building index" not in capsys.readouterr().out
     assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["results"] == {"bm25": {"P@1": 1.0, "nDCG@3": 1.0}}
+    run_lines = (tmp_path / "r2" / "runs" / "bm25.trec").read_text().splitlines()
+    # BM25 retrieves only each query's own document here (the toy queries share no words)
+    assert [line.split() for line in run_lines] == [[f"q{i}", "Q0", f"d{i}", "1", "1", "bm25"] for i in range(1, 6)]
+
+
+@pytest.mark.slow
+def test_eval_rerank_blends_score_each_pair_once(beir_dir, tmp_path, tiny_bi_encoder_dir, tiny_cross_encoder_dir, capsys, monkeypatch):
+    from serve_app.eval import evaluate
+    from serve_app.rerank.reranker import Reranker
+
+    calls: list[int] = []
+    original = Reranker.rerank_many
+
+    def counting(self, requests):
+        calls.append(sum(len(r.documents) for r in requests))
+        return original(self, requests)
+
+    monkeypatch.setattr(Reranker, "rerank_many", counting)
+    out = tmp_path / "out"
+    args = [
+        "eval", "--dataset", str(beir_dir), "--pipeline", "hybrid+rerank", "--rerank-blend", "none,rrf", "--work-dir", str(tmp_path / "w"),
+        "--dense-model", str(tiny_bi_encoder_dir), "--reranker", str(tiny_cross_encoder_dir), "--device", "cpu", "--top-k", "5", "--rerank-top-m", "4", "--out", str(out), "-q",
+    ]
+    assert cli.main(args) == 0
+    payload = json.loads((out / "metrics.json").read_text())
+    assert list(payload["results"]) == ["hybrid+rerank", "hybrid+rerank (rrf blend)"] and payload["meta"]["rerank_blends"] == ["none", "rrf"]
+    assert sum(calls) == 5 * 4  # 5 queries x 4 reranked candidates, scored once for both blends
+    qrels = {}
+    for line in (beir_dir / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        q, d, rel = line.split("\t")
+        qrels.setdefault(q, {})[d] = int(rel)
+    for name, file in (("hybrid+rerank", "hybrid+rerank.trec"), ("hybrid+rerank (rrf blend)", "hybrid+rerank-rrf-blend.trec")):
+        run: dict = {}
+        for line in (out / "runs" / file).read_text().splitlines():
+            q, _, d, rank, score, tag = line.split()
+            run.setdefault(q, {})[d] = float(score)
+        assert tag == "_".join(name.split())
+        assert evaluate(run, qrels) == pytest.approx(payload["results"][name])
+    assert cli.main([*args[:6], "cosine", *args[7:]]) == 2
+    assert "--rerank-blend: unknown blend 'cosine'" in capsys.readouterr().err
 
 
 def test_eval_bm25_builds_missing_index_into_given_dir(beir_dir, tmp_path, capsys):

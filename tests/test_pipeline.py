@@ -155,6 +155,27 @@ def test_apply_rerank_orders_head_and_keeps_tail():
         apply_rerank(fused[:2], [1.0, 2.0, 3.0])
 
 
+def test_apply_rerank_rrf_blend_mixes_rerank_rank_with_fused_rank():
+    fused = [FusedHit(d, 1.0 / (i + 1), {"bm25": i + 1}, {"bm25": 0.0}) for i, d in enumerate("abcdef")]
+    scores = [0.0, 0.1, 0.2, 0.3, 5.0]  # the reranker reverses the fused order of a..e
+    plain = apply_rerank(fused, scores)
+    assert [c.hit.doc_id for c in plain] == ["e", "d", "c", "b", "a", "f"]
+    cfg = FusionConfig(rerank_blend="rrf", rrf_k=1)
+    blended = apply_rerank(fused, scores, cfg)
+    # fused ranks a..e = 1..5, rerank ranks 5..1: with k=1 every sum is 1/(1+r) + 1/(1+6-r)
+    expected = {d: 1 / (1 + (5 - i)) + 1 / (1 + i + 1) for i, d in enumerate("abcde")}
+    assert {c.hit.doc_id: c.blended_score for c in blended[:5]} == pytest.approx(expected)
+    assert [c.hit.doc_id for c in blended] == ["a", "e", "b", "d", "c", "f"]  # equal sums keep the fused order
+    assert blended[-1].blended_score is None and blended[-1].rerank_score is None
+    assert [c.rerank_score for c in blended[:2]] == [0.0, 5.0]
+    heavy = apply_rerank(fused, scores, FusionConfig(rerank_blend="rrf", rrf_k=1, rerank_weight=100))
+    assert [c.hit.doc_id for c in heavy] == [c.hit.doc_id for c in plain]  # a dominant reranker weight = no blend
+    assert [c.hit.doc_id for c in apply_rerank(fused, scores, FusionConfig())] == [c.hit.doc_id for c in plain]
+    funnel = resolve_funnel(FunnelRequest("q", top_k=6, rerank_top_m=5, top_n=6), LIMITS, ["bm25"])
+    items = assemble(blended, funnel).results
+    assert items[0].score == pytest.approx(expected["a"]) and items[0].rerank_score == 0.0 and items[-1].score == pytest.approx(1 / 6)
+
+
 def test_assemble_scores_and_documents():
     funnel = resolve_funnel(FunnelRequest("q", top_k=3, rerank_top_m=1, top_n=2), LIMITS, ["bm25"])
     fused = fuse_candidates({"bm25": [Hit("d1", 3.0), Hit("d2", 2.0), Hit("d3", 1.0)]}, FusionConfig())

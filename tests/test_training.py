@@ -290,3 +290,31 @@ def test_cli_names_a_missing_base_model(tiny_beir, tmp_path, capsys):
     code = main(["train-reranker", "--dataset", str(tiny_beir), "--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert code == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_title_queries_add_training_queries_whose_positive_is_their_document(tmp_path):
+    from serve_app.corpus import load_beir
+    from serve_app.training.data import title_query_pairs
+
+    (tmp_path / "qrels").mkdir()
+    words = ["comet", "orbit", "glacier", "ice", "volcano", "lava", "coral", "reef", "desert", "dune"]
+    docs = [{"_id": f"d{i}", "title": f"{words[i]} {words[(i + 1) % 10]}" if i != 3 else "single", "text": f"{words[i]} text number {i}"} for i in range(10)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "comet orbit"}) + "\n" + json.dumps({"_id": "q2", "text": "coral reef"}) + "\n")
+    (tmp_path / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t1\nq2\td8\t1\n")
+    ds = load_beir(tmp_path, "train")
+
+    pairs = title_query_pairs(ds.corpus, 5, seed=1)
+    assert len(pairs) == 5 and pairs == title_query_pairs(ds.corpus, 5, seed=1)
+    assert all(qid == f"title:{doc}" and title == ds.corpus.get(doc).title for qid, (doc, title) in pairs.items())
+    assert "title:d3" not in title_query_pairs(ds.corpus, 100, seed=1)  # one-word titles are not queries
+    assert len(title_query_pairs(ds.corpus, 100, seed=1)) == 9 and title_query_pairs(ds.corpus, 0, seed=1) == {}
+
+    data = prepare_queries(ds, dev_fraction=0.5, seed=0, max_queries=None, hard_negatives_from="bm25", hard_negative_depth=4, random_pool_size=2, title_queries=4)
+    assert len(data.dev) == 1 and not data.dev[0].qid.startswith("title:")  # synthetic queries never reach dev
+    synthetic = [r for r in data.train if r.qid.startswith("title:")]
+    assert len(synthetic) == 4 and len(data.train) == 5
+    for r in synthetic:
+        doc = r.qid.removeprefix("title:")
+        assert r.text == ds.corpus.get(doc).title and r.positives == [doc]
+        assert doc not in r.hard and doc not in r.random and r.hard

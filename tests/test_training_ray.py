@@ -64,3 +64,29 @@ def test_ray_train_with_two_workers_matches_a_local_run(tmp_path, tiny_cross_enc
     ours = CrossEncoderScorer(CrossEncoderConfig(model=str(tmp_path / "local"))).score(pairs)
     theirs = CrossEncoderScorer(CrossEncoderConfig(model=str(tmp_path / "ray"))).score(pairs)
     np.testing.assert_allclose(ours, theirs, atol=1e-3)
+
+
+def test_distillation_runs_as_a_ray_train_job(tmp_path, tiny_cross_encoder_dir, tiny_bi_encoder_dir, monkeypatch):
+    import json
+
+    import ray
+    from sentence_transformers import SentenceTransformer
+
+    from serve_app.training.config import DistillConfig
+    from serve_app.training.jobs import RunOptions, distill
+
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "1")
+    dataset = write_tiny_beir(tmp_path / "data")
+    settings = DistillConfig(
+        dataset=str(dataset), teacher=str(tiny_cross_encoder_dir), student=str(tiny_bi_encoder_dir), out=str(tmp_path / "student"),
+        triples_per_positive=2, teacher_max_length=64, mining=MiningConfig(dev_fraction=0.2, hard_negative_depth=10),
+        loop=LoopConfig(epochs=2, batch_size=4, lr=1e-3, max_length=64, show_progress=False),
+    )
+    outcome = distill(settings, RunOptions(ray_workers=2))
+    assert not ray.is_initialized()
+    assert outcome.status == "completed"
+    summary = json.loads((tmp_path / "student" / "training_summary.json").read_text())
+    losses = [h["loss"] for h in summary["history"] if "loss" in h]
+    assert len(losses) == summary["total_steps"] and np.isfinite(losses).all()
+    vectors = SentenceTransformer(str(tmp_path / "student"), device="cpu").encode(["moon and stars", "football"])
+    assert vectors.shape == (2, 32)

@@ -171,6 +171,37 @@ class _MemoRetriever:
         return self._memo[key]
 
 
+class _MemoReranker:
+    """Remembers ``rerank_many`` scores so several rerank blends of one eval run score each pair once."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._memo: dict[tuple[str, tuple[str, ...], int | None], Any] = {}
+
+    def rerank(self, query: str, documents: Sequence[str], max_tokens_per_doc: int | None = None) -> Any:
+        from serve_app.rerank.reranker import RerankRequest
+
+        return self.rerank_many([RerankRequest(query, list(documents), max_tokens_per_doc)])[0]
+
+    def rerank_many(self, requests: Sequence[Any]) -> list[Any]:
+        keys = [(r.query, tuple(r.documents), r.max_tokens_per_doc) for r in requests]
+        todo = {k: r for k, r in zip(keys, requests) if k not in self._memo}
+        if todo:
+            for k, scores in zip(todo, self.inner.rerank_many(list(todo.values()))):
+                self._memo[k] = scores
+        return [self._memo[k] for k in keys]
+
+
+def _blends(value: str) -> list[str]:
+    out: list[str] = []
+    for name in (v.strip() for v in value.split(",")):
+        if name not in ("none", "rrf"):
+            raise UsageError(f"--rerank-blend: unknown blend {name!r}; choose from none, rrf (comma-separated for several)")
+        if name not in out:
+            out.append(name)
+    return out
+
+
 def _open_index(args: argparse.Namespace, dataset: Any, needed: set[str], dense_cfg: DenseConfig) -> Any:
     """Load the evaluation index, building it first when it does not exist."""
     from serve_app.index_store import MANIFEST, build_index, load_index, read_manifest
@@ -206,7 +237,7 @@ def _open_index(args: argparse.Namespace, dataset: Any, needed: set[str], dense_
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate pipelines on a BEIR dataset split; write metrics.json and metrics.md."""
     from serve_app.corpus import load_beir
-    from serve_app.eval import DEFAULT_MEASURES, evaluate, markdown_table, parse_measures, run_from_results, write_report
+    from serve_app.eval import DEFAULT_MEASURES, evaluate, markdown_table, parse_measures, run_from_results, write_report, write_trec_run
     from serve_app.pipeline import SearchPipeline
 
     pipelines = _pipelines(args.pipeline or ["hybrid"])
@@ -219,6 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if args.rerank_top_m < 1:
         raise UsageError(f"--rerank-top-m must be >= 1, got {args.rerank_top_m}")
+    blends = _blends(args.rerank_blend)
     fusion_kwargs: dict[str, Any] = {"method": args.fusion}
     if args.rrf_k is not None:
         fusion_kwargs["rrf_k"] = args.rrf_k
@@ -226,6 +258,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         fusion_kwargs["weights"] = _weights(args.weights)
     if args.normalization is not None:
         fusion_kwargs["normalization"] = args.normalization
+    if args.rerank_weight is not None:
+        fusion_kwargs["rerank_weight"] = args.rerank_weight
     fusion = _config(FusionConfig, "fusion", **fusion_kwargs)
     dense_cfg = _dense_config(args)
     reranker_cfg = None
@@ -240,35 +274,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if reranker_cfg is not None:
         from serve_app.rerank import CrossEncoderScorer, Reranker
 
-        reranker = Reranker(CrossEncoderScorer(reranker_cfg), reranker_cfg)
+        reranker = _MemoReranker(Reranker(CrossEncoderScorer(reranker_cfg), reranker_cfg))
     pool = args.top_k * 2
     limits = _config(
         FunnelLimits, "funnel", default_top_k=args.top_k, max_top_k=args.top_k, default_rerank_top_m=0,
         max_rerank_top_m=max(args.rerank_top_m, 0), default_top_n=args.top_k, max_top_n=max(args.top_k, pool),
     )
-    pipe = SearchPipeline(loaded.corpus, retrievers, reranker, fusion, limits)
     qids, texts = list(dataset.queries), list(dataset.queries.values())
+    out_dir = Path(args.out) if args.out else (Path(args.work_dir) if args.work_dir else default_work_dir()) / "results" / f"{Path(args.dataset).resolve().name}-{args.split}"
 
     results: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
-    for name in pipelines:
-        names, rerank = PIPELINES[name]
-        start = time.perf_counter()
-        out = pipe.search_batch(texts, top_k=args.top_k, rerank_top_m=min(args.rerank_top_m, pool) if rerank else 0, top_n=args.top_k, retrievers=list(names), show_progress=not args.quiet)
-        seconds[name] = round(time.perf_counter() - start, 3)
-        results[name] = evaluate(run_from_results(dict(zip(qids, out))), dataset.qrels, measures)
-        logger.info("%s: %s (%.1f s)", name, results[name], seconds[name])
+    for pipeline in pipelines:
+        names, rerank = PIPELINES[pipeline]
+        for blend in blends if rerank else ["none"]:
+            name = pipeline if blend == "none" else f"{pipeline} ({blend} blend)"
+            pipe = SearchPipeline(loaded.corpus, retrievers, reranker, fusion.model_copy(update={"rerank_blend": blend}), limits)
+            start = time.perf_counter()
+            out = pipe.search_batch(texts, top_k=args.top_k, rerank_top_m=min(args.rerank_top_m, pool) if rerank else 0, top_n=args.top_k, retrievers=list(names), show_progress=not args.quiet)
+            seconds[name] = round(time.perf_counter() - start, 3)
+            run = run_from_results(dict(zip(qids, out)))
+            results[name] = evaluate(run, dataset.qrels, measures)
+            write_trec_run(run, out_dir / "runs" / (name.replace(" (", "-").replace(" blend)", "-blend") + ".trec"), name)
+            logger.info("%s: %s (%.1f s)", name, results[name], seconds[name])
 
-    out_dir = Path(args.out) if args.out else (Path(args.work_dir) if args.work_dir else default_work_dir()) / "results" / f"{Path(args.dataset).resolve().name}-{args.split}"
     meta = {
         "dataset": str(Path(args.dataset).resolve()), "split": args.split, "queries": len(qids), "documents": len(dataset.corpus),
         "top_k": args.top_k, "fusion": fusion.model_dump(), "dense_model": dense_cfg.model if "dense" in needed else None,
         "rerank_top_m": args.rerank_top_m if reranker_cfg else None, "reranker": reranker_cfg.model if reranker_cfg else None,
+        "rerank_blends": blends if reranker_cfg else None,
         "seconds": seconds,
     }
     write_report(results, out_dir / "metrics.json", out_dir / "metrics.md", meta=meta)
     print(markdown_table(results), end="")
-    print(f"written: {out_dir / 'metrics.json'}, {out_dir / 'metrics.md'}")
+    print(f"written: {out_dir / 'metrics.json'}, {out_dir / 'metrics.md'}, TREC runs in {out_dir / 'runs'}")
     return 0
 
 
@@ -309,6 +348,8 @@ def register(subparsers: Any) -> None:
     e.add_argument("--rrf-k", type=int, default=None, help=f"RRF constant (default: {fu.rrf_k})")
     e.add_argument("--weights", default=None, help="weighted fusion weights, e.g. bm25=0.4,dense=0.6 (default: " + ",".join(f"{k}={v}" for k, v in fu.weights.items()) + ")")
     e.add_argument("--normalization", choices=["minmax", "zscore"], default=None, help=f"weighted fusion score normalisation (default: {fu.normalization})")
+    e.add_argument("--rerank-blend", default="none", metavar="BLEND[,BLEND]", help="order of the reranked candidates, one result row per value: none (cross-encoder score alone), rrf (RRF of the cross-encoder rank and the fused rank); e.g. none,rrf (default: none)")
+    e.add_argument("--rerank-weight", type=float, default=None, help=f"rrf blend: weight of the cross-encoder rank (default: {fu.rerank_weight})")
     e.add_argument("--measures", default=None, help="comma-separated ir-measures names (default: nDCG@10,R@100,RR@10)")
     _add_dense_options(e)
     e.add_argument("--out", default=None, help="directory for metrics.json and metrics.md (default: WORK_DIR/results/DATASET-SPLIT)")

@@ -222,7 +222,7 @@ class SearchService:
         else:
             stages["rerank"] = _StageResult("skipped")
 
-        final = apply_rerank(fused, scores)
+        final = apply_rerank(fused, scores, self.cfg.fusion)
         timings = {name: round(r.ms, 3) for name, r in stages.items() if r.status != "skipped"}
         timings["total"] = round(_ms(t_start), 3)
         degraded = [n for n, r in stages.items() if r.status in ("timeout", "error")]

@@ -78,7 +78,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     _add_fields(parser.add_argument_group("examples and negatives"), MiningConfig, "mining__")
     loop = parser.add_argument_group("training loop")
     _add_fields(loop, LoopConfig, "loop__", skip=("show_progress", "num_threads"))
-    loop.add_argument("--threads", dest="loop__num_threads", type=int, default=None, help=LoopConfig.model_fields["num_threads"].description)
+    loop.add_argument("--threads", dest="loop__num_threads", type=int, metavar="N", default=None, help=LoopConfig.model_fields["num_threads"].description)
     loop.add_argument("--no-progress", dest="loop__show_progress", action="store_false", default=None, help="No progress bar.")
     _add_run_options(parser)
 

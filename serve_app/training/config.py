@@ -49,6 +49,7 @@ class MiningConfig(_Strict):
     split: str = Field("train", min_length=1, description="qrels split the training examples come from (qrels/<split>.tsv).")
     dev_fraction: float = Field(0.1, ge=0, lt=1.0, description="Fraction of the split's queries held out as the dev set (early stopping, best model).")
     max_queries: Optional[int] = Field(None, ge=1, description="Use at most this many queries of the split (seeded random subsample, taken before the dev split).")
+    title_queries: int = Field(0, ge=0, description="Add up to this many synthetic training queries: the titles of randomly chosen documents, each with its own document as the one positive (weak supervision when few queries are judged; never used for dev).")
     hard_negatives_from: Literal["bm25", "dense", "both", "none"] = Field("bm25", description="Retriever(s) whose top documents, judged positives excluded, are the hard negatives.")
     hard_negative_depth: int = Field(30, ge=1, le=1000, description="Hard negatives are drawn from each retriever's top-K documents.")
     hard_negative_skip: int = Field(0, ge=0, le=1000, description="Leave out the top-N retrieved non-positive documents (often unjudged relevant documents).")

@@ -9,6 +9,8 @@ JSON-serialisable records, so that the same data reaches a local loop and Ray Tr
 * every query gets a ranked pool of *hard* negatives, the top documents of the project's own
   retrievers (BM25 and/or dense) with every judged positive removed, and a pool of *random*
   negatives drawn once from the rest of the corpus (judged positives and hard ones excluded);
+* optionally (``title_queries``), documents' titles become extra *training* queries whose one
+  positive is their own document: weak supervision for corpora with few judged queries;
 * ``docs`` holds the text (``Document.content``) of every document any record names.
 
 Sampling (:func:`sample_negatives`) draws an example's negatives from those pools with a
@@ -203,6 +205,7 @@ def prepare_queries(
     dense_max_length: int = 256,
     index: str | None = None,
     show_progress: bool = False,
+    title_queries: int = 0,
 ) -> PreparedData:
     """Select, split and mine the queries of a loaded BEIR split (see the module docstring).
 
@@ -221,8 +224,14 @@ def prepare_queries(
     if not usable:
         raise TrainingDataError("no query of the split has a judged positive document (relevance > 0) in the corpus")
     train_ids, dev_ids = split_queries(list(usable), dev_fraction, seed, max_queries)
+    query_text = {q: dataset.queries[q] for q in train_ids + dev_ids}
+    titled = title_query_pairs(corpus, title_queries, seed, taken=set(dataset.queries))
+    for qid, (doc_id, title) in titled.items():
+        usable[qid] = {doc_id: 1}
+        query_text[qid] = title
+    train_ids = train_ids + list(titled)
     chosen = train_ids + dev_ids
-    texts = [dataset.queries[q] for q in chosen]
+    texts = [query_text[q] for q in chosen]
     logger.info("mining hard negatives for %d queries (%s, top %d)", len(chosen), hard_negatives_from, hard_negative_depth)
     rankings = mine_rankings(
         corpus, texts, hard_negatives_from, hard_negative_depth,
@@ -236,7 +245,7 @@ def prepare_queries(
         hard = hard_negative_pool(ranked, judged, hard_negative_skip)
         exclude = set(positives_of(judged)) | set(hard)
         rand = draw_random_pool(all_ids, exclude, random_pool_size, rng)
-        records[qid] = QueryRecord(qid, dataset.queries[qid], positives_of(judged), hard, rand, judged)
+        records[qid] = QueryRecord(qid, query_text[qid], positives_of(judged), hard, rand, judged)
     train = [records[q] for q in train_ids]
     dev = [records[q] for q in dev_ids]
     if not any(r.hard or r.random for r in train):
@@ -246,6 +255,23 @@ def prepare_queries(
         needed.update(r.positives, r.hard, r.random)
     docs = {d: corpus.get(d).content for d in sorted(needed)}
     return PreparedData(train=train, dev=dev, docs=docs)
+
+
+def title_query_pairs(corpus: Any, n: int, seed: int, taken: set[str] = frozenset()) -> dict[str, tuple[str, str]]:
+    """Up to ``n`` synthetic queries ``{"title:<doc id>": (doc id, title)}`` from documents with a title.
+
+    The documents are a seeded random sample of those whose title has at least two words;
+    query ids already in ``taken`` are skipped.
+    """
+    if n <= 0:
+        return {}
+    candidates = []
+    for doc_id in corpus.ids:
+        title = (corpus.get(doc_id).title or "").strip()
+        if len(title.split()) >= 2 and f"title:{doc_id}" not in taken:
+            candidates.append((doc_id, title))
+    order = np.random.default_rng([seed, 5]).permutation(len(candidates))[:n]
+    return {f"title:{candidates[i][0]}": candidates[i] for i in sorted(order)}
 
 
 def sample_negatives(record: QueryRecord, n: int, n_random: int, rng: np.random.Generator) -> list[str]:

@@ -171,6 +171,7 @@ def train_reranker(settings: RerankerTrainingConfig, options: RunOptions = RunOp
             dense_max_length=m.dense_max_length,
             index=m.index,
             show_progress=settings.loop.show_progress,
+            title_queries=m.title_queries,
         )
         logger.info("%d training queries, %d dev queries, %d documents", len(data.train), len(data.dev), len(data.docs))
         return {"data": data.to_json()}
@@ -202,6 +203,7 @@ def distill(settings: DistillConfig, options: RunOptions = RunOptions()) -> JobO
             dense_max_length=m.dense_max_length,
             index=m.index,
             show_progress=loop.show_progress,
+            title_queries=m.title_queries,
         )
         triples = build_triples(data, settings.triples_per_positive, m.random_negatives, loop.seed)
         margins = teacher_margins(data, triples, teacher_path, max_length=settings.teacher_max_length, batch_tokens=settings.teacher_batch_tokens, device=loop.device)
