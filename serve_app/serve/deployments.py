@@ -28,6 +28,7 @@ from typing import Any, Optional
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.rerank.coalesce import Coalescer
 from serve_app.serve import metrics
 from serve_app.serve.config import (
     ENV_DENSE_MODEL,
@@ -48,6 +49,10 @@ logger = logging.getLogger("ray.serve")
 #: Serve retries a failing constructor this often before DEPLOY_FAILED (a missing model or a
 #: damaged index will not fix itself; one retry covers a transient failure).
 CONSTRUCTOR_RETRIES = 2
+# @serve.batch calls of the reranker that may wait in its Coalescer at once (which merges them
+# into model calls of at most max_batch_size requests); with max_batch_size 16 Serve asks for
+# max_ongoing_requests >= 16 x 4 = 64 (deployments.yaml has 64).
+RERANK_CONCURRENT_BATCHES = 4
 
 
 class InjectedFault(RuntimeError):
@@ -186,12 +191,14 @@ class RerankerDeployment:
         self.batching = BatchingConfig()
         self.fault = FaultInjection()
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10000)
+        self.coalescer = Coalescer(self._score_requests, max_items=self.batching.max_batch_size)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         uc = parse_user_config(RerankerUserConfig, user_config, "CrossEncoderReranker")
         self._rerank_batched.set_max_batch_size(uc.max_batch_size)
         self._rerank_batched.set_batch_wait_timeout_s(uc.batch_wait_timeout_s)
         self.batching = BatchingConfig(max_batch_size=uc.max_batch_size, batch_wait_timeout_s=uc.batch_wait_timeout_s)
+        self.coalescer.max_items = uc.max_batch_size  # the most requests per cross-encoder call
         self.fault = uc.fault
         logger.info("reranker batching: max_batch_size=%d batch_wait_timeout_s=%g", uc.max_batch_size, uc.batch_wait_timeout_s)
 
@@ -201,8 +208,14 @@ class RerankerDeployment:
         await _apply_fault(self.fault, "reranker")
         return await self._rerank_batched(RerankRequest(query, list(documents), max_tokens_per_doc))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=RERANK_CONCURRENT_BATCHES)
     async def _rerank_batched(self, requests: list[Any]) -> list[RerankOutcome]:
+        # Serve forms batches eagerly, also while the model is busy; the coalescer merges those
+        # that wait into the next model call (serve_app.rerank.coalesce).
+        return await self.coalescer.submit(requests)
+
+    async def _score_requests(self, requests: list[Any]) -> list[RerankOutcome]:
+        """One ``rerank_many`` call (in a worker thread) for every request the coalescer merged."""
         t0 = time.perf_counter()
         scores = await asyncio.to_thread(self.reranker.rerank_many, requests)
         pairs = sum(len(r.documents) for r in requests)

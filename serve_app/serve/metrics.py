@@ -37,7 +37,7 @@ SPECS: dict[str, MetricSpec] = {
     for s in (
         MetricSpec(PREFIX + "stage_latency_ms", "histogram", ("stage",), "Wall time of one funnel stage in milliseconds, as seen by the ingress (stage: bm25, dense, fusion, rerank, total) or by a stage's own deployment (stage: bm25_search, dense_search, rerank_batch).", tuple(LATENCY_BOUNDARIES_MS)),
         MetricSpec(PREFIX + "candidates", "histogram", ("stage",), "Documents per request leaving a stage (stage: bm25, dense, fused, reranked, returned, rerank_request).", tuple(COUNT_BOUNDARIES)),
-        MetricSpec(PREFIX + "rerank_batch_size", "histogram", (), "Rerank requests gathered into one cross-encoder call by @serve.batch (values above 1 mean concurrent requests shared a call).", tuple(BATCH_SIZE_BOUNDARIES)),
+        MetricSpec(PREFIX + "rerank_batch_size", "histogram", (), "Rerank requests gathered into one cross-encoder call by @serve.batch and the coalescer that merges batches formed while the model was busy (values above 1 mean concurrent requests shared a call).", tuple(BATCH_SIZE_BOUNDARIES)),
         MetricSpec(PREFIX + "rerank_batch_pairs", "histogram", (), "(query, document) pairs scored by one cross-encoder call.", tuple(COUNT_BOUNDARIES)),
         MetricSpec(PREFIX + "rerank_pairs_total", "counter", (), "(query, document) pairs scored by the cross-encoder."),
         MetricSpec(PREFIX + "requests_total", "counter", ("endpoint", "status"), "HTTP requests answered by the ingress, by endpoint (search, rerank, healthz, info, other) and status code."),
