@@ -13,6 +13,7 @@ import copy
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from benchmarks.common import REPO_ROOT
@@ -99,42 +100,38 @@ def serve_stack(
             ray.shutdown()
 
 
+def _process_titles() -> Iterator[tuple[int, str]]:
+    """(pid, command line) of every readable process in /proc (Ray workers show their title there)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        yield int(d.name), cmd
+
+
 def find_replica_pid(deployment: str, app: str = APP) -> int | None:
     """PID of the Ray worker running ``ServeReplica:<app>:<deployment>`` (first one found).
 
     Ray sets the process title to ``ray::ServeReplica:<app>:<deployment>``, with the running
     method appended (``.handle_request...``) while the replica is busy."""
-    from pathlib import Path
-
     tag = f"ServeReplica:{app}:{deployment}"
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
+    for pid, cmd in _process_titles():
         if cmd == f"ray::{tag}" or cmd.startswith(f"ray::{tag}."):
-            return int(d.name)
+            return pid
     return None
 
 
 def serve_pids(app: str = APP) -> dict[str, int]:
     """PIDs of the processes that serve a request: the HTTP proxy and every replica of ``app``."""
-    from pathlib import Path
-
     out: dict[str, int] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
+    for pid, cmd in _process_titles():
         if cmd.startswith("ray::ProxyActor"):
-            out[f"ProxyActor:{d.name}"] = int(d.name)
+            out[f"ProxyActor:{pid}"] = pid
         elif cmd.startswith(f"ray::ServeReplica:{app}:"):
-            out[f"{cmd.split(':')[-1].split('.')[0]}:{d.name}"] = int(d.name)
+            out[f"{cmd.split(':')[-1].split('.')[0]}:{pid}"] = pid
     return out
 
 
@@ -151,8 +148,6 @@ def cpu_seconds(pids: "dict[str, int]") -> float:
 
 def proc_stat(pid: int) -> tuple[float, int]:
     """(CPU seconds used so far by all threads of ``pid``, its nice value), from /proc/PID/stat."""
-    from pathlib import Path
-
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / tick, int(fields[16])

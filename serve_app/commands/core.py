@@ -295,7 +295,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             seconds[name] = round(time.perf_counter() - start, 3)
             run = run_from_results(dict(zip(qids, out)))
             results[name] = evaluate(run, dataset.qrels, measures)
-            write_trec_run(run, out_dir / "runs" / (name.replace(" (", "-").replace(" blend)", "-blend") + ".trec"), name)
+            write_trec_run(run, out_dir / "runs" / (f"{pipeline}.trec" if blend == "none" else f"{pipeline}-{blend}-blend.trec"), name)
             logger.info("%s: %s (%.1f s)", name, results[name], seconds[name])
 
     meta = {

@@ -45,15 +45,13 @@ class Coalescer(Generic[T, R]):
         self.max_items = max_items
         self.calls: collections.deque[tuple[int, int]] = collections.deque(maxlen=10000)
         self._pending: collections.deque[tuple[list[T], asyncio.Future]] = collections.deque()
-        self._lock: asyncio.Lock | None = None
+        self._lock = asyncio.Lock()  # binds to the running loop on first contended use (Python >= 3.10)
 
     async def submit(self, items: Sequence[T]) -> list[R]:
         """Results for ``items``, computed in the next model call that has room for them."""
         items = list(items)
         if not items:
             return []
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending.append((items, future))
         async with self._lock:

@@ -190,7 +190,6 @@ class RerankerDeployment:
         self.reranker = Reranker(_load("CrossEncoderReranker", CrossEncoderScorer, cfg, hint=f"For the Serve app, {ENV_RERANKER_MODEL}=/path/to/model also overrides reranker.model."), cfg)
         self.batching = BatchingConfig()
         self.fault = FaultInjection()
-        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10000)
         self.coalescer = Coalescer(self._score_requests, max_items=self.batching.max_batch_size)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -221,7 +220,6 @@ class RerankerDeployment:
         pairs = sum(len(r.documents) for r in requests)
         metrics.observe_latency("rerank_batch", (time.perf_counter() - t0) * 1000)
         metrics.observe_rerank_batch(len(requests), pairs)
-        self.batch_sizes.append(len(requests))
         return [RerankOutcome([float(x) for x in s], len(requests), pairs) for s in scores]
 
     async def ping(self) -> dict[str, Any]:
@@ -232,7 +230,7 @@ class RerankerDeployment:
         """Batch sizes seen by this replica (most recent last) and its live batching settings."""
         return {
             "replica": _replica_id(),
-            "batch_sizes": list(self.batch_sizes),
+            "batch_sizes": [n for _, n in self.coalescer.calls],
             "batching": self.batching.model_dump(),
             "pairs_scored": self.reranker.scorer.pairs_scored,
         }

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from serve_app.errors import UserFacingError
-from serve_app.training.config import DistillConfig, RerankerTrainingConfig
+from serve_app.training.config import DistillConfig, LoopConfig, MiningConfig, RerankerTrainingConfig
 from serve_app.training.data import PreparedData, prepare_queries
 
 logger = logging.getLogger(__name__)
@@ -149,30 +149,33 @@ def _run(job: str, settings: Any, options: RunOptions, model_path: str, prepare:
     return JobOutcome(status=status, out=out, work_dir=work_dir, seconds=time.perf_counter() - started, summary=summary)
 
 
-def train_reranker(settings: RerankerTrainingConfig, options: RunOptions = RunOptions()) -> JobOutcome:
-    """Fine-tune a cross-encoder (see ``serve_app.training.reranker``)."""
+def _prepared_data(dataset_dir: str, m: MiningConfig, loop: LoopConfig, *, random_pool_size: int) -> PreparedData:
+    """The training examples of either job: ``m``'s split of the BEIR dataset, mined as ``m`` says."""
     from serve_app.corpus import load_beir
 
+    return prepare_queries(
+        load_beir(dataset_dir, m.split),
+        dev_fraction=m.dev_fraction,
+        seed=loop.seed,
+        max_queries=m.max_queries,
+        hard_negatives_from=m.hard_negatives_from,
+        hard_negative_depth=m.hard_negative_depth,
+        hard_negative_skip=m.hard_negative_skip,
+        random_pool_size=random_pool_size,
+        dense_model=m.dense_model,
+        dense_max_length=m.dense_max_length,
+        index=m.index,
+        show_progress=loop.show_progress,
+        title_queries=m.title_queries,
+    )
+
+
+def train_reranker(settings: RerankerTrainingConfig, options: RunOptions = RunOptions()) -> JobOutcome:
+    """Fine-tune a cross-encoder (see ``serve_app.training.reranker``)."""
     base_path = _resolve_model(settings.base, "base")
 
     def prepare() -> dict[str, Any]:
-        m = settings.mining
-        dataset = load_beir(settings.dataset, m.split)
-        data = prepare_queries(
-            dataset,
-            dev_fraction=m.dev_fraction,
-            seed=settings.loop.seed,
-            max_queries=m.max_queries,
-            hard_negatives_from=m.hard_negatives_from,
-            hard_negative_depth=m.hard_negative_depth,
-            hard_negative_skip=m.hard_negative_skip,
-            random_pool_size=max(8, 4 * settings.negatives_per_query),
-            dense_model=m.dense_model,
-            dense_max_length=m.dense_max_length,
-            index=m.index,
-            show_progress=settings.loop.show_progress,
-            title_queries=m.title_queries,
-        )
+        data = _prepared_data(settings.dataset, settings.mining, settings.loop, random_pool_size=max(8, 4 * settings.negatives_per_query))
         logger.info("%d training queries, %d dev queries, %d documents", len(data.train), len(data.dev), len(data.docs))
         return {"data": data.to_json()}
 
@@ -181,7 +184,6 @@ def train_reranker(settings: RerankerTrainingConfig, options: RunOptions = RunOp
 
 def distill(settings: DistillConfig, options: RunOptions = RunOptions()) -> JobOutcome:
     """Distil a cross-encoder into a bi-encoder with Margin-MSE (see ``serve_app.training.distill``)."""
-    from serve_app.corpus import load_beir
     from serve_app.training.distill import build_triples, teacher_margins
 
     student_path = _resolve_model(settings.student, "student")
@@ -189,22 +191,7 @@ def distill(settings: DistillConfig, options: RunOptions = RunOptions()) -> JobO
 
     def prepare() -> dict[str, Any]:
         m, loop = settings.mining, settings.loop
-        dataset = load_beir(settings.dataset, m.split)
-        data = prepare_queries(
-            dataset,
-            dev_fraction=m.dev_fraction,
-            seed=loop.seed,
-            max_queries=m.max_queries,
-            hard_negatives_from=m.hard_negatives_from,
-            hard_negative_depth=m.hard_negative_depth,
-            hard_negative_skip=m.hard_negative_skip,
-            random_pool_size=max(8, 4 * settings.triples_per_positive),
-            dense_model=m.dense_model,
-            dense_max_length=m.dense_max_length,
-            index=m.index,
-            show_progress=loop.show_progress,
-            title_queries=m.title_queries,
-        )
+        data = _prepared_data(settings.dataset, m, loop, random_pool_size=max(8, 4 * settings.triples_per_positive))
         triples = build_triples(data, settings.triples_per_positive, m.random_negatives, loop.seed)
         margins = teacher_margins(data, triples, teacher_path, max_length=settings.teacher_max_length, batch_tokens=settings.teacher_batch_tokens, device=loop.device)
         scale = settings.student_scale
