@@ -2,8 +2,9 @@
 
 Command::
 
-    python -m benchmarks.rerank_peers                          # BM25 top-10 per request, N = 1, 4, 16 (~10 min)
-    python -m benchmarks.rerank_peers --concurrency 1,4,16,64 --min-requests 16 --profile   # adds N = 64 (~25 min on 2 cores)
+    python -m benchmarks.rerank_peers                          # BM25 top-10 per request, N = 1, 4, 16, 64 (~9 min on 2 cores)
+    python -m benchmarks.rerank_peers --throughput-optimized --via direct   # Serve's high-throughput mode, no proxy
+    python -m benchmarks.rerank_peers --concurrency 16,64 --min-requests 16 --profile   # py-spy of the replica
     python -m benchmarks.rerank_peers --docs 100 --concurrency 1,4,16 --min-requests 16   # full-size requests
 
 Same model (a MiniLM-L6 sequence classifier: ``--model``, default the speed model built from
@@ -41,7 +42,7 @@ import numpy as np
 
 from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, md_table, summarize, target_line
 from benchmarks.loadgen import closed_loop, wait_ready
-from benchmarks.serving import cpu_seconds, find_replica_pid, free_port, proc_stat, serve_pids, serve_stack
+from benchmarks.serving import APP, cpu_seconds, find_replica_pid, free_port, handle_call, proc_stat, serve_pids, serve_stack
 
 SERVED_NAME = "minilm-ce"
 
@@ -213,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scifact", default=None, help="SciFact BEIR directory")
     p.add_argument("--model", default=None, help="cross-encoder directory (default: the MiniLM-L6 speed model, $BENCH_CACHE/minilm-ce)")
     p.add_argument("--docs", type=int, default=10, help="BM25 documents per request (the issue's full size is 100)")
-    p.add_argument("--concurrency", default="1,4,16", help="client counts N (the full sweep of the issue: 1,4,16,64)")
+    p.add_argument("--concurrency", default="1,4,16,64", help="client counts N")
     p.add_argument("--min-requests", type=int, default=8, help="requests per level at least (a level sends max(N, this))")
     p.add_argument("--max-seconds", type=float, default=240, help="a level stops sending new requests after this")
     p.add_argument("--max-length", type=int, default=512, help="tokens per pair, for every system")
@@ -227,9 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 2), help="num_cpus (and torch threads) of our reranker replica")
     p.add_argument("--ray-worker-niceness", type=int, default=0, help="nice value of Ray's worker processes (Ray's own default is 15; -1 keeps it)")
     p.add_argument("--profile", action="store_true", help="py-spy the reranker replica at the highest concurrency")
+    p.add_argument("--throughput-optimized", action="store_true", help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (gRPC between deployments, direct ingress)")
+    p.add_argument("--via", choices=("proxy", "direct"), default="proxy", help="send /rerank to Serve's HTTP proxy or straight to the ingress replica's own port (needs --throughput-optimized)")
     p.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for a server to start")
     p.set_defaults(repeats=2)
     args = p.parse_args(argv)
+    if args.via == "direct" and not args.throughput_optimized:
+        p.error("--via direct needs --throughput-optimized (direct ingress is part of that mode)")
     run = BenchRun("rerank_peers", args, args.out)
     levels = [int(x) for x in args.concurrency.split(",")]
 
@@ -289,10 +294,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return contextlib.nullcontext(None)
         ensure_bm25_demo_index(Path(app_args["index_dir"]))
-        return serve_stack(app_args, deployments, num_cpus=max(4.0, args.replica_cpus + 1), timeout_s=args.start_timeout, worker_niceness=None if args.ray_worker_niceness < 0 else args.ray_worker_niceness)
+        return serve_stack(app_args, deployments, num_cpus=max(4.0, args.replica_cpus + 1), timeout_s=args.start_timeout, worker_niceness=None if args.ray_worker_niceness < 0 else args.ray_worker_niceness, throughput_optimized=args.throughput_optimized)
 
     try:
         with stack() as base:
+            if base and args.via == "direct":
+                from serve_app.serve.runner import direct_ingress_url
+
+                base = direct_ingress_url(APP)
+                if not base:
+                    raise SystemExit("direct ingress: the ingress replica published no HTTP port")
+                print(f"sending to the ingress replica directly at {base}")
             serve_url = f"{base}/rerank" if base else None
             if serve_url:  # warm-up and a correctness check against the library
                 import httpx
@@ -346,12 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 if pid:
                                     prof_path = run.raw / "reranker_replica.pyspy.txt"
                                     prof_proc = pyspy_record(pid, int(min(args.max_seconds, 60)), prof_path)
-                            from ray import serve as _serve
-
-                            rr = _serve.get_deployment_handle("CrossEncoderReranker", app_name="bench")
-                            seen = len(rr.stats.remote().result()["batch_sizes"])
+                            seen = len(handle_call("CrossEncoderReranker", "stats")["batch_sizes"])
                             lvl = run_level("serve_app", serve_url, level_bodies(requests, n, args.min_requests, None), n, args.max_seconds, pid, serve_pids())
-                            sizes = rr.stats.remote().result()["batch_sizes"][seen:]
+                            sizes = handle_call("CrossEncoderReranker", "stats")["batch_sizes"][seen:]
                             lvl["rerank_calls"] = len(sizes)
                             lvl["requests_per_rerank_call"] = float(np.mean(sizes)) if sizes else float("nan")
                             print(f"    reranker calls: {len(sizes)}, requests per call {sizes}")
@@ -442,13 +451,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     fig.suptitle(f"Reranking {args.docs} SciFact BM25 documents per request, MiniLM-L6 cross-encoder, max_length {args.max_length}")
     run.save_figure(fig, "rerank_peers.png")
 
+    serve_mode = (("Serve's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1), requests " + ("straight to the ingress replica (direct ingress)" if args.via == "direct" else "through the HTTP proxy"))
+                  if args.throughput_optimized else "Serve's standard mode (HTTP proxy, Ray actor calls)")
+    results["serve_mode"] = serve_mode
     md = run.header_markdown("Cross-encoder serving throughput vs peers")
     md += (
         f"Model: MiniLM-L6 sequence classifier ({model_dir}), max_length {args.max_length}, CPU. Workload: {len(requests)} SciFact test queries, "
         f"each with its BM25 top-{args.docs} documents ({len(all_pairs)} pairs); a level with N clients sends max(N, {args.min_requests}) requests; "
         f"the in-process rows score the first {len(inproc)} requests ({len(inproc_pairs)} pairs; ours {args.max_batch_size} requests per rerank_many call). "
         f"serve_app: one CrossEncoderReranker replica (num_cpus {args.replica_cpus}, {threads} torch threads), @serve.batch max_batch_size {args.max_batch_size}, "
-        f"batch_wait_timeout_s {args.batch_wait_timeout_s}, Ray worker niceness {args.ray_worker_niceness if args.ray_worker_niceness >= 0 else '15 (Ray default)'}. infinity: {results.get('infinity_version') or 'not run'} (infinity-emb, transformers, torch), default batch size"
+        f"batch_wait_timeout_s {args.batch_wait_timeout_s}, Ray worker niceness {args.ray_worker_niceness if args.ray_worker_niceness >= 0 else '15 (Ray default)'}, {serve_mode}. infinity: {results.get('infinity_version') or 'not run'} (infinity-emb, transformers, torch), default batch size"
         f"{'' if not args.infinity_batch_size else ' ' + str(args.infinity_batch_size)}. "
         f"pairs/s and latencies: median [min-max] over {args.repeats} repeats.\n\n"
     )

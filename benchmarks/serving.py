@@ -54,6 +54,7 @@ def serve_stack(
     env: Optional[Mapping[str, str]] = None,
     worker_niceness: Optional[int] = 0,
     fast_autoscaling_metrics: bool = False,
+    throughput_optimized: bool = False,
 ) -> Iterator[str]:
     """Ray + Serve with the application deployed; yields ``http://127.0.0.1:PORT``.
 
@@ -62,6 +63,11 @@ def serve_stack(
     normal process (nice 0, e.g. an in-process library or another server) gets. Benchmarks
     compare with such processes, so the default here is 0 (``RAY_worker_niceness``); None keeps
     Ray's default.
+
+    ``throughput_optimized``: Serve's high-throughput mode (see
+    ``serve_app.serve.runner.start_ray``); the ingress replica also serves HTTP itself, on
+    127.0.0.1 here (``serve_app.serve.runner.direct_ingress_url`` finds it). Its drain period at
+    shutdown is cut from 30 s to 1 s, since no load balancer has to deregister it here.
 
     ``fast_autoscaling_metrics``: replicas and handles push autoscaling metrics every second
     instead of Serve's default 10 s (for autoscaling traces; it costs background CPU).
@@ -75,6 +81,8 @@ def serve_stack(
     if fast_autoscaling_metrics:
         os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
         os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    if throughput_optimized:
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     if worker_niceness is not None:
         os.environ["RAY_worker_niceness"] = str(worker_niceness)
     for k, v in (env or {}).items():
@@ -84,7 +92,7 @@ def serve_stack(
     from ray import serve
 
     t0 = time.perf_counter()
-    start_ray(num_cpus=num_cpus, log_to_driver=False)
+    start_ray(num_cpus=num_cpus, log_to_driver=False, throughput_optimized=throughput_optimized)
     try:
         deploy_config(load_serve_config(config))
         time.sleep(1.0)
@@ -98,6 +106,31 @@ def serve_stack(
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def handle_call(deployment: str, method: str, *args: Any, app: str = APP) -> Any:
+    """``await handle.<method>.remote(*args)`` on ``deployment`` of the benchmark application, from synchronous code."""
+    from serve_app.serve.runner import handle_call as call
+
+    return call(app, deployment, method, *args)
+
+
+def handle_round_trips(deployment: str, n: int, app: str = APP) -> list[float]:
+    """Milliseconds of ``n`` ``ping`` calls from this process to ``deployment`` through a Serve handle."""
+    from ray import serve
+
+    async def pings() -> list[float]:
+        handle = serve.get_deployment_handle(deployment, app_name=app)
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await handle.ping.remote()
+            out.append((time.perf_counter() - t0) * 1000)
+        return out
+
+    from serve_app.serve.runner import on_handle_loop
+
+    return on_handle_loop(pings())
 
 
 def _process_titles() -> Iterator[tuple[int, str]]:

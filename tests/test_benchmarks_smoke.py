@@ -177,6 +177,26 @@ def test_batching_ablation_tiny(tmp_path, scifact_dir, tiny_cross_encoder_dir):
 
 @pytest.mark.slow
 @pytest.mark.scifact
+def test_cpu_runtimes_tiny(tmp_path, scifact_dir, tiny_cross_encoder_dir):
+    from benchmarks import cpu_runtimes
+
+    out = tmp_path / "rt"
+    cpu_runtimes.main(["--scifact", str(scifact_dir), "--model", str(tiny_cross_encoder_dir), "--queries", "2", "--depth", "6",
+                       "--max-length", "64", "--repeats", "1", "--threads", "1", "--out", str(out)])
+    rt = _load(out, "cpu_runtimes")["results"]["runtimes"]
+    assert {"torch-fp32", "torch-bf16", "torch-int8-dynamic", "onnxruntime-fp32", "onnxruntime-fp32-fused"} <= set(rt)
+    ref = rt["torch-fp32"]
+    assert ref["max_abs_score_diff"] == 0 and ref["mean_kendall_tau"] == pytest.approx(1.0) and ref["same_top1_share"] == 1.0
+    # The ONNX export computes the same function in float32; the lower precisions only approximate it.
+    for name in ("onnxruntime-fp32", "onnxruntime-fp32-fused"):
+        assert rt[name]["max_abs_score_diff"] < 1e-4, name
+    for name in ("torch-bf16", "torch-int8-dynamic"):
+        assert 0 < rt[name]["max_abs_score_diff"] < 1.0, name
+    assert all(r["pairs_per_s"]["median"] > 0 for r in rt.values())
+
+
+@pytest.mark.slow
+@pytest.mark.scifact
 def test_rerank_peers_in_process_only(tmp_path, scifact_dir, tiny_cross_encoder_dir):
     from benchmarks import rerank_peers
 

@@ -142,28 +142,35 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from serve_app.serve.runner import deploy_config, http_base_url, load_serve_config, start_ray, wait_for_apps
+    from serve_app.serve.runner import deploy_config, direct_ingress_url, http_base_url, load_serve_config, start_ray, wait_for_apps
 
     config = load_serve_config(args.config)
     if args.port is not None:
         config = config.model_copy(update={"http_options": config.http_options.model_copy(update={"port": args.port})})
-    start_ray(args.address, num_cpus=args.num_cpus)
+    start_ray(args.address, num_cpus=args.num_cpus, throughput_optimized=args.throughput_optimized)
     try:
         deploy_config(config)
         names = [a.name for a in config.applications]
         print(f"Deploying {', '.join(names)}...", flush=True)
         wait_for_apps(names, timeout_s=args.timeout)
+        bases = {}
         for app in config.applications:
-            print(f"  {app.name}: {http_base_url(config, app.route_prefix or '/')}  (docs: /docs)", flush=True)
+            bases[app.name] = [http_base_url(config, app.route_prefix or "/")]
+            print(f"  {app.name}: {bases[app.name][0]}  (docs: /docs)", flush=True)
+            direct = direct_ingress_url(app.name) if args.throughput_optimized else None
+            if direct:
+                bases[app.name].append(direct + (app.route_prefix or "/").rstrip("/"))
+                print(f"  {app.name}, direct ingress (the ingress replica itself, no proxy): {bases[app.name][1]}", flush=True)
         if args.once:
             import httpx
 
-            for app in config.applications:
-                url = http_base_url(config, app.route_prefix or "/") + "/healthz"
-                r = httpx.get(url, timeout=30)
-                print(f"GET {url} -> {r.status_code} {r.text}", flush=True)
-                if r.status_code != 200:
-                    return 1
+            for app_bases in bases.values():
+                for base in app_bases:
+                    url = base + "/healthz"
+                    r = httpx.get(url, timeout=30)
+                    print(f"GET {url} -> {r.status_code} {r.text}", flush=True)
+                    if r.status_code != 200:
+                        return 1
         elif args.address:
             print("Deployed to the cluster; it keeps serving after this command exits.", flush=True)
             return 0
@@ -194,5 +201,11 @@ def register(subparsers: Any) -> None:
     s.add_argument("--port", type=int, default=None, help="override http_options.port")
     s.add_argument("--num-cpus", type=float, default=None, help="CPUs of a local Ray instance (default: all)")
     s.add_argument("--once", action="store_true", help="deploy, check /healthz, shut down")
+    s.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="start the local Ray instance in Serve's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between "
+        "deployments, direct ingress on the ingress replica's own port); on a cluster, set that variable for `ray start` instead",
+    )
     s.add_argument("--timeout", type=float, default=900, help="seconds to wait for the deployment (default 900)")
     s.set_defaults(func=run_serve)

@@ -15,12 +15,14 @@ in ``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH`` or ``RAY_AUTH_TOKEN``; an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Coroutine, Iterable, Mapping, Optional, TypeVar
 
 import yaml
 
@@ -32,6 +34,10 @@ logger = logging.getLogger(__name__)
 IMPORT_PATH = "serve_app.serve.app:build_app"
 SERVE_NAMESPACE = "serve"
 TERMINAL_FAILURES = ("DEPLOY_FAILED", "UNHEALTHY")
+THROUGHPUT_OPTIMIZED_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+T = TypeVar("T")
+_HANDLE_LOOP: Optional[asyncio.AbstractEventLoop] = None
+_HANDLE_LOOP_LOCK = threading.Lock()
 
 
 class RayStartError(UserFacingError):
@@ -90,16 +96,31 @@ def start_ray(
     metrics_export_port: Optional[int] = None,
     system_config: Optional[Mapping[str, Any]] = None,
     log_to_driver: bool = True,
+    throughput_optimized: bool = False,
 ) -> None:
     """Connect to ``address`` (e.g. ``auto`` or ``ray://host:10001``), or start a local instance on 127.0.0.1.
 
     ``log_to_driver=False`` keeps the replicas' logs out of this terminal (they stay in
     ``/tmp/ray/session_latest/logs``).
+
+    ``throughput_optimized`` starts the local instance with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``
+    (Serve's high-throughput mode, Ray >= 2.55): gRPC between deployments instead of Ray actor
+    calls, user code and the request router on each replica's own event loop, and direct
+    ingress (the ingress replica serves HTTP itself, see :func:`direct_ingress_url`). Serve
+    reads the variable when its processes start, so on an existing cluster (``address``) it has
+    to be in the environment of ``ray start`` on every node instead; this raises if asked there.
     """
     import ray
 
     if ray.is_initialized():
         return
+    if throughput_optimized:
+        if address:
+            raise RayStartError(
+                "--throughput-optimized applies to a local Ray instance; on a cluster set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
+                "in the environment of `ray start` on every node (see docs/DEPLOYING.md)"
+            )
+        os.environ[THROUGHPUT_OPTIMIZED_ENV] = "1"
     kwargs: dict[str, Any] = {"namespace": SERVE_NAMESPACE, "logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     if env_vars:
         kwargs["runtime_env"] = {"env_vars": dict(env_vars)}
@@ -191,3 +212,61 @@ def http_base_url(config: Any, route_prefix: str = "/") -> str:
     host = config.http_options.host
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     return f"http://{host}:{config.http_options.port}{route_prefix.rstrip('/')}"
+
+
+def on_handle_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on this process's background event loop for Serve handles; return its result.
+
+    Synchronous code (a CLI, a benchmark, a test) can call Serve handles through this in either
+    Serve mode: in the high-throughput mode a handle's router runs on the caller's event loop
+    (``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0``), so ``handle.method.remote().result()``
+    outside a loop fails, and the loop must keep running as long as the handle lives (up to
+    ``serve.shutdown()``). This loop runs in a daemon thread until the process exits."""
+    global _HANDLE_LOOP
+    with _HANDLE_LOOP_LOCK:
+        if _HANDLE_LOOP is None:
+            _HANDLE_LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_HANDLE_LOOP.run_forever, name="serve-handles", daemon=True).start()
+    return asyncio.run_coroutine_threadsafe(coro, _HANDLE_LOOP).result()
+
+
+def handle_call(app: str, deployment: str, method: str, *args: Any, **kwargs: Any) -> Any:
+    """``await handle.<method>.remote(*args, **kwargs)`` on ``deployment`` of ``app``, from synchronous code."""
+    from ray import serve
+
+    async def call() -> Any:
+        return await getattr(serve.get_deployment_handle(deployment, app_name=app), method).remote(*args, **kwargs)
+
+    return on_handle_loop(call())
+
+
+def direct_ingress_url(app: str) -> Optional[str]:
+    """``http://HOST:PORT`` of the first ingress replica of ``app`` that serves HTTP itself
+    (Serve's direct ingress, on in high-throughput mode), else None.
+
+    Read from the controller's target groups, what a load balancer such as Serve's HAProxy
+    registers. (The controller call is Serve-internal, like ``serve_start`` above; the same
+    target groups are public in the dashboard's ``/api/serve/applications/``.)"""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    details = ray.get(_get_global_client()._controller.get_serve_instance_details.remote())
+    return direct_ingress_target(details, app)
+
+
+def direct_ingress_target(details: Mapping[str, Any], app: str) -> Optional[str]:
+    """The direct-ingress URL of ``app`` in Serve's instance details (``ServeInstanceDetails`` as a dict).
+
+    Without direct ingress the target groups name the proxies (the ``http_options`` port), and
+    this returns None. A replica binds to ``http_options.host`` but its target carries the
+    node's IP, so a specific host from the config (127.0.0.1 for a local instance) wins."""
+    http = details.get("http_options") or {}
+    proxy_port = int(http.get("port") or 0)
+    host = http.get("host") if http.get("host") not in (None, "", "0.0.0.0", "::") else None
+    for group in details.get("target_groups") or []:
+        if group.get("app_name") != app or "HTTP" not in str(group.get("protocol")).upper():
+            continue
+        for target in group.get("targets") or []:
+            if int(target["port"]) != proxy_port:
+                return f"http://{host or target['ip']}:{target['port']}"
+    return None

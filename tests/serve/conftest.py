@@ -101,10 +101,11 @@ class ServeStack:
         dep = serve.status().applications[app].deployments[deployment]
         return sum(n for state, n in dep.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
 
-    def handle(self, app: str, deployment: str) -> Any:
-        from ray import serve
+    def call(self, app: str, deployment: str, method: str, *args: Any) -> Any:
+        """A replica method's result through a Serve handle (works in either Serve mode)."""
+        from serve_app.serve.runner import handle_call
 
-        return serve.get_deployment_handle(deployment, app_name=app)
+        return handle_call(app, deployment, method, *args)
 
 
 _ENV = {

@@ -57,6 +57,15 @@ def test_demo_once_builds_the_index_and_answers_the_example(tmp_path, model_env)
 
 def test_serve_runs_deployments_yaml(tmp_path, model_env):
     """The repository's deployments.yaml, with only the paths changed, fits a 2-CPU local instance."""
+    port = free_port()
+    proc = run_cli(["serve", "--config", str(_yaml_for(tmp_path)), "--once", "--port", str(port), "--num-cpus", "2"], model_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"GET http://127.0.0.1:{port}/healthz -> 200" in proc.stdout
+    assert (tmp_path / "index" / "manifest.json").is_file()
+
+
+def _yaml_for(tmp_path: Path) -> Path:
+    """The repository's deployments.yaml with the index and corpus paths moved under ``tmp_path``."""
     raw = yaml.safe_load((REPO_ROOT / "deployments.yaml").read_text())
     app = raw["applications"][0]
     corpus = tmp_path / "corpus.jsonl"
@@ -65,11 +74,59 @@ def test_serve_runs_deployments_yaml(tmp_path, model_env):
     app["args"]["corpus"] = str(corpus)
     config = tmp_path / "deployments.yaml"
     config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def test_serve_throughput_optimized_answers_through_the_proxy_and_the_ingress_replica(tmp_path, model_env):
+    """``--throughput-optimized``: Serve's gRPC + direct-ingress mode; both HTTP paths give the same
+    answers and the same error envelope, and the replica's own port is on 127.0.0.1."""
+    import re
+    import signal
+    import time
+
+    import httpx
+
     port = free_port()
-    proc = run_cli(["serve", "--config", str(config), "--once", "--port", str(port), "--num-cpus", "2"], model_env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"GET http://127.0.0.1:{port}/healthz -> 200" in proc.stdout
-    assert (tmp_path / "index" / "manifest.json").is_file()
+    env = dict(os.environ, **model_env, HF_HUB_OFFLINE="1", RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "serve_app.cli", "serve", "--config", str(_yaml_for(tmp_path)), "--port", str(port), "--num-cpus", "2", "--throughput-optimized"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 600
+        direct = None
+        while direct is None and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            lines.append(line)
+            m = re.search(r"direct ingress \(the ingress replica itself, no proxy\): (http://\S+)", line)
+            direct = m.group(1) if m else None
+        assert direct, "".join(lines)[-3000:]
+        assert direct.startswith("http://127.0.0.1:") and not direct.endswith(f":{port}")
+        proxy = f"http://127.0.0.1:{port}"
+        body = {"query": "what helps plants grow", "top_n": 3}
+        answers = {}
+        for base in (proxy, direct):
+            r = httpx.post(base + "/search", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            answers[base] = [hit["id"] for hit in r.json()["results"]]
+            bad = httpx.post(base + "/search", json={"query": "x", "top_n": "many"}, timeout=60)
+            assert bad.status_code == 422
+            assert bad.json()["error"]["type"] == "validation_error"
+        assert answers[proxy] == answers[direct] and len(answers[proxy]) == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_throughput_optimized_is_refused_for_an_existing_cluster(tmp_path):
+    """Serve reads the mode when its processes start, so it cannot be switched on when joining a cluster."""
+    proc = run_cli(["serve", "--config", str(REPO_ROOT / "deployments.yaml"), "--address", "auto", "--throughput-optimized", "--once"], {}, timeout=120)
+    assert proc.returncode != 0
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_serve_rejects_an_invalid_config_before_starting_ray(tmp_path):

@@ -24,7 +24,7 @@ from serve_app.serve.config import (
     parse_app_config,
     parse_user_config,
 )
-from serve_app.serve.runner import IMPORT_PATH, load_serve_config
+from serve_app.serve.runner import IMPORT_PATH, direct_ingress_target, load_serve_config, on_handle_loop
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -182,3 +182,35 @@ def test_generated_doc_tables_are_up_to_date():
     from serve_app.serve.docs import stale_sections
 
     assert stale_sections() == [], "run: python -m serve_app.serve.docs"
+
+
+def _details(targets: list[dict], *, host: str = "127.0.0.1", port: int = 8000, protocol: str = "HTTP", app: str = "serve_app") -> dict:
+    return {"http_options": {"host": host, "port": port}, "target_groups": [{"app_name": app, "protocol": protocol, "route_prefix": "/", "targets": targets}]}
+
+
+def test_direct_ingress_target_names_the_replica_port_not_the_proxy():
+    replica = {"ip": "10.0.0.5", "port": 30000, "instance_id": "r1", "name": "SearchIngress"}
+    proxy = {"ip": "10.0.0.5", "port": 8000, "instance_id": "p1", "name": "proxy"}
+    # Direct ingress: the replica's own port, on the configured loopback host (it binds there).
+    assert direct_ingress_target(_details([replica]), "serve_app") == "http://127.0.0.1:30000"
+    # Bound to every interface: the node's IP from the target.
+    assert direct_ingress_target(_details([replica], host="0.0.0.0"), "serve_app") == "http://10.0.0.5:30000"
+    # Standard mode: the target groups name the proxy; another app or protocol does not count.
+    assert direct_ingress_target(_details([proxy]), "serve_app") is None
+    assert direct_ingress_target(_details([replica], app="other"), "serve_app") is None
+    assert direct_ingress_target(_details([replica], protocol="gRPC"), "serve_app") is None
+    assert direct_ingress_target({"http_options": {"port": 8000}}, "serve_app") is None
+
+
+def test_handle_loop_runs_every_call_on_one_background_loop():
+    """Serve handles made on this loop stay usable across calls (Serve's high-throughput mode needs that)."""
+    import asyncio
+
+    async def where() -> tuple[int, str]:
+        await asyncio.sleep(0)
+        return id(asyncio.get_running_loop()), threading.current_thread().name
+
+    first, second = on_handle_loop(where()), on_handle_loop(where())
+    assert first == second
+    assert first[1] == "serve-handles" != threading.current_thread().name
+

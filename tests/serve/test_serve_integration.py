@@ -168,7 +168,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_scores(serve_stack)
     # Distinct queries give distinct score vectors, so a mix-up between requests would show above.
     assert len({tuple(round(a[i], 3) for i in sorted(a)) for a in alone}) == len(alone)
     assert max(sizes) > 1, sizes
-    stats = serve_stack.handle("main", "CrossEncoderReranker").stats.remote().result()
+    stats = serve_stack.call("main", "CrossEncoderReranker", "stats")
     assert max(stats["batch_sizes"]) > 1
     print(f"\nobserved rerank batch sizes (per response) for 24 concurrent requests: {sorted(sizes)}")
     # The same evidence through the metric on Ray's Prometheus endpoint.
@@ -188,20 +188,22 @@ def test_search_concurrency_matches_sequential(serve_stack):
 
 
 def test_reconfigure_batch_size_live(serve_stack):
-    handle = serve_stack.handle("main", "CrossEncoderReranker")
-    before = handle.stats.remote().result()
+    def stats() -> dict[str, Any]:
+        return serve_stack.call("main", "CrossEncoderReranker", "stats")
+
+    before = stats()
     app = serve_stack.app_config("main", deployments={"CrossEncoderReranker": {"user_config": {"max_batch_size": 2, "batch_wait_timeout_s": 0.05}}})
     try:
         serve_stack.deploy(app)
-        wait_until(lambda: handle.stats.remote().result()["batching"]["max_batch_size"] == 2, 60, "max_batch_size 2 applied")
-        after = handle.stats.remote().result()
+        wait_until(lambda: stats()["batching"]["max_batch_size"] == 2, 60, "max_batch_size 2 applied")
+        after = stats()
         assert after["replica"] == before["replica"]  # reconfigured in place, not restarted
         out = asyncio.run(post_many(serve_stack.url() + "/rerank", [{"query": q, "documents": DOCS[:4]} for q in queries(16)]))
         sizes = [r.json()["meta"]["batch_size"] for r in out]
         assert max(sizes) == 2, sizes
     finally:
         serve_stack.deploy(serve_stack.app_config("main"))
-    wait_until(lambda: handle.stats.remote().result()["batching"]["max_batch_size"] == 16, 60, "max_batch_size 16 restored")
+    wait_until(lambda: stats()["batching"]["max_batch_size"] == 16, 60, "max_batch_size 16 restored")
 
 
 # --------------------------------------------------------------------------- degradation

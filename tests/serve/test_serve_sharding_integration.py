@@ -21,6 +21,7 @@ import pytest
 from serve_fakes import wait_until
 
 from serve_app.client import ServeAppClient
+from serve_app.serve.runner import handle_call
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
@@ -60,8 +61,6 @@ def sharded(serve_stack, tmp_path_factory):
 
 
 def test_sharded_search_equals_unsharded(serve_stack, sharded, tiny_cross_encoder_dir, tiny_bi_encoder_dir):
-    from ray import serve
-
     from serve_app.config import CrossEncoderConfig, DenseConfig
     from serve_app.pipeline import SearchPipeline
 
@@ -89,9 +88,9 @@ def test_sharded_search_equals_unsharded(serve_stack, sharded, tiny_cross_encode
             assert g["text"] == pipeline.corpus.get(g["id"]).text
         assert got["stages"]["bm25"]["candidates"] == len(pipeline.retrievers["bm25"].search(q, 20))
     # Each shard replica holds its half of the corpus, and the ingress reports the layout.
-    docs = [serve.get_deployment_handle(f"BM25Retriever-shard{i}", app_name="sharded").ping.remote().result()["documents"] for i in range(2)]
+    docs = [handle_call("sharded", f"BM25Retriever-shard{i}", "ping")["documents"] for i in range(2)]
     assert docs == [30, 30]
-    vectors = [serve.get_deployment_handle(f"DenseRetriever-shard{i}", app_name="sharded").ping.remote().result()["vectors"] for i in range(2)]
+    vectors = [handle_call("sharded", f"DenseRetriever-shard{i}", "ping")["vectors"] for i in range(2)]
     assert sum(vectors) == len(pipeline.corpus) and min(vectors) > 0
     with ServeAppClient(url) as c:
         assert c.health()["status"] == "ok"
