@@ -4,6 +4,7 @@ Command::
 
     python -m benchmarks.rerank_peers                          # BM25 top-10 per request, N = 1, 4, 16, 64 (~9 min on 2 cores)
     python -m benchmarks.rerank_peers --throughput-optimized --via direct   # Serve's high-throughput mode, no proxy
+    python -m benchmarks.rerank_peers --dtype bfloat16          # every system in bfloat16
     python -m benchmarks.rerank_peers --concurrency 16,64 --min-requests 16 --profile   # py-spy of the replica
     python -m benchmarks.rerank_peers --docs 100 --concurrency 1,4,16 --min-requests 16   # full-size requests
 
@@ -53,10 +54,12 @@ SERVED_NAME = "minilm-ce"
 class InfinityServer:
     """infinity_emb v2 in its own virtualenv, on 127.0.0.1; records why it failed when it does."""
 
-    def __init__(self, venv: Path, model_dir: Path, port: int, log_path: Path, batch_size: int | None) -> None:
+    def __init__(self, venv: Path, model_dir: Path, port: int, log_path: Path, batch_size: int | None, dtype: str = "float32") -> None:
         self.cmd = [str(venv / "bin" / "infinity_emb"), "v2", "--model-id", str(model_dir), "--served-model-name", SERVED_NAME, "--engine", "torch", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--no-model-warmup"]
         if batch_size:
             self.cmd += ["--batch-size", str(batch_size)]
+        if dtype != "float32":  # float32 is what infinity's default (auto) gives on a CPU
+            self.cmd += ["--dtype", dtype]
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -144,19 +147,20 @@ def summarize_profile(path: Path, top: int = 12, inclusive: Sequence[str] = ()) 
 # --------------------------------------------------------------------------- systems
 
 
-def in_process_ce(model_dir: Path, max_length: int, batch_size: int) -> Callable[[list[tuple[str, str]]], np.ndarray]:
+def in_process_ce(model_dir: Path, max_length: int, batch_size: int, dtype: str = "float32") -> Callable[[list[tuple[str, str]]], np.ndarray]:
+    import torch
     from sentence_transformers import CrossEncoder
 
-    ce = CrossEncoder(str(model_dir), device="cpu", max_length=max_length)
-    return lambda pairs: np.asarray(ce.predict(pairs, batch_size=batch_size, show_progress_bar=False))
+    ce = CrossEncoder(str(model_dir), device="cpu", max_length=max_length, model_kwargs={"dtype": getattr(torch, dtype)})
+    return lambda pairs: np.asarray(ce.predict(pairs, batch_size=batch_size, show_progress_bar=False), dtype=np.float32)
 
 
-def in_process_ours(model_dir: Path, max_length: int) -> Callable[[list[tuple[str, list[str]]]], list[np.ndarray]]:
+def in_process_ours(model_dir: Path, max_length: int, dtype: str = "float32") -> Callable[[list[tuple[str, list[str]]]], list[np.ndarray]]:
     from serve_app.config import CrossEncoderConfig
     from serve_app.rerank import CrossEncoderScorer, Reranker
     from serve_app.rerank.reranker import RerankRequest
 
-    cfg = CrossEncoderConfig(model=str(model_dir), max_length=max_length, device="cpu", activation="sigmoid")
+    cfg = CrossEncoderConfig(model=str(model_dir), max_length=max_length, device="cpu", activation="sigmoid", dtype=dtype)
     rr = Reranker(CrossEncoderScorer(cfg), cfg)
     return lambda reqs: rr.rerank_many([RerankRequest(q, d) for q, d in reqs])
 
@@ -228,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 2), help="num_cpus (and torch threads) of our reranker replica")
     p.add_argument("--ray-worker-niceness", type=int, default=0, help="nice value of Ray's worker processes (Ray's own default is 15; -1 keeps it)")
     p.add_argument("--profile", action="store_true", help="py-spy the reranker replica at the highest concurrency")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of every system (bfloat16: fast on CPUs with AVX512-BF16 or AMX; see cpu_runtimes)")
     p.add_argument("--throughput-optimized", action="store_true", help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (gRPC between deployments, direct ingress)")
     p.add_argument("--via", choices=("proxy", "direct"), default="proxy", help="send /rerank to Serve's HTTP proxy or straight to the ingress replica's own port (needs --throughput-optimized)")
     p.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for a server to start")
@@ -248,14 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(requests)} requests x {args.docs} docs = {len(all_pairs)} pairs ({len(inproc_pairs)} in process); model {model_dir}")
 
     results: dict[str, Any] = {"model": str(model_dir), "docs_per_request": args.docs, "pairs": len(all_pairs), "levels": levels, "systems": {}}
-    ce = in_process_ce(model_dir, args.max_length, args.ce_batch_size)
-    ours_local = in_process_ours(model_dir, args.max_length)
+    ce = in_process_ce(model_dir, args.max_length, args.ce_batch_size, args.dtype)
+    ours_local = in_process_ours(model_dir, args.max_length, args.dtype)
     ce(all_pairs[:8])
     ours_local(requests[:1])
 
     infinity: InfinityServer | None = None
     if not args.skip_infinity:
-        infinity = InfinityServer(Path(args.infinity_venv), model_dir, free_port(), run.raw / "infinity.log", args.infinity_batch_size)
+        infinity = InfinityServer(Path(args.infinity_venv), model_dir, free_port(), run.raw / "infinity.log", args.infinity_batch_size, args.dtype)
         print("starting infinity:", " ".join(infinity.cmd))
         if not infinity.start(args.start_timeout):
             print("infinity failed:", infinity.error)
@@ -268,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "index_dir": str(DEFAULT_CACHE / "bench" / "demo-bm25-index"),
         "build_index_if_missing": False,
         "retrievers": ["bm25"],
-        "reranker": {"model": str(model_dir), "max_length": args.max_length, "device": "cpu", "activation": "sigmoid"},
+        "reranker": {"model": str(model_dir), "max_length": args.max_length, "device": "cpu", "activation": "sigmoid", "dtype": args.dtype},
         "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
         "timeouts": {"rerank_timeout_s": 600, "request_timeout_s": 600},
         "limits": {"max_document_chars": 1_000_000},
@@ -456,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["serve_mode"] = serve_mode
     md = run.header_markdown("Cross-encoder serving throughput vs peers")
     md += (
-        f"Model: MiniLM-L6 sequence classifier ({model_dir}), max_length {args.max_length}, CPU. Workload: {len(requests)} SciFact test queries, "
+        f"Model: MiniLM-L6 sequence classifier ({model_dir}), max_length {args.max_length}, CPU, {args.dtype} in every system. Workload: {len(requests)} SciFact test queries, "
         f"each with its BM25 top-{args.docs} documents ({len(all_pairs)} pairs); a level with N clients sends max(N, {args.min_requests}) requests; "
         f"the in-process rows score the first {len(inproc)} requests ({len(inproc_pairs)} pairs; ours {args.max_batch_size} requests per rerank_many call). "
         f"serve_app: one CrossEncoderReranker replica (num_cpus {args.replica_cpus}, {threads} torch threads), @serve.batch max_batch_size {args.max_batch_size}, "
