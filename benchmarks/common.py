@@ -65,12 +65,15 @@ def _version(dist: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """HEAD of the repository (None outside git)."""
+    """HEAD of the repository (None outside git), with ``+changes`` when the code that runs
+    (``serve_app/``, ``benchmarks/`` without its results, ``deployments.yaml``) differs from it."""
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        changed = subprocess.run(["git", "-C", str(REPO_ROOT), "diff", "--quiet", "HEAD", "--", "serve_app", "benchmarks", ":(exclude)benchmarks/results", "deployments.yaml"], capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    head = out.stdout.strip()
+    return (head + ("+changes" if changed.returncode == 1 else "")) or None
 
 
 def machine_info() -> dict[str, Any]:

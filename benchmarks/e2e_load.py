@@ -29,7 +29,9 @@ Three phases (each repeated ``--repeats`` times, medians and spread reported):
    stages plus two Ray handle round trips (measured with ``ping`` calls), the part of the stage
    times that is serving rather than compute.
 2. **Concurrency sweep**: N closed-loop clients (loopback, bounded in count and time), p50/p95/p99
-   latency, requests/s and the per-stage p50 from the responses' ``timings_ms``.
+   latency, requests/s and the per-stage p50 from the responses' ``timings_ms``. A level sends
+   max(N x ``--requests-per-client``, ``--min-requests``) requests: with one request per client
+   the top level would be a single burst, whose first and last reranker calls run nearly empty.
 ``--throughput-optimized`` starts Ray with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (gRPC between
 deployments, user code and router on the replicas' own loops, direct ingress); ``--via direct``
 then sends every request to the ingress replica's own HTTP port instead of the proxy, the path
@@ -100,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rerank-top-m", type=int, default=10, help="fused candidates reranked per request")
     p.add_argument("--max-length", type=int, default=512, help="cross-encoder tokens per pair")
     p.add_argument("--concurrency", default="1,4,16", help="client counts of the sweep")
-    p.add_argument("--min-requests", type=int, default=16, help="requests per sweep level at least (max(N, this))")
+    p.add_argument("--min-requests", type=int, default=16, help="requests per sweep level at least")
+    p.add_argument("--requests-per-client", type=int, default=3, help="a level with N clients sends max(N x this, --min-requests) requests, so that it runs in steady state rather than as one burst")
     p.add_argument("--overhead-queries", type=int, default=12, help="queries of the 1-client overhead phase")
     p.add_argument("--light-queries", type=int, default=30, help="retrieval-only requests of the 1-client overhead phase")
     p.add_argument("--max-seconds", type=float, default=180, help="a sweep level stops sending after this")
@@ -248,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 # Phase 2: concurrency sweep.
                 for n in levels:
-                    bodies = [body(queries[(rep * 97 + i) % len(queries)]) for i in range(max(n, args.min_requests))]
+                    bodies = [body(queries[(rep * 97 + i) % len(queries)]) for i in range(max(n * args.requests_per_client, args.min_requests))]
                     res = closed_loop(url, bodies, n, max_seconds=args.max_seconds, timeout_s=args.max_seconds + 600,
                                       extract=lambda j: {"timings": j["timings_ms"], "batch": (j["stages"].get("rerank") or {}).get("batch_size")})
                     s = res.summary()
@@ -369,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     md += (
         f"SciFact index ({index}): BM25 + dense Flat (all-MiniLM-L6-v2), hybrid RRF, rerank top-{args.rerank_top_m} with the MiniLM-L6 speed cross-encoder "
         f"(max_length {args.max_length}), top-10 returned. One replica per stage; reranker num_cpus {args.replica_cpus} ({threads} torch threads), "
-        f"@serve.batch max_batch_size {args.max_batch_size}; Ray worker niceness {niceness if niceness is not None else '15 (Ray default)'}; {serve_mode}. Medians [min-max] over {args.repeats} repeats.\n\n"
+        f"@serve.batch max_batch_size {args.max_batch_size}; Ray worker niceness {niceness if niceness is not None else '15 (Ray default)'}; {serve_mode}. A level with N clients sends max({args.requests_per_client}N, {args.min_requests}) requests. Medians [min-max] over {args.repeats} repeats.\n\n"
         "## Concurrency sweep\n\n"
     )
     md += md_table(["N", "requests/s", "p50 ms", "p95 ms", "p99 ms", "bm25 p50", "dense p50", "fusion p50", "rerank p50", "ingress total p50", "rerank batch (requests)", "errors"], rows)
