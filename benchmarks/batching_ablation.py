@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks.common import BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, md_table, measure, set_threads, speed_model_dir, summarize
+from benchmarks.common import BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, md_table, measure, pair_features, set_threads, speed_model_dir, summarize
 
 STRATEGIES = ("naive", "sorted", "token-budget")
 
@@ -86,9 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = CrossEncoderConfig(model=str(model_dir), max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, max_batch_pairs=args.max_batch_pairs, device="cpu")
     scorer = CrossEncoderScorer(cfg)
     tok, model = scorer.tokenizer, scorer.model
-    enc = tok([q for q, _ in pairs], [d for _, d in pairs], truncation="only_second", max_length=scorer.max_length, padding=False)
-    features = [{k: enc[k][i] for k in enc.keys()} for i in range(len(pairs))]
-    lengths = [len(f["input_ids"]) for f in features]
+    features, lengths = pair_features(tok, pairs, scorer.max_length)
     print(f"{len(pairs)} pairs, tokens mean {np.mean(lengths):.0f}, max {max(lengths)}; torch threads {__import__('torch').get_num_threads()}")
 
     plans: dict[str, list[list[int]]] = {}

@@ -339,6 +339,14 @@ def bm25_candidates(dataset: Any, n_queries: int | None, depth: int) -> list[tup
     return [(q, [dataset.corpus.get(h.doc_id).content for h in hs]) for q, hs in zip(queries, hits)]
 
 
+def pair_features(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int) -> tuple[list[dict[str, list[int]]], list[int]]:
+    """Unpadded features of every (query, document) pair and their token lengths, tokenised once
+    with the scorer's rule (``truncation="only_second"``: documents are cut, queries kept)."""
+    enc = tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation="only_second", max_length=max_length, padding=False)
+    features = [{k: enc[k][i] for k in enc.keys()} for i in range(len(pairs))]
+    return features, [len(f["input_ids"]) for f in features]
+
+
 def speed_model_dir(path: str | os.PathLike[str] | None = None, seed: int = 0) -> Path:
     """A cross-encoder with the shape and cost of ms-marco-MiniLM-L-6-v2, built once and cached.
 

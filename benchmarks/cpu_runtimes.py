@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from benchmarks.common import BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, md_table, measure, set_threads, speed_model_dir, summarize
+from benchmarks.common import BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, md_table, measure, pair_features, set_threads, speed_model_dir, summarize
 
 REFERENCE = "torch-fp32"
 ORT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -138,9 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = CrossEncoderConfig(model=str(model_dir), max_length=args.max_length, device="cpu", dtype="float32")
     scorer = CrossEncoderScorer(cfg)
     tok, model = scorer.tokenizer, scorer.model
-    enc = tok([q for q, _ in pairs], [d for _, d in pairs], truncation="only_second", max_length=scorer.max_length, padding=False)
-    features = [{k: enc[k][i] for k in enc.keys()} for i in range(len(pairs))]
-    lengths = [len(f["input_ids"]) for f in features]
+    features, lengths = pair_features(tok, pairs, scorer.max_length)
     batches = plan_batches(lengths, cfg.max_batch_tokens, cfg.max_batch_pairs)
     print(f"{len(pairs)} pairs in {len(batches)} token-budget batches, tokens mean {np.mean(lengths):.0f}, max {max(lengths)}; {threads} threads")
 

@@ -54,7 +54,7 @@ import numpy as np
 from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, fmt_spread, load_scifact, md_table, speed_model_dir, summarize, target_line
 from benchmarks.loadgen import closed_loop
 from benchmarks.rerank_peers import pyspy_record, summarize_profile
-from benchmarks.serving import APP, cpu_seconds, handle_round_trips, serve_pids, serve_stack
+from benchmarks.serving import add_serve_mode_args, cpu_seconds, handle_round_trips, serve_mode, serve_pids, serve_stack
 
 STAGES = ("bm25", "dense", "fusion", "rerank")
 #: Where the HTTP proxy and the ingress may spend their time (substrings of py-spy frames).
@@ -112,12 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01, help="reranker batch_wait_timeout_s")
     p.add_argument("--profile", action="store_true", help="py-spy the HTTP proxy and the ingress during the retrieval-only requests of the first repeat")
     p.add_argument("--ray-worker-niceness", type=int, default=0, help="nice value of Ray's worker processes (Ray's own default is 15; -1 keeps it)")
-    p.add_argument("--throughput-optimized", action="store_true", help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (gRPC between deployments, user code and router on the replicas' own event loop, direct ingress)")
-    p.add_argument("--via", choices=("proxy", "direct"), default="proxy", help="send requests to Serve's HTTP proxy, or straight to the ingress replica's own HTTP port (direct ingress; needs --throughput-optimized): the path a load balancer such as Serve's HAProxy takes")
+    add_serve_mode_args(p)
     p.set_defaults(repeats=2)
     args = p.parse_args(argv)
-    if args.via == "direct" and not args.throughput_optimized:
-        p.error("--via direct needs --throughput-optimized (direct ingress is part of that mode)")
+    mode = serve_mode(p, args)
     run = BenchRun("e2e_load", args, args.out)
     levels = [int(x) for x in args.concurrency.split(",")]
 
@@ -162,14 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch_sizes: dict[str, list[float]] = {str(n): [] for n in levels}
 
     niceness = None if args.ray_worker_niceness < 0 else args.ray_worker_niceness
-    with serve_stack(app_args, deployments, num_cpus=max(4.0, args.replica_cpus + 2), timeout_s=900, worker_niceness=niceness, throughput_optimized=args.throughput_optimized) as base:
-        if args.via == "direct":
-            from serve_app.serve.runner import direct_ingress_url
-
-            base = direct_ingress_url(APP) or ""
-            if not base:
-                raise SystemExit("direct ingress: the ingress replica published no HTTP port")
-            print(f"sending to the ingress replica directly at {base}")
+    with serve_stack(app_args, deployments, num_cpus=max(4.0, args.replica_cpus + 2), timeout_s=900, worker_niceness=niceness, throughput_optimized=args.throughput_optimized, via=args.via) as base:
         url = base + "/search"
         with httpx.Client(timeout=600) as client:
             for q in queries[:2]:  # warm-up of every stage
@@ -366,13 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         st = r["stage_p50_ms"]
         rows.append((n, fmt_spread(r["requests_per_s"], 2), fmt_spread(r["p50_ms"], 0), fmt_spread(r["p95_ms"], 0), fmt_spread(r["p99_ms"], 0),
                      *(f"{st[s]['median']:.1f}" if s in st else "-" for s in (*STAGES, "total")), f"{r['mean_rerank_batch_requests']['median']:.1f}", r["errors"]))
-    serve_mode = ("RAY_SERVE_THROUGHPUT_OPTIMIZED=1, " + ("requests sent straight to the ingress replica (direct ingress)" if args.via == "direct" else "requests through Serve's HTTP proxy")) if args.throughput_optimized else "Serve's standard mode (HTTP proxy, Ray actor calls between deployments)"
-    results["serve_mode"] = serve_mode
+    results["serve_mode"] = mode
     md = run.header_markdown("End-to-end /search under load")
     md += (
         f"SciFact index ({index}): BM25 + dense Flat (all-MiniLM-L6-v2), hybrid RRF, rerank top-{args.rerank_top_m} with the MiniLM-L6 speed cross-encoder "
         f"(max_length {args.max_length}), top-10 returned. One replica per stage; reranker num_cpus {args.replica_cpus} ({threads} torch threads), "
-        f"@serve.batch max_batch_size {args.max_batch_size}; Ray worker niceness {niceness if niceness is not None else '15 (Ray default)'}; {serve_mode}. A level with N clients sends max({args.requests_per_client}N, {args.min_requests}) requests. Medians [min-max] over {args.repeats} repeats.\n\n"
+        f"@serve.batch max_batch_size {args.max_batch_size}; Ray worker niceness {niceness if niceness is not None else '15 (Ray default)'}; {mode}. A level with N clients sends max({args.requests_per_client}N, {args.min_requests}) requests. Medians [min-max] over {args.repeats} repeats.\n\n"
         "## Concurrency sweep\n\n"
     )
     md += md_table(["N", "requests/s", "p50 ms", "p95 ms", "p99 ms", "bm25 p50", "dense p50", "fusion p50", "rerank p50", "ingress total p50", "rerank batch (requests)", "errors"], rows)

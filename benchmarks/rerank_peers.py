@@ -43,7 +43,7 @@ import numpy as np
 
 from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, md_table, summarize, target_line
 from benchmarks.loadgen import closed_loop, wait_ready
-from benchmarks.serving import APP, cpu_seconds, find_replica_pid, free_port, handle_call, proc_stat, serve_pids, serve_stack
+from benchmarks.serving import add_serve_mode_args, cpu_seconds, find_replica_pid, free_port, handle_call, proc_stat, serve_mode, serve_pids, serve_stack
 
 SERVED_NAME = "minilm-ce"
 
@@ -233,13 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ray-worker-niceness", type=int, default=0, help="nice value of Ray's worker processes (Ray's own default is 15; -1 keeps it)")
     p.add_argument("--profile", action="store_true", help="py-spy the reranker replica at the highest concurrency")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of every system (bfloat16: fast on CPUs with AVX512-BF16 or AMX; see cpu_runtimes)")
-    p.add_argument("--throughput-optimized", action="store_true", help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (gRPC between deployments, direct ingress)")
-    p.add_argument("--via", choices=("proxy", "direct"), default="proxy", help="send /rerank to Serve's HTTP proxy or straight to the ingress replica's own port (needs --throughput-optimized)")
+    add_serve_mode_args(p)
     p.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for a server to start")
     p.set_defaults(repeats=2)
     args = p.parse_args(argv)
-    if args.via == "direct" and not args.throughput_optimized:
-        p.error("--via direct needs --throughput-optimized (direct ingress is part of that mode)")
+    mode = serve_mode(p, args)
     run = BenchRun("rerank_peers", args, args.out)
     levels = [int(x) for x in args.concurrency.split(",")]
 
@@ -299,17 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return contextlib.nullcontext(None)
         ensure_bm25_demo_index(Path(app_args["index_dir"]))
-        return serve_stack(app_args, deployments, num_cpus=max(4.0, args.replica_cpus + 1), timeout_s=args.start_timeout, worker_niceness=None if args.ray_worker_niceness < 0 else args.ray_worker_niceness, throughput_optimized=args.throughput_optimized)
+        return serve_stack(app_args, deployments, num_cpus=max(4.0, args.replica_cpus + 1), timeout_s=args.start_timeout, worker_niceness=None if args.ray_worker_niceness < 0 else args.ray_worker_niceness, throughput_optimized=args.throughput_optimized, via=args.via)
 
     try:
         with stack() as base:
-            if base and args.via == "direct":
-                from serve_app.serve.runner import direct_ingress_url
-
-                base = direct_ingress_url(APP)
-                if not base:
-                    raise SystemExit("direct ingress: the ingress replica published no HTTP port")
-                print(f"sending to the ingress replica directly at {base}")
             serve_url = f"{base}/rerank" if base else None
             if serve_url:  # warm-up and a correctness check against the library
                 import httpx
@@ -456,16 +447,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     fig.suptitle(f"Reranking {args.docs} SciFact BM25 documents per request, MiniLM-L6 cross-encoder, max_length {args.max_length}")
     run.save_figure(fig, "rerank_peers.png")
 
-    serve_mode = (("Serve's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1), requests " + ("straight to the ingress replica (direct ingress)" if args.via == "direct" else "through the HTTP proxy"))
-                  if args.throughput_optimized else "Serve's standard mode (HTTP proxy, Ray actor calls)")
-    results["serve_mode"] = serve_mode
+    results["serve_mode"] = mode
     md = run.header_markdown("Cross-encoder serving throughput vs peers")
     md += (
         f"Model: MiniLM-L6 sequence classifier ({model_dir}), max_length {args.max_length}, CPU, {args.dtype} in every system. Workload: {len(requests)} SciFact test queries, "
         f"each with its BM25 top-{args.docs} documents ({len(all_pairs)} pairs); a level with N clients sends max(N, {args.min_requests}) requests; "
         f"the in-process rows score the first {len(inproc)} requests ({len(inproc_pairs)} pairs; ours {args.max_batch_size} requests per rerank_many call). "
         f"serve_app: one CrossEncoderReranker replica (num_cpus {args.replica_cpus}, {threads} torch threads), @serve.batch max_batch_size {args.max_batch_size}, "
-        f"batch_wait_timeout_s {args.batch_wait_timeout_s}, Ray worker niceness {args.ray_worker_niceness if args.ray_worker_niceness >= 0 else '15 (Ray default)'}, {serve_mode}. infinity: {results.get('infinity_version') or 'not run'} (infinity-emb, transformers, torch), default batch size"
+        f"batch_wait_timeout_s {args.batch_wait_timeout_s}, Ray worker niceness {args.ray_worker_niceness if args.ray_worker_niceness >= 0 else '15 (Ray default)'}, {mode}. infinity: {results.get('infinity_version') or 'not run'} (infinity-emb, transformers, torch), default batch size"
         f"{'' if not args.infinity_batch_size else ' ' + str(args.infinity_batch_size)}. "
         f"pairs/s and latencies: median [min-max] over {args.repeats} repeats.\n\n"
     )

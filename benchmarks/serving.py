@@ -8,6 +8,7 @@ application's base URL, and shuts Serve and Ray down on exit, whatever happens.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import os
@@ -55,6 +56,7 @@ def serve_stack(
     worker_niceness: Optional[int] = 0,
     fast_autoscaling_metrics: bool = False,
     throughput_optimized: bool = False,
+    via: str = "proxy",
 ) -> Iterator[str]:
     """Ray + Serve with the application deployed; yields ``http://127.0.0.1:PORT``.
 
@@ -68,11 +70,13 @@ def serve_stack(
     ``serve_app.serve.runner.start_ray``); the ingress replica also serves HTTP itself, on
     127.0.0.1 here (``serve_app.serve.runner.direct_ingress_url`` finds it). Its drain period at
     shutdown is cut from 30 s to 1 s, since no load balancer has to deregister it here.
+    ``via="direct"`` (needs ``throughput_optimized``) yields that replica's URL instead of the
+    proxy's.
 
     ``fast_autoscaling_metrics``: replicas and handles push autoscaling metrics every second
     instead of Serve's default 10 s (for autoscaling traces; it costs background CPU).
     """
-    from serve_app.serve.runner import deploy_config, load_serve_config, start_ray, wait_for_apps
+    from serve_app.serve.runner import deploy_config, direct_ingress_url, load_serve_config, start_ray, wait_for_apps
 
     port = port or free_port()
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -100,12 +104,33 @@ def serve_stack(
         base = f"http://127.0.0.1:{port}"
         wait_ready(base + "/healthz", timeout_s=timeout_s)
         print(f"serve_app ready at {base} after {time.perf_counter() - t0:.0f} s")
+        if via == "direct":
+            base = direct_ingress_url(APP) or ""
+            if not base:
+                raise SystemExit("direct ingress: the ingress replica published no HTTP port")
+            print(f"sending to the ingress replica directly at {base}")
         yield base
     finally:
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def add_serve_mode_args(p: argparse.ArgumentParser) -> None:
+    """``--throughput-optimized`` and ``--via`` of the benchmarks that start the application."""
+    p.add_argument("--throughput-optimized", action="store_true", help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (gRPC between deployments, user code and router on the replicas' own event loop, direct ingress)")
+    p.add_argument("--via", choices=("proxy", "direct"), default="proxy", help="send requests to Serve's HTTP proxy, or straight to the ingress replica's own HTTP port (direct ingress; needs --throughput-optimized): the path a load balancer such as Serve's HAProxy takes")
+
+
+def serve_mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The Serve mode ``args`` ask for, in words for a summary; a parser error for ``--via direct`` alone."""
+    if args.via == "direct" and not args.throughput_optimized:
+        p.error("--via direct needs --throughput-optimized (direct ingress is part of that mode)")
+    if not args.throughput_optimized:
+        return "Serve's standard mode (HTTP proxy, Ray actor calls between deployments)"
+    path = "straight to the ingress replica (direct ingress)" if args.via == "direct" else "through the HTTP proxy"
+    return f"Serve's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1), requests {path}"
 
 
 def handle_call(deployment: str, method: str, *args: Any, app: str = APP) -> Any:
@@ -119,6 +144,8 @@ def handle_round_trips(deployment: str, n: int, app: str = APP) -> list[float]:
     """Milliseconds of ``n`` ``ping`` calls from this process to ``deployment`` through a Serve handle."""
     from ray import serve
 
+    from serve_app.serve.runner import on_handle_loop
+
     async def pings() -> list[float]:
         handle = serve.get_deployment_handle(deployment, app_name=app)
         out = []
@@ -127,8 +154,6 @@ def handle_round_trips(deployment: str, n: int, app: str = APP) -> list[float]:
             await handle.ping.remote()
             out.append((time.perf_counter() - t0) * 1000)
         return out
-
-    from serve_app.serve.runner import on_handle_loop
 
     return on_handle_loop(pings())
 
