@@ -78,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
     from serve_app.corpus import load_queries
     from serve_app.demo import demo_queries_path
-    from serve_app.index_store import build_index
-    from serve_app.serve.stores import demo_dir, index_exists, read_corpus_source
+    from serve_app.corpus import read_corpus_source
+    from serve_app.index import build_index, index_is_current
 
     p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--steps", default="1:40,12:90,1:80", help="clients:seconds of each step")
@@ -96,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = BenchRun("autoscaling_trace", args, args.out)
 
     index = DEFAULT_CACHE / "bench" / "demo-index"
-    if not index_exists(index):
-        build_index(read_corpus_source(str(demo_dir())), index, bm25=BM25Config(), dense=DenseConfig(), chunking=ChunkingConfig(), show_progress=False)
+    if not index_is_current(index):
+        build_index(read_corpus_source("builtin:demo").corpus, index, bm25=BM25Config(), dense=DenseConfig(), chunking=ChunkingConfig(), show_progress=False)
     model_dir = speed_model_dir(args.model)
     queries = list(load_queries(demo_queries_path()).values())
     bodies = [{"query": q, "top_k": 50, "rerank_top_m": args.rerank_top_m, "top_n": 10} for q in queries]

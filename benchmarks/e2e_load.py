@@ -63,20 +63,21 @@ FRONT_FRAMES = ("uvicorn", "h11", "httptools", "starlette", "fastapi", "pydantic
 
 def ensure_scifact_index(path: Path, scifact: str | None) -> Path:
     """The SciFact index (BM25 + dense Flat, default configs): reused, copied from the eval cache, or built."""
-    from serve_app.index_store import read_manifest
+    from serve_app.index import index_is_current, read_manifest
 
-    if (path / "manifest.json").is_file():
+    if index_is_current(path):
         return path
     cached = DEFAULT_CACHE / "indexes" / "scifact"
-    if (cached / "manifest.json").is_file():
+    if index_is_current(cached):
         try:
             if read_manifest(cached).dense is not None and read_manifest(cached).bm25 is not None:
+                shutil.rmtree(path, ignore_errors=True)  # an index of an older format
                 shutil.copytree(cached, path)
                 return path
         except Exception:  # noqa: BLE001 - fall back to building
             pass
     from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
-    from serve_app.index_store import build_index
+    from serve_app.index import build_index
 
     print(f"building the SciFact index at {path} (dense encoding of 5,183 abstracts: minutes on a small CPU)")
     build_index(load_scifact(scifact).corpus, path, bm25=BM25Config(), dense=DenseConfig(), chunking=ChunkingConfig(), show_progress=True)

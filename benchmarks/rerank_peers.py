@@ -108,7 +108,7 @@ def pyspy_record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
 PROFILE_BUCKETS: list[tuple[str, Callable[[str], bool]]] = [
     ("model forward (torch)", lambda s: "CrossEncoderScorer._forward" in s and "Module._call_impl" in s),
     ("pad batches", lambda s: "CrossEncoderScorer._forward" in s and ".pad (" in s),
-    ("tokenize pairs", lambda s: "CrossEncoderScorer._tokenize" in s or "Reranker.windows" in s or "query_overhead" in s),
+    ("tokenize pairs", lambda s: "PairTokenizer.features" in s or "Reranker.windows" in s or "query_overhead" in s),
     ("other scorer / reranker work", lambda s: "CrossEncoderScorer.score" in s or "Reranker.rerank_many" in s),
     ("Ray worker main loop (waiting in C)", lambda s: s.split(";")[-1].startswith("Worker.main_loop")),
     ("Serve request handling, asyncio, metrics", lambda s: "ray/serve" in s or "asyncio" in s),
@@ -168,11 +168,11 @@ def in_process_ours(model_dir: Path, max_length: int, dtype: str = "float32") ->
 def ensure_bm25_demo_index(path: Path) -> Path:
     """A BM25-only index of the demo corpus: the /rerank benchmark needs the app, not its retrieval."""
     from serve_app.config import BM25Config, ChunkingConfig
-    from serve_app.index_store import build_index
-    from serve_app.serve.stores import demo_dir, index_exists, read_corpus_source
+    from serve_app.corpus import read_corpus_source
+    from serve_app.index import build_index, index_is_current
 
-    if not index_exists(path):
-        build_index(read_corpus_source(str(demo_dir())), path, bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), show_progress=False)
+    if not index_is_current(path):
+        build_index(read_corpus_source("builtin:demo").corpus, path, bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), show_progress=False)
     return path
 
 

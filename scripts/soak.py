@@ -312,7 +312,7 @@ def started_app(kind: str, workdir: Path) -> Iterator[tuple[str, str]]:
         start_ray,
         wait_for_apps,
     )
-    from serve_app.serve.stores import ensure_index
+    from serve_app.index import ensure_index
 
     port = free_port()
     if kind == "demo":
@@ -325,7 +325,8 @@ def started_app(kind: str, workdir: Path) -> Iterator[tuple[str, str]]:
         raw = demo_config(host="127.0.0.1", port=port, index_dir=str(workdir / "index"), reranker_model=str(ce), num_cpus_per_replica=0.25)
         raw["applications"][0]["args"]["dense"] = {"model": str(bi)}
     app = raw["applications"][0]["name"] = "soak"  # its own name: replicas of other apps on this machine are not sampled
-    ensure_index(parse_app_config(raw["applications"][0]["args"]))
+    app_cfg = parse_app_config(raw["applications"][0]["args"])
+    ensure_index(app_cfg.index_dir, **app_cfg.index_build_args())
     start_ray(num_cpus=2, log_to_driver=False)
     try:
         deploy_config(load_serve_config(raw))

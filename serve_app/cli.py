@@ -36,9 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clear one-line error for expected failures, traceback with -v
-        from serve_app.errors import UserFacingError
+        from serve_app.errors import StageError, UserFacingError
 
-        if isinstance(exc, UserFacingError) and not args.verbose:
+        if isinstance(exc, (UserFacingError, StageError)) and not args.verbose:
             print(f"serve-app {args.command}: error: {exc}", file=sys.stderr)
             return 2
         raise

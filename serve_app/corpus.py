@@ -8,14 +8,21 @@ two formats, detected per file from its first record:
 
 Every line of a file must use the format of its first record. ``id``/``_id``, ``text`` and
 ``title`` (when present) must be strings, ``metadata`` (when present and not null) a JSON
-object; other keys are ignored. Blank lines are ignored. A record whose content (title and text
-together) is empty or whitespace only is rejected, as is an id seen on an earlier line.
+object; other keys are ignored. Blank lines are ignored. An id seen on an earlier line is an
+error.
+
+**Empty documents** (title and text together empty or whitespace only; BEIR-style collections
+such as Cranfield hold a few) are valid records with nothing to retrieve: they are left out of
+the corpus, counted and named in one warning (:attr:`CorpusLoadResult.empty`), never an error.
 
 By default (``on_error="raise"``) the first bad line raises :class:`CorpusError` naming the
 file and line number. With ``on_error="skip"`` bad lines are left out instead (for a duplicate
 id, the later line is the one left out): :func:`load_corpus` logs a warning with the number of
 skipped lines and the first reasons, and :func:`read_corpus` also returns every skipped line
 with its reason.
+
+A corpus *source* (:func:`read_corpus_source`) is a corpus file, a BEIR dataset directory (its
+``corpus.jsonl[.gz]``) or ``builtin:demo``, the demo dataset shipped with the package.
 
 Queries are JSON Lines (``_id`` or ``id``, and ``text``); qrels are BEIR TSV files with the
 header ``query-id corpus-id score``. :func:`load_beir` reads a BEIR dataset directory.
@@ -49,8 +56,13 @@ __all__ = [
     "load_qrels",
     "load_queries",
     "read_corpus",
+    "read_corpus_source",
+    "corpus_path",
     "write_documents_jsonl",
 ]
+
+#: ``builtin:demo`` names the demo dataset shipped with the package (serve_app.demo).
+BUILTIN_PREFIX = "builtin:"
 
 
 class Corpus(Sequence[Document]):
@@ -187,10 +199,12 @@ class SkippedLine:
 
 @dataclass(frozen=True)
 class CorpusLoadResult:
-    """What :func:`read_corpus` read: the corpus and the lines it skipped (empty with ``on_error="raise"``)."""
+    """What :func:`read_corpus` read: the corpus, the bad lines it skipped (none with
+    ``on_error="raise"``) and the ids of the empty documents it left out."""
 
     corpus: Corpus
     skipped: list[SkippedLine] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
 
 
 def _detect_id_key(path: Path, lineno: int, obj: Mapping[str, Any]) -> str:
@@ -202,6 +216,7 @@ def _detect_id_key(path: Path, lineno: int, obj: Mapping[str, Any]) -> str:
 
 
 def _parse_document(path: Path, lineno: int, obj: Mapping[str, Any], id_key: str, fmt_line: int) -> Document:
+    """The record's document (its content may be empty: the caller leaves such documents out)."""
     if id_key not in obj:
         other = "id" if id_key == "_id" else "_id"
         hint = f" (the file uses {id_key!r}, detected from line {fmt_line}" + (f"; this line has {other!r})" if other in obj else ")")
@@ -211,8 +226,6 @@ def _parse_document(path: Path, lineno: int, obj: Mapping[str, Any], id_key: str
         raise CorpusError(f"{path}: line {lineno}: empty document id")
     text = _string_field(path, lineno, obj, "text", required=True)
     title = _string_field(path, lineno, obj, "title", required=False)
-    if not (title.strip() or text.strip()):
-        raise CorpusError(f"{path}: line {lineno}: document {doc_id!r} has empty content (no text and no title)")
     metadata = obj.get("metadata")
     if metadata is None:
         metadata = {}
@@ -230,6 +243,7 @@ def read_corpus(path: str | os.PathLike[str], *, on_error: OnError = "raise") ->
     docs: list[Document] = []
     first_line: dict[str, int] = {}
     skipped: list[SkippedLine] = []
+    empty: list[str] = []
     id_key: str | None = None
     fmt_line = 0
     for lineno, raw in _lines(p):
@@ -249,20 +263,64 @@ def read_corpus(path: str | os.PathLike[str], *, on_error: OnError = "raise") ->
             skipped.append(SkippedLine(lineno, str(exc)))
             continue
         first_line[doc.id] = lineno
+        if not doc.content.strip():
+            empty.append(doc.id)
+            continue
         docs.append(doc)
     if not docs:
-        raise CorpusError(f"{p}: no documents" + (f" ({len(skipped)} bad lines skipped)" if skipped else ""))
-    return CorpusLoadResult(Corpus(docs), skipped)
+        left = [f"{len(skipped)} bad lines skipped"] if skipped else []
+        left += [f"{len(empty)} empty documents left out"] if empty else []
+        raise CorpusError(f"{p}: no documents" + (f" ({', '.join(left)})" if left else ""))
+    return CorpusLoadResult(Corpus(docs), skipped, empty)
 
 
-def load_corpus(path: str | os.PathLike[str], *, on_error: OnError = "raise") -> Corpus:
-    """Read a corpus file; with ``on_error="skip"`` bad lines are skipped and logged as a warning."""
-    result = read_corpus(path, on_error=on_error)
+def log_load_result(path: str | os.PathLike[str], result: CorpusLoadResult) -> None:
+    """One warning for the bad lines skipped and one for the empty documents left out."""
     if result.skipped:
         shown = "; ".join(s.reason for s in result.skipped[:5])
         more = f" (and {len(result.skipped) - 5} more)" if len(result.skipped) > 5 else ""
         logger.warning("%s: skipped %d bad line(s): %s%s", path, len(result.skipped), shown, more)
+    if result.empty:
+        more = f" (and {len(result.empty) - 5} more)" if len(result.empty) > 5 else ""
+        logger.warning("%s: left out %d empty document(s) (no title and no text): %s%s", path, len(result.empty), ", ".join(map(repr, result.empty[:5])), more)
+
+
+def load_corpus(path: str | os.PathLike[str], *, on_error: OnError = "raise") -> Corpus:
+    """Read a corpus file; skipped bad lines (``on_error="skip"``) and left-out empty documents
+    are logged as warnings."""
+    result = read_corpus(path, on_error=on_error)
+    log_load_result(path, result)
     return result.corpus
+
+
+def corpus_path(source: str | os.PathLike[str]) -> Path:
+    """The corpus file of a source: the file itself, ``corpus.jsonl[.gz]`` inside a BEIR dataset
+    directory, or the demo dataset's for ``builtin:demo``."""
+    text = str(source)
+    if text.startswith(BUILTIN_PREFIX):
+        name = text[len(BUILTIN_PREFIX) :]
+        if name != "demo":
+            raise CorpusError(f"corpus: unknown built-in corpus {name!r} (available: builtin:demo)")
+        from serve_app.demo import DEMO_DIR
+
+        return _find(Path(DEMO_DIR), "corpus")
+    p = Path(source).expanduser()
+    if p.is_dir():
+        for name in ("corpus.jsonl", "corpus.jsonl.gz"):
+            if (p / name).is_file():
+                return p / name
+        raise CorpusError(f"{p}: a directory without corpus.jsonl or corpus.jsonl.gz (not a BEIR dataset directory)")
+    if not p.exists():
+        raise CorpusError(f"{p}: no such corpus file or directory")
+    return p
+
+
+def read_corpus_source(source: str | os.PathLike[str], *, on_error: OnError = "raise") -> CorpusLoadResult:
+    """Read the corpus of a source (see :func:`corpus_path`), logging what was left out."""
+    path = corpus_path(source)
+    result = read_corpus(path, on_error=on_error)
+    log_load_result(path, result)
+    return result
 
 
 def write_documents_jsonl(corpus: Iterable[Document], path: str | os.PathLike[str]) -> None:
@@ -360,11 +418,16 @@ def load_qrels(path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
 
 @dataclass(frozen=True)
 class BeirDataset:
-    """A BEIR dataset split: the full corpus, the queries judged in the split, and its qrels."""
+    """A BEIR dataset split: the corpus, the queries judged in the split, and its qrels.
+
+    ``skipped`` and ``empty_documents`` say what the corpus lost (see :class:`CorpusLoadResult`).
+    """
 
     corpus: Corpus
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
+    skipped: list[SkippedLine] = field(default_factory=list)
+    empty_documents: list[str] = field(default_factory=list)
 
 
 def _find(directory: Path, stem: str) -> Path:
@@ -374,11 +437,12 @@ def _find(directory: Path, stem: str) -> Path:
     raise CorpusError(f"{directory}: neither {stem}.jsonl nor {stem}.jsonl.gz found (not a BEIR dataset directory?)")
 
 
-def load_beir(dataset_dir: str | os.PathLike[str], split: str = "test") -> BeirDataset:
+def load_beir(dataset_dir: str | os.PathLike[str], split: str = "test", *, on_error: OnError = "raise") -> BeirDataset:
     """Read a BEIR dataset directory (``corpus.jsonl[.gz]``, ``queries.jsonl[.gz]``, ``qrels/<split>.tsv``).
 
     Only the queries with judgements in the split are kept. Qrels naming a query absent from the
-    queries file raise :class:`CorpusError`; judged documents absent from the corpus are logged.
+    queries file raise :class:`CorpusError`; judged documents absent from the corpus (empty
+    ones included) are logged. ``on_error`` applies to the corpus lines (see :func:`read_corpus`).
     """
     d = Path(dataset_dir)
     if not d.is_dir():
@@ -387,7 +451,9 @@ def load_beir(dataset_dir: str | os.PathLike[str], split: str = "test") -> BeirD
     if not qrels_path.is_file():
         available = sorted(p.stem for p in (d / "qrels").glob("*.tsv")) if (d / "qrels").is_dir() else []
         raise CorpusError(f"{qrels_path}: no such qrels file (available splits: {', '.join(available) or 'none'})")
-    corpus = load_corpus(_find(d, "corpus"))
+    loaded = read_corpus(_find(d, "corpus"), on_error=on_error)
+    log_load_result(_find(d, "corpus"), loaded)
+    corpus = loaded.corpus
     all_queries = load_queries(_find(d, "queries"))
     qrels = load_qrels(qrels_path)
     missing = [q for q in qrels if q not in all_queries]
@@ -397,4 +463,4 @@ def load_beir(dataset_dir: str | os.PathLike[str], split: str = "test") -> BeirD
     if unknown_docs:
         logger.warning("%s: %d judged document id(s) not in the corpus, e.g. %s", qrels_path, len(unknown_docs), sorted(unknown_docs)[:3])
     queries = {q: t for q, t in all_queries.items() if q in qrels}
-    return BeirDataset(corpus=corpus, queries=queries, qrels=qrels)
+    return BeirDataset(corpus=corpus, queries=queries, qrels=qrels, skipped=loaded.skipped, empty_documents=loaded.empty)

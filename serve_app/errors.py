@@ -1,6 +1,20 @@
-"""Exception hierarchy: errors caused by the user's input or setup, with messages fit to show them."""
+"""Exception hierarchy of the core: what went wrong, never how to answer it over HTTP.
+
+Two families:
+
+* :class:`UserFacingError`: the user's input or setup is wrong (a malformed corpus, an index that
+  does not load, funnel sizes out of their limits); the message alone says what to fix, and the
+  CLI prints it without a traceback.
+* :class:`StageError`: a stage of the funnel could not give the answer a request needs (every
+  retriever failed, the reranker timed out, a queue is full, the request's deadline passed). The
+  funnel (``serve_app.funnel``) raises these; only the HTTP edge (``serve_app.serve.http``) maps
+  them, once, to status codes and the error envelope.
+"""
 
 from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
 
 
 class UserFacingError(Exception):
@@ -17,3 +31,60 @@ class IndexLoadError(UserFacingError):
 
 class FunnelError(UserFacingError, ValueError):
     """Funnel sizes (top_k, rerank_top_m, top_n) or retriever names out of the configured limits."""
+
+
+# --------------------------------------------------------------------------- stage outcomes
+
+
+class StageError(RuntimeError):
+    """A funnel stage could not give what the request needs; ``stage`` names it.
+
+    ``stages`` holds the per-stage reports of the request when there are some (what each stage
+    did before the request failed), for logs and metrics.
+    """
+
+    def __init__(self, stage: str, message: str, stages: Optional[Mapping[str, Any]] = None) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.message = message
+        self.stages = dict(stages or {})
+
+
+class StageTimeout(StageError):
+    """A stage needed for the answer did not answer within its timeout (every retriever, or the
+    reranker of a rerank-only request)."""
+
+
+class StageUnavailable(StageError):
+    """A stage needed for the answer failed: every requested retriever, or the reranker of a
+    rerank-only request."""
+
+
+class StageOutputError(StageError):
+    """A stage answered something unusable (wrong number of scores, a non-finite score): a bug
+    or a broken model, not the client's fault."""
+
+
+class StageOverloaded(StageError):
+    """A stage rejected the call because its request queue is full (back-pressure): the request
+    is shed, not degraded, so that clients back off."""
+
+    #: Seconds a client is told to wait when the stage did not say.
+    DEFAULT_RETRY_AFTER_S = 1.0
+
+    def __init__(self, stage: str, retry_after_s: Optional[float] = None) -> None:
+        super().__init__(stage, f"the {stage} stage is at capacity (its request queue is full)")
+        self.retry_after_s = self.DEFAULT_RETRY_AFTER_S if retry_after_s is None else float(retry_after_s)
+
+    def retry_after_header(self) -> str:
+        """``Retry-After`` value: whole seconds, rounded up, at least 1."""
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+
+class DeadlineExceeded(StageError):
+    """The request's overall deadline passed before its answer was ready; its pending stage
+    calls were cancelled."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__("request", f"no answer within request_timeout_s={timeout_s:g}")
+        self.timeout_s = timeout_s

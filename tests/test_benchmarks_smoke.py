@@ -99,7 +99,7 @@ def test_profile_summary_buckets(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text(
         "Thread.run (t.py:1);Reranker.rerank_many (r.py:1);CrossEncoderScorer.score (c.py:1);CrossEncoderScorer._forward (c.py:2);Module._call_impl (m.py:1);Linear.forward (l.py:1) 30\n"
-        "Thread.run (t.py:1);Reranker.rerank_many (r.py:1);CrossEncoderScorer.score (c.py:1);CrossEncoderScorer._tokenize (c.py:3) 10\n"
+        "Thread.run (t.py:1);Reranker.rerank_many (r.py:1);CrossEncoderScorer.score (c.py:1);PairTokenizer.features (c.py:3) 10\n"
         "Worker.main_loop (ray/_private/worker.py:1) 10\n"
     )
     s = summarize_profile(f)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from serve_app import cli
-from serve_app.index_store import load_index, read_manifest
+from serve_app.index import load_index, read_manifest
 
 # Each topic's words occur only in its own document, so BM25 ranks it first for its query.
 TOPICS = {
@@ -209,3 +209,53 @@ def test_eval_index_over_another_corpus(beir_dir, tmp_path, capsys):
     assert cli.main(["index", "--corpus", str(other), "--out", str(tmp_path / "idx"), "--no-dense", "-q"]) == 0
     assert cli.main(["eval", "--dataset", str(beir_dir), "--pipeline", "bm25", "--index", str(tmp_path / "idx"), "-q"]) == 2
     assert "was built over another corpus" in capsys.readouterr().err
+
+
+def _with_empty_documents(beir_dir: Path) -> list[str]:
+    """Add Cranfield-style records with no text (one with a whitespace title) to the toy corpus."""
+    empty = ["e1", "e2"]
+    with open(beir_dir / "corpus.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "e1", "title": "", "text": ""}) + "\n")
+        f.write(json.dumps({"_id": "e2", "title": "  ", "text": "\n"}) + "\n")
+    return empty
+
+
+def test_index_leaves_out_empty_documents_and_says_so(beir_dir, tmp_path, capsys):
+    empty = _with_empty_documents(beir_dir)
+    out = tmp_path / "idx"
+    assert cli.main(["index", "--corpus", str(beir_dir), "--out", str(out), "--no-dense", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "documents: 8, chunks: 8" in printed
+    assert "2 empty document(s) left out (no title and no text: e1, e2)" in printed
+    assert load_index(out).corpus.ids == list(TOPICS) and not set(empty) & set(load_index(out).corpus.ids)
+
+
+@pytest.mark.slow
+def test_eval_on_a_corpus_with_empty_documents_succeeds_and_reports_them(beir_dir, tmp_path, tiny_bi_encoder_dir, capsys):
+    _with_empty_documents(beir_dir)
+    with open(beir_dir / "corpus.jsonl", "a") as f:
+        f.write("not json\n")  # and a malformed line, skipped on request
+    out = tmp_path / "out"
+    args = ["eval", "--dataset", str(beir_dir), "--pipeline", "bm25,hybrid", "--work-dir", str(tmp_path / "w"), "--out", str(out), "--dense-model", str(tiny_bi_encoder_dir), "--device", "cpu", "-q"]
+    assert cli.main(args) == 2  # a malformed line still stops eval, naming it, unless asked to skip
+    assert "line 11: invalid JSON" in capsys.readouterr().err
+    assert cli.main([*args, "--skip-bad-lines"]) == 0
+    printed = capsys.readouterr().out
+    assert "corpus: 1 bad line(s) skipped; 2 empty document(s) left out (no title and no text: e1, e2)" in printed
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["results"]["bm25"] == {"nDCG@10": 1.0, "R@100": 1.0, "RR@10": 1.0}
+    assert payload["meta"]["empty_documents_left_out"] == ["e1", "e2"] and payload["meta"]["skipped_corpus_lines"] == 1
+    assert payload["meta"]["documents"] == 8
+
+
+def test_eval_refuses_to_report_a_degraded_run(beir_dir, tmp_path, capsys, monkeypatch):
+    """A stage that fails would silently lower the metrics: eval stops and names it instead."""
+    from serve_app.retrieval.bm25 import BM25Retriever
+
+    def broken(self, queries, k):
+        raise OSError("index file vanished")
+
+    monkeypatch.setattr(BM25Retriever, "search_batch", broken)
+    assert cli.main(["eval", "--dataset", str(beir_dir), "--pipeline", "bm25", "--work-dir", str(tmp_path / "w"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "every requested retriever failed (bm25: OSError: index file vanished)" in err

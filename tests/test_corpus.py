@@ -100,7 +100,6 @@ def test_title_only_document_is_kept(tmp_path):
 
 
 BAD_LINES = [
-    (rec(id="x", text="   ", title=""), r"empty content"),
     (rec(id="x", title="t"), r"missing field 'text'"),
     (rec(text="no id"), r"missing field 'id'"),
     (rec(id=7, text="int id"), r"field 'id' must be a string, got int"),
@@ -142,11 +141,29 @@ def test_duplicate_id_names_both_lines(tmp_path):
 
 
 def test_skip_logs_count(tmp_path, caplog):
-    path = write_lines(tmp_path / "c.jsonl", [rec(id="a", text="x"), "oops", rec(id="b", text=""), rec(id="c", text="y")])
+    path = write_lines(tmp_path / "c.jsonl", [rec(id="a", text="x"), "oops", rec(id="b", title="t"), rec(id="c", text="y")])
     with caplog.at_level(logging.WARNING, logger="serve_app.corpus"):
         corpus = load_corpus(path, on_error="skip")
     assert corpus.ids == ["a", "c"]
     assert "skipped 2 bad line(s)" in caplog.text and "line 2" in caplog.text and "line 3" in caplog.text
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_empty_documents_are_left_out_counted_and_named(tmp_path, caplog, on_error):
+    """BEIR-style collections (Cranfield) hold a few documents with no text: valid records with
+    nothing to retrieve. They never stop a load; they are left out and reported."""
+    rows = [rec(id="a", text="x"), rec(id="e1", text="", title=""), rec(id="b", text="y"), rec(id="e2", text="  \n ", title="\t"), rec(id="c", title="only a title", text="")]
+    path = write_lines(tmp_path / "c.jsonl", rows)
+    result = read_corpus(path, on_error=on_error)
+    assert result.corpus.ids == ["a", "b", "c"] and result.empty == ["e1", "e2"] and result.skipped == []
+    with caplog.at_level(logging.WARNING, logger="serve_app.corpus"):
+        assert load_corpus(path, on_error=on_error).ids == ["a", "b", "c"]
+    assert "left out 2 empty document(s)" in caplog.text and "'e1', 'e2'" in caplog.text
+    # A duplicate id is still an error, empty or not; a file of empty documents only has no documents.
+    with pytest.raises(CorpusError, match="duplicate document id 'a'"):
+        load_corpus(write_lines(tmp_path / "d.jsonl", [rec(id="a", text="x"), rec(id="a", text="")]))
+    with pytest.raises(CorpusError, match=r"no documents \(1 empty documents left out\)"):
+        load_corpus(write_lines(tmp_path / "e.jsonl", [rec(id="z", text="")]))
 
 
 def test_file_level_errors(tmp_path):
@@ -263,7 +280,7 @@ def make_beir(root: Path) -> Path:
 def test_load_beir_keeps_judged_queries(tmp_path):
     root = make_beir(tmp_path)
     ds = load_beir(root)
-    assert ds.corpus.ids == ["d0", "d1", "d2", "d3"]
+    assert ds.corpus.ids == ["d0", "d1", "d2", "d3"] and ds.empty_documents == [] and ds.skipped == []
     assert ds.queries == {"q1": "query q1", "q3": "query q3"}
     assert ds.qrels == {"q1": {"d0": 1}, "q3": {"d2": 1, "d3": 1}}
     assert load_beir(root, split="train").queries == {"q2": "query q2"}

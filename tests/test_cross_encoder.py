@@ -122,7 +122,7 @@ def test_only_the_document_side_is_truncated(scorer):
     """With only_second, a query of 20 tokens survives whole where longest_first would cut it."""
     q = " ".join(WORDS[:10] * 2)
     d = " ".join(WORDS * 4)
-    features = scorer._tokenize([(q, d)], [MAX_LEN])[0]
+    features = scorer.pairs.features([(q, d)], [MAX_LEN])[0]
     expected = scorer.tokenizer(q, d, truncation="only_second", max_length=MAX_LEN)["input_ids"]
     longest_first = scorer.tokenizer(q, d, truncation="longest_first", max_length=MAX_LEN)["input_ids"]
     assert features["input_ids"] == expected != longest_first
@@ -241,7 +241,7 @@ def test_num_threads_only_when_asked(tiny_cross_encoder_dir):
     ],
 )
 def test_resolve_dtype(monkeypatch, requested, device, bf16_ok, expected):
-    from serve_app.rerank.cross_encoder import resolve_dtype
+    from serve_app.models import resolve_dtype
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
     assert resolve_dtype(requested, device) == expected

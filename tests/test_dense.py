@@ -256,7 +256,7 @@ def test_save_load_round_trip(tmp_path: Path, tiny_cfg: DenseConfig, tiny_encode
     json.dumps(section)  # the manifest is JSON
     np.load(tmp_path / "dense" / "chunk_owner.npy", allow_pickle=False)
 
-    loaded = DenseRetriever.load(tmp_path / "dense", section, tiny_encoder, corpus.ids)
+    loaded = DenseRetriever.load(tmp_path / "dense", section, tiny_encoder)
     queries = ["gene protein", "star planet", "music film football"]
     assert loaded.search_batch(queries, 8) == r.search_batch(queries, 8)
 
@@ -271,18 +271,18 @@ def test_load_rejects_mismatched_encoder(tmp_path: Path, tiny_cfg: DenseConfig, 
 
     other = build_tiny_bi_encoder(tmp_path / "other-model", seed=1)
     with pytest.raises(IndexLoadError, match="built with model"):
-        DenseRetriever.load(tmp_path / "dense", section, BiEncoder(DenseConfig(model=str(other))), corpus.ids)
+        DenseRetriever.load(tmp_path / "dense", section, BiEncoder(DenseConfig(model=str(other))))
 
     narrow = tmp_path / "narrow-model"
     shutil.copytree(tiny_bi_encoder_dir, narrow)
     cfg16 = BertConfig(vocab_size=len(tiny_vocab()), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=128)
     BertModel(cfg16, add_pooling_layer=False).save_pretrained(str(narrow))
     with pytest.raises(IndexLoadError, match="32-dimensional.*gives 16"):
-        DenseRetriever.load(tmp_path / "dense", section, BiEncoder(DenseConfig(model=str(narrow))), corpus.ids)
+        DenseRetriever.load(tmp_path / "dense", section, BiEncoder(DenseConfig(model=str(narrow))))
 
     prefixed = BiEncoder(tiny_cfg.model_copy(update={"query_prefix": "query: "}))
     with pytest.raises(IndexLoadError, match="query_prefix"):
-        DenseRetriever.load(tmp_path / "dense", section, prefixed, corpus.ids)
+        DenseRetriever.load(tmp_path / "dense", section, prefixed)
 
 
 def test_load_rejects_damaged_or_inconsistent_index(tmp_path: Path, tiny_cfg: DenseConfig, tiny_encoder: BiEncoder) -> None:
@@ -290,27 +290,33 @@ def test_load_rejects_damaged_or_inconsistent_index(tmp_path: Path, tiny_cfg: De
     d = tmp_path / "dense"
     section = DenseRetriever.build(corpus, tiny_cfg, ChunkingConfig(), encoder=tiny_encoder).save(d)
 
-    with pytest.raises(IndexLoadError, match="10 documents but the document store has 9"):
-        DenseRetriever.load(d, section, tiny_encoder, corpus.ids[:9])
+    assert DenseRetriever.load(d, section, tiny_encoder).doc_ids == corpus.ids  # its own ids, not the document store's
+    with pytest.raises(IndexLoadError, match="holds 10 document ids, the manifest says 9"):
+        DenseRetriever.load(d, {**section, "num_documents": 9}, tiny_encoder)
+    ids = (d / "doc_ids.json").read_text()
+    (d / "doc_ids.json").write_text('{"not": "a list"}')
+    with pytest.raises(IndexLoadError, match="expected a JSON list of document ids"):
+        DenseRetriever.load(d, section, tiny_encoder)
+    (d / "doc_ids.json").write_text(ids)
     with pytest.raises(IndexLoadError, match="lacks dim"):
-        DenseRetriever.load(d, {k: v for k, v in section.items() if k != "dim"}, tiny_encoder, corpus.ids)
+        DenseRetriever.load(d, {k: v for k, v in section.items() if k != "dim"}, tiny_encoder)
     with pytest.raises(IndexLoadError, match="manifest says 11"):
-        DenseRetriever.load(d, {**section, "num_vectors": 11}, tiny_encoder, corpus.ids)
+        DenseRetriever.load(d, {**section, "num_vectors": 11}, tiny_encoder)
 
     owner = d / "chunk_owner.npy"
     np.save(owner, np.arange(10, dtype=np.int64) + 5, allow_pickle=False)
     with pytest.raises(IndexLoadError, match="outside 0..9"):
-        DenseRetriever.load(d, section, tiny_encoder, corpus.ids)
+        DenseRetriever.load(d, section, tiny_encoder)
     np.save(owner, np.array([{"a": 1}] * 10, dtype=object), allow_pickle=True)
     with pytest.raises(IndexLoadError, match="cannot read"):
-        DenseRetriever.load(d, section, tiny_encoder, corpus.ids)
+        DenseRetriever.load(d, section, tiny_encoder)
 
     (d / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(IndexLoadError, match="cannot read FAISS index"):
-        DenseRetriever.load(d, section, tiny_encoder, corpus.ids)
+        DenseRetriever.load(d, section, tiny_encoder)
     (d / "index.faiss").unlink()
     with pytest.raises(IndexLoadError, match="is missing"):
-        DenseRetriever.load(d, section, tiny_encoder, corpus.ids)
+        DenseRetriever.load(d, section, tiny_encoder)
 
 
 def test_search_argument_errors(tiny_cfg: DenseConfig, tiny_encoder: BiEncoder) -> None:

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import serve_app.index_store as store
+import serve_app.fsutil as fsutil
+import serve_app.index.build as store
 from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
 from serve_app.corpus import Corpus
 from serve_app.errors import IndexLoadError
-from serve_app.index_store import IndexBuildError, build_index, load_index, read_manifest
+from serve_app.index import IndexBuildError, build_index, load_index, read_manifest
 from serve_app.retrieval.bm25 import BM25Retriever
 from serve_app.types import Document
 
@@ -203,7 +204,7 @@ def test_crash_mid_build_keeps_previous_index(built, monkeypatch):
 
 
 def test_crash_before_manifest_keeps_previous_index(built, monkeypatch):
-    monkeypatch.setattr(store, "_write_manifest", _boom)
+    monkeypatch.setattr(store, "write_json_durably", _boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_bm25(make_corpus("v2"), built)
     assert siblings(built) == []
@@ -212,8 +213,8 @@ def test_crash_before_manifest_keeps_previous_index(built, monkeypatch):
 
 def test_hard_crash_leftover_never_loads(built, monkeypatch):
     # A killed process cannot clean up: keep the temporary directory as it was when the crash came.
-    monkeypatch.setattr(store, "_write_manifest", _boom)
-    monkeypatch.setattr(store.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(store, "write_json_durably", _boom)
+    monkeypatch.setattr(fsutil.shutil, "rmtree", lambda *a, **k: None)
     with pytest.raises(RuntimeError):
         build_bm25(make_corpus("v2"), built)
     (leftover,) = [built.parent / n for n in siblings(built)]
@@ -233,7 +234,7 @@ def test_failed_swap_restores_previous_index(built, monkeypatch):
             raise OSError("simulated rename failure")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(store.os, "rename", flaky_rename)
+    monkeypatch.setattr(fsutil.os, "rename", flaky_rename)
     with pytest.raises(OSError, match="simulated rename failure"):
         build_bm25(make_corpus("v2"), built)
     monkeypatch.undo()

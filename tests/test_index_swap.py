@@ -14,8 +14,7 @@ import pytest
 from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
 from serve_app.corpus import Corpus
 from serve_app.errors import IndexLoadError
-from serve_app.index_store import build_index, load_index
-from serve_app.serve.stores import load_bm25, load_dense, load_documents
+from serve_app.index import build_index, load_bm25, load_dense, load_documents, load_index
 from serve_app.types import Document
 
 CHUNKING = ChunkingConfig(enabled=True, size=8, stride=6)
@@ -130,7 +129,7 @@ def test_a_swap_in_the_middle_of_a_load_is_retried_not_mixed(tmp_path, monkeypat
     false "sha256 differs"). load_files: the files were verified before the swap and opened
     after it (a silent mix of two builds).
     """
-    import serve_app.serve.stores as stores
+    import serve_app.index.load as stores
     from serve_app.retrieval.bm25 import BM25Retriever
 
     index_dir = tmp_path / "index"
@@ -165,7 +164,7 @@ def test_a_swap_in_the_middle_of_a_load_is_retried_not_mixed(tmp_path, monkeypat
 
 
 def test_a_damaged_index_is_not_retried(tmp_path, monkeypatch):
-    import serve_app.index_consistency as ic
+    import serve_app.index.consistency as ic
 
     index_dir = tmp_path / "index"
     build_index(corpus("old"), index_dir, bm25=BM25Config(), dense=None, chunking=CHUNKING, show_progress=False)
@@ -190,11 +189,12 @@ def pristine(tmp_path_factory, dense_cfg, encoder) -> Path:
 
 DAMAGES = ["truncate", "flip", "delete"]
 FILES = {
-    "documents.jsonl": ("documents", "dense"),  # the dense loader reads the ids from the document store
+    "documents.jsonl": ("documents",),  # the dense retriever keeps its own ids: it never reads the document store
     "bm25/data.csc.index.npy": ("bm25",),
     "bm25/vocab.index.json": ("bm25",),
     "dense/index.faiss": ("dense",),
     "dense/chunk_owner.npy": ("dense",),
+    "dense/doc_ids.json": ("dense",),
 }
 
 

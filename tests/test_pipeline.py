@@ -10,17 +10,15 @@ import pytest
 
 from serve_app.config import CrossEncoderConfig, FunnelLimits, FusionConfig
 from serve_app.corpus import Corpus
-from serve_app.errors import FunnelError
+from serve_app.errors import FunnelError, StageUnavailable
 from serve_app.pipeline import (
     FunnelRequest,
     SearchPipeline,
     apply_rerank,
     assemble,
-    fuse_candidates,
     resolve_funnel,
-    select_for_rerank,
 )
-from serve_app.retrieval.fusion import FusedHit, reciprocal_rank_fusion
+from serve_app.retrieval.fusion import FusedHit, fuse, reciprocal_rank_fusion
 from serve_app.types import Document, Hit
 
 WORDS = "protein cell gene virus vaccine cancer tumor heart brain blood water energy music film city food".split()
@@ -51,7 +49,7 @@ class FakeRetriever:
 
     def search_batch(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
         self.batch_calls.append((len(queries), k))
-        return [self._hits(q, k) for q in queries]
+        return [self.search(q, k) for q in queries]
 
 
 class SpyReranker:
@@ -178,9 +176,7 @@ def test_apply_rerank_rrf_blend_mixes_rerank_rank_with_fused_rank():
 
 def test_assemble_scores_and_documents():
     funnel = resolve_funnel(FunnelRequest("q", top_k=3, rerank_top_m=1, top_n=2), LIMITS, ["bm25"])
-    fused = fuse_candidates({"bm25": [Hit("d1", 3.0), Hit("d2", 2.0), Hit("d3", 1.0)]}, FusionConfig())
-    head = select_for_rerank(fused, funnel)
-    assert [h.doc_id for h in head] == ["d1"]
+    fused = fuse({"bm25": [Hit("d1", 3.0), Hit("d2", 2.0), Hit("d3", 1.0)]}, FusionConfig())
     result = assemble(apply_rerank(fused, [7.5]), funnel, documents=CORPUS.get, timings_ms={"total": 1.0}, degraded=["dense"])
     first, second = result.results
     assert (first.doc_id, first.score, first.rerank_score, first.fused_score) == ("d1", 7.5, 7.5, pytest.approx(1 / 61))
@@ -199,7 +195,7 @@ def test_search_respects_funnel_sizes_and_reranks(reranker):
     result = pipe.search("protein cancer", top_k=6, rerank_top_m=4, top_n=4)
     assert pipe.retrievers["bm25"].calls == [("protein cancer", 6)]
     assert pipe.retrievers["dense"].calls == [("protein cancer", 6)]
-    assert spy.rerank_calls == [4]
+    assert spy.many_calls == [1]
     assert len(result.results) == 4
     # The reranked head is the fused top 4, ordered by the cross-encoder's own scores.
     expected_fused = reciprocal_rank_fusion({n: r._hits("protein cancer", 6) for n, r in pipe.retrievers.items()})
@@ -231,7 +227,7 @@ def test_top_n_beyond_rerank_head_appends_fused_order(reranker):
 def test_no_rerank_returns_fused_order_and_documents():
     pipe = make_pipeline(None, fusion=FusionConfig(method="weighted"))
     result = pipe.search("heart", top_k=5, top_n=7, return_documents=True)
-    fused = fuse_candidates({n: r._hits("heart", 5) for n, r in pipe.retrievers.items()}, FusionConfig(method="weighted"))
+    fused = fuse({n: r._hits("heart", 5) for n, r in pipe.retrievers.items()}, FusionConfig(method="weighted"))
     assert [r.doc_id for r in result.results] == [h.doc_id for h in fused[:7]]
     assert all(r.document is CORPUS.get(r.doc_id) for r in result.results)
     assert "rerank" not in result.timings_ms
@@ -258,8 +254,9 @@ def test_failed_retriever_degrades(reranker):
 
 def test_every_retriever_failing_raises():
     pipe = SearchPipeline(CORPUS, {"dense": FakeRetriever("dense", 2, fail=True)}, None, FusionConfig(), LIMITS)
-    with pytest.raises(RuntimeError, match="every retriever failed: dense: ConnectionError: index unavailable"):
+    with pytest.raises(StageUnavailable, match=r"every requested retriever failed \(dense: ConnectionError: index unavailable\)") as err:
         pipe.search("x")
+    assert err.value.stages["dense"].status == "error"
 
 
 def test_timings_present(reranker):
@@ -283,7 +280,7 @@ def test_search_batch_matches_search(reranker):
     spy = SpyReranker(reranker)
     pipe = make_pipeline(spy)
     batch = pipe.search_batch(queries, top_k=6, rerank_top_m=4, top_n=5, rerank_queries_per_call=2)
-    assert pipe.retrievers["bm25"].batch_calls == [(5, 6)] and pipe.retrievers["bm25"].calls == []
+    assert pipe.retrievers["bm25"].batch_calls == [(5, 6)]
     assert spy.many_calls == [2, 2, 1]
     single = make_pipeline(reranker)
     for q, b in zip(queries, batch):
@@ -305,7 +302,7 @@ def test_pipeline_rejects_unknown_retriever_names():
 
 def test_from_index(tmp_path, tiny_bi_encoder_dir, tiny_cross_encoder_dir):
     from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
-    from serve_app.index_store import build_index
+    from serve_app.index import build_index
 
     build_index(CORPUS, tmp_path / "idx", bm25=BM25Config(), dense=DenseConfig(model=str(tiny_bi_encoder_dir), device="cpu"), chunking=ChunkingConfig(), show_progress=False)
     pipe = SearchPipeline.from_index(tmp_path / "idx", CrossEncoderConfig(model=str(tiny_cross_encoder_dir), device="cpu"), limits=LIMITS)

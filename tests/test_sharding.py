@@ -11,20 +11,9 @@ import pytest
 from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
 from serve_app.corpus import Corpus
 from serve_app.errors import IndexLoadError
-from serve_app.index_store import build_index, load_index, read_manifest
+from serve_app.index import SHARDS_MANIFEST, build_index, build_shard_set, load_index, load_shards, read_manifest, read_shards_manifest, shard_dir
 from serve_app.retrieval.bm25 import BM25Retriever
-from serve_app.retrieval.sharding import (
-    SHARDS_MANIFEST,
-    ShardedRetriever,
-    build_shards,
-    load_shards,
-    merge_top_k,
-    read_shards_manifest,
-    shard_bounds,
-    shard_dir,
-    split_bm25,
-    split_corpus,
-)
+from serve_app.retrieval.sharding import ShardedRetriever, merge_top_k, shard_bounds, split_corpus
 from serve_app.types import Document, Hit
 
 WORDS = (
@@ -97,7 +86,7 @@ def test_bm25_split_scores_equal_unsharded(num_shards, chunking, method):
     corpus = make_corpus()
     cfg = BM25Config(method=method)
     whole = BM25Retriever.build(corpus, cfg, chunking)
-    sharded = ShardedRetriever(split_bm25(whole, shard_bounds(len(corpus), num_shards)))
+    sharded = ShardedRetriever(whole.split(shard_bounds(len(corpus), num_shards)))
     for k in (1, 5, 17, 100):
         for q in queries():
             want = whole.search(q, k)
@@ -124,16 +113,16 @@ def test_rank_bm25_engine_is_refused_for_sharding(tmp_path):
     corpus = make_corpus()
     ref = BM25Retriever.build(corpus, BM25Config(engine="rank_bm25", method="robertson"))
     with pytest.raises(ValueError, match="bm25s"):
-        split_bm25(ref, shard_bounds(len(corpus), 2))
+        ref.split(shard_bounds(len(corpus), 2))
     with pytest.raises(ValueError, match="bm25s"):
-        build_shards(corpus, tmp_path / "s", 2, bm25=BM25Config(engine="rank_bm25", method="robertson"), dense=None, chunking=ChunkingConfig())
+        build_shard_set(corpus, tmp_path / "s", 2, bm25=BM25Config(engine="rank_bm25", method="robertson"), dense=None, chunking=ChunkingConfig())
 
 
 @pytest.mark.parametrize("num_shards", [1, 2, 3])
 def test_bm25_shard_set_on_disk_equals_unsharded_index(tmp_path, num_shards):
     corpus = make_corpus()
     manifest = build_index(corpus, tmp_path / "whole", bm25=BM25Config(), dense=None, chunking=CHUNKING, show_progress=False)
-    sm = build_shards(corpus, tmp_path / "shards", num_shards, bm25=BM25Config(), dense=None, chunking=CHUNKING)
+    sm = build_shard_set(corpus, tmp_path / "shards", num_shards, bm25=BM25Config(), dense=None, chunking=CHUNKING)
     assert sm.corpus_sha256 == manifest.corpus.sha256  # same corpus fingerprint as the unsharded index
     assert sm.num_shards == num_shards and sm.bm25_statistics == "global"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards", "whole"]  # no temporary directory left
@@ -162,7 +151,7 @@ def test_bm25_sharded_equals_unsharded_on_scifact(scifact_dir):
     whole = BM25Retriever.build(corpus, BM25Config())
     qs = list(data.queries.values())  # the 300 test queries
     for num_shards in (2, 3):
-        sharded = ShardedRetriever(split_bm25(whole, shard_bounds(len(corpus), num_shards)))
+        sharded = ShardedRetriever(whole.split(shard_bounds(len(corpus), num_shards)))
         for q in qs:
             want = whole.search(q, 100)
             got = sharded.search(q, 100)
@@ -188,7 +177,7 @@ def test_dense_shard_sets_equal_unsharded(tmp_path, encoder, chunking):
     whole = load_index(tmp_path / "whole", encoder=encoder).dense
     for num_shards in (1, 2, 3):
         set_dir = tmp_path / f"shards{num_shards}"
-        sm = build_shards(corpus, set_dir, num_shards, bm25=None, dense=cfg, chunking=chunking, encoder=encoder)
+        sm = build_shard_set(corpus, set_dir, num_shards, bm25=None, dense=cfg, chunking=chunking, encoder=encoder)
         assert sm.retrievers == ["dense"] and sm.bm25_statistics is None
         sharded = load_shards(set_dir, encoder=encoder)["dense"]
         qs = queries()
@@ -200,7 +189,7 @@ def test_dense_shard_sets_equal_unsharded(tmp_path, encoder, chunking):
 
 def test_hybrid_shard_set_holds_both_retrievers(tmp_path, encoder):
     corpus = make_corpus()
-    sm = build_shards(corpus, tmp_path / "s", 2, bm25=BM25Config(), dense=encoder.cfg, chunking=ChunkingConfig(), encoder=encoder)
+    sm = build_shard_set(corpus, tmp_path / "s", 2, bm25=BM25Config(), dense=encoder.cfg, chunking=ChunkingConfig(), encoder=encoder)
     assert sm.retrievers == ["bm25", "dense"]
     loaded = load_shards(tmp_path / "s", encoder=encoder)
     assert set(loaded) == {"bm25", "dense"}
@@ -214,7 +203,7 @@ def test_hybrid_shard_set_holds_both_retrievers(tmp_path, encoder):
 def test_shard_set_is_checked_when_opened(tmp_path):
     corpus = make_corpus()
     set_dir = tmp_path / "s"
-    sm = build_shards(corpus, set_dir, 2, bm25=BM25Config(), dense=None, chunking=ChunkingConfig())
+    sm = build_shard_set(corpus, set_dir, 2, bm25=BM25Config(), dense=None, chunking=ChunkingConfig())
     assert shard_dir(set_dir, 1, num_shards=2, corpus_sha256=sm.corpus_sha256, retriever="bm25") == set_dir / "1"
     with pytest.raises(IndexLoadError, match="2 shards, 3 expected"):
         shard_dir(set_dir, 0, num_shards=3)
@@ -238,12 +227,12 @@ def test_shard_set_is_checked_when_opened(tmp_path):
 
 def test_rebuilding_a_shard_set_replaces_it_atomically(tmp_path):
     set_dir = tmp_path / "s"
-    build_shards(make_corpus(seed=1), set_dir, 3, bm25=BM25Config(), dense=None, chunking=ChunkingConfig())
-    sm = build_shards(make_corpus(seed=2), set_dir, 2, bm25=BM25Config(), dense=None, chunking=ChunkingConfig())
+    build_shard_set(make_corpus(seed=1), set_dir, 3, bm25=BM25Config(), dense=None, chunking=ChunkingConfig())
+    sm = build_shard_set(make_corpus(seed=2), set_dir, 2, bm25=BM25Config(), dense=None, chunking=ChunkingConfig())
     assert read_shards_manifest(set_dir) == sm
     assert sorted(p.name for p in set_dir.iterdir()) == ["0", "1", SHARDS_MANIFEST]
     assert [p.name for p in tmp_path.iterdir()] == ["s"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="refusing"):
-        build_shards(make_corpus(), tmp_path / "other", 2, bm25=BM25Config(), dense=None, chunking=ChunkingConfig())
+        build_shard_set(make_corpus(), tmp_path / "other", 2, bm25=BM25Config(), dense=None, chunking=ChunkingConfig())

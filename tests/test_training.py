@@ -96,7 +96,7 @@ def test_prepared_negatives_exclude_positives_and_follow_bm25(tiny_beir):
 def test_mining_from_a_saved_index_matches_building_the_retrievers(tiny_beir, tiny_bi_encoder_dir, tmp_path):
     from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
     from serve_app.corpus import load_beir
-    from serve_app.index_store import build_index
+    from serve_app.index import build_index
     from serve_app.training.data import mine_rankings
 
     ds = load_beir(tiny_beir, "train")

@@ -25,11 +25,11 @@ def tiny_recipe(monkeypatch, tiny_cross_encoder_dir):
     real_train = jobs.train_reranker
     lr = {"value": 1e-3}
 
-    def settings(dataset: Path, base: Path, out: Path, *, seed: int = 0) -> RerankerTrainingConfig:
+    def settings(dataset: Path, base: Path, out: Path, *, seed: int = 0, show_progress: bool = False) -> RerankerTrainingConfig:
         return RerankerTrainingConfig(
             dataset=str(dataset), base=str(tiny_cross_encoder_dir), out=str(out), negatives_per_query=2,
             mining=MiningConfig(dev_fraction=0.0, hard_negative_depth=5),
-            loop=LoopConfig(epochs=1, batch_size=8, lr=lr["value"], max_length=32, seed=seed, show_progress=False),
+            loop=LoopConfig(epochs=1, batch_size=8, lr=lr["value"], max_length=32, seed=seed, show_progress=show_progress),
         )
 
     def counting_train(cfg, options):
@@ -56,6 +56,8 @@ def test_trains_once_then_reuses_the_cache(tmp_path, tiny_recipe):
     mtime = (cache / "model.safetensors").stat().st_mtime_ns
     assert demo_reranker.ensure_demo_reranker(cache, dataset=data) == cache
     assert len(runs) == 1 and (cache / "model.safetensors").stat().st_mtime_ns == mtime
+    # Run-time settings (the progress bar) are not part of the recipe: still the same model.
+    assert demo_reranker.ensure_demo_reranker(cache, dataset=data, show_progress=True) == cache and len(runs) == 1
     # A changed recipe (here: the learning rate) makes the cached model stale.
     lr["value"] = 5e-4
     demo_reranker.ensure_demo_reranker(cache, dataset=data)
@@ -103,3 +105,14 @@ def test_the_real_recipe_is_valid_on_the_demo_dataset(minilm_dir, tmp_path):
     settings = demo_reranker.demo_settings(Path(DEMO_DIR), minilm_dir, tmp_path / "out")
     assert settings.mining.split == "train" and settings.mining.dev_fraction == 0.0  # test qrels never used
     assert load_beir(settings.dataset, settings.mining.split).qrels
+
+
+def test_first_run_shows_a_progress_bar_with_an_estimate(tmp_path, tiny_recipe, capfd):
+    """On a terminal the demo's first-run training shows tqdm's bar: steps done, elapsed<remaining."""
+    import re
+
+    runs, _ = tiny_recipe
+    demo_reranker.ensure_demo_reranker(tmp_path / "cache" / "m", dataset=write_tiny_beir(tmp_path / "data"), show_progress=True)
+    assert len(runs) == 1
+    err = capfd.readouterr().err
+    assert re.search(r"training: +\d+%.*\| *\d+/\d+ \[\d+:\d+<\d+:\d+", err), err[-2000:]

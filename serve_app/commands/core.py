@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from pydantic import ValidationError
 
 from serve_app.config import BM25Config, ChunkingConfig, CrossEncoderConfig, DenseConfig, FunnelLimits, FusionConfig
-from serve_app.errors import CorpusError, UserFacingError
+from serve_app.errors import UserFacingError
 from serve_app.types import Hit
 
 logger = logging.getLogger(__name__)
@@ -51,19 +51,6 @@ def default_work_dir() -> Path:
     return Path(base) / "serve_app"
 
 
-def corpus_file(path: str | Path) -> Path:
-    """The corpus file itself, or ``corpus.jsonl[.gz]`` inside a BEIR dataset directory."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("corpus.jsonl", "corpus.jsonl.gz"):
-            if (p / name).is_file():
-                return p / name
-        raise CorpusError(f"{p}: a directory without corpus.jsonl or corpus.jsonl.gz (not a BEIR dataset directory)")
-    if not p.exists():
-        raise CorpusError(f"{p}: no such corpus file or directory")
-    return p
-
-
 # --------------------------------------------------------------------------- index
 
 
@@ -92,8 +79,18 @@ def _chunking_config(args: argparse.Namespace) -> ChunkingConfig:
     return _config(ChunkingConfig, "chunking", enabled=True, size=size, stride=stride)
 
 
-def _summary(manifest: Any, out: Path, seconds: float) -> str:
+def _left_out(skipped: Sequence[Any], empty: Sequence[str]) -> str:
+    """What a corpus read left out, for the command's summary ("" when nothing)."""
+    parts = [f"{len(skipped)} bad line(s) skipped"] if skipped else []
+    if empty:
+        parts.append(f"{len(empty)} empty document(s) left out (no title and no text: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''})")
+    return "; ".join(parts)
+
+
+def _summary(manifest: Any, out: Path, seconds: float, left_out: str = "") -> str:
     lines = [f"index written to {out}", f"  documents: {manifest.corpus.num_documents}, chunks: {manifest.corpus.num_chunks}"]
+    if left_out:
+        lines.append(f"  corpus: {left_out}")
     if manifest.chunking.enabled:
         lines.append(f"  chunking: {manifest.chunking.size} words, stride {manifest.chunking.stride}")
     if manifest.bm25:
@@ -109,18 +106,18 @@ def _summary(manifest: Any, out: Path, seconds: float) -> str:
 
 def cmd_index(args: argparse.Namespace) -> int:
     """Build an index directory from a corpus file or a BEIR dataset directory."""
-    from serve_app.corpus import load_corpus
-    from serve_app.index_store import build_index
+    from serve_app.corpus import read_corpus_source
+    from serve_app.index import build_index
 
     if args.no_bm25 and args.no_dense:
         raise UsageError("--no-bm25 and --no-dense together leave nothing to index")
     bm25 = None if args.no_bm25 else _config(BM25Config, "bm25", **{k: v for k, v in (("engine", args.bm25_engine), ("method", args.method), ("k1", args.k1), ("b", args.b)) if v is not None})
     dense = None if args.no_dense else _dense_config(args)
     chunking = _chunking_config(args)
-    corpus = load_corpus(corpus_file(args.corpus), on_error="skip" if args.skip_bad_lines else "raise")
+    loaded = read_corpus_source(args.corpus, on_error="skip" if args.skip_bad_lines else "raise")
     start = time.perf_counter()
-    manifest = build_index(corpus, args.out, bm25=bm25, dense=dense, chunking=chunking, show_progress=not args.quiet)
-    print(_summary(manifest, Path(args.out).absolute(), time.perf_counter() - start))
+    manifest = build_index(loaded.corpus, args.out, bm25=bm25, dense=dense, chunking=chunking, show_progress=not args.quiet)
+    print(_summary(manifest, Path(args.out).absolute(), time.perf_counter() - start, _left_out(loaded.skipped, loaded.empty)))
     return 0
 
 
@@ -178,11 +175,6 @@ class _MemoReranker:
         self.inner = inner
         self._memo: dict[tuple[str, tuple[str, ...], int | None], Any] = {}
 
-    def rerank(self, query: str, documents: Sequence[str], max_tokens_per_doc: int | None = None) -> Any:
-        from serve_app.rerank.reranker import RerankRequest
-
-        return self.rerank_many([RerankRequest(query, list(documents), max_tokens_per_doc)])[0]
-
     def rerank_many(self, requests: Sequence[Any]) -> list[Any]:
         keys = [(r.query, tuple(r.documents), r.max_tokens_per_doc) for r in requests]
         todo = {k: r for k, r in zip(keys, requests) if k not in self._memo}
@@ -204,7 +196,7 @@ def _blends(value: str) -> list[str]:
 
 def _open_index(args: argparse.Namespace, dataset: Any, needed: set[str], dense_cfg: DenseConfig) -> Any:
     """Load the evaluation index, building it first when it does not exist."""
-    from serve_app.index_store import MANIFEST, build_index, load_index, read_manifest
+    from serve_app.index import MANIFEST, build_index, load_index, read_manifest
 
     explicit = args.index is not None
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir()
@@ -267,14 +259,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reranker_cfg = _config(CrossEncoderConfig, "reranker", model=args.reranker, device=args.device)
     needed = {r for p in pipelines for r in PIPELINES[p][0]}
 
-    dataset = load_beir(args.dataset, args.split)
+    dataset = load_beir(args.dataset, args.split, on_error="skip" if args.skip_bad_lines else "raise")
+    left_out = _left_out(dataset.skipped, dataset.empty_documents)
+    if left_out:
+        print(f"corpus: {left_out}")
     loaded = _open_index(args, dataset, needed, dense_cfg)
     retrievers = {name: _MemoRetriever(r) for name, r in loaded.retrievers.items() if name in needed}
     reranker = None
     if reranker_cfg is not None:
-        from serve_app.rerank import CrossEncoderScorer, Reranker
+        from serve_app.rerank import Reranker
 
-        reranker = _MemoReranker(Reranker(CrossEncoderScorer(reranker_cfg), reranker_cfg))
+        reranker = _MemoReranker(Reranker.from_config(reranker_cfg))
     pool = args.top_k * 2
     limits = _config(
         FunnelLimits, "funnel", default_top_k=args.top_k, max_top_k=args.top_k, default_rerank_top_m=0,
@@ -293,6 +288,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             out = pipe.search_batch(texts, top_k=args.top_k, rerank_top_m=min(args.rerank_top_m, pool) if rerank else 0, top_n=args.top_k, retrievers=list(names), show_progress=not args.quiet)
             seconds[name] = round(time.perf_counter() - start, 3)
+            degraded = sorted({stage for r in out for stage in r.degraded})
+            if degraded:
+                problems = "; ".join(sorted({f"{stage}: {r.stages[stage].error}" for r in out for stage in r.degraded}))
+                raise UsageError(f"{name}: the {', '.join(degraded)} stage failed, so the run would not measure the pipeline ({problems})")
             run = run_from_results(dict(zip(qids, out)))
             results[name] = evaluate(run, dataset.qrels, measures)
             write_trec_run(run, out_dir / "runs" / (f"{pipeline}.trec" if blend == "none" else f"{pipeline}-{blend}-blend.trec"), name)
@@ -303,6 +302,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "top_k": args.top_k, "fusion": fusion.model_dump(), "dense_model": dense_cfg.model if "dense" in needed else None,
         "rerank_top_m": args.rerank_top_m if reranker_cfg else None, "reranker": reranker_cfg.model if reranker_cfg else None,
         "rerank_blends": blends if reranker_cfg else None,
+        "skipped_corpus_lines": len(dataset.skipped),
+        "empty_documents_left_out": dataset.empty_documents,
         "seconds": seconds,
     }
     write_report(results, out_dir / "metrics.json", out_dir / "metrics.md", meta=meta)
@@ -317,7 +318,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add the ``index`` and ``eval`` sub-commands."""
     p = subparsers.add_parser("index", help="build an index directory (BM25 and/or dense) from a corpus", description=cmd_index.__doc__)
-    p.add_argument("--corpus", required=True, help="corpus .jsonl / .jsonl.gz (plain or BEIR records) or a BEIR dataset directory")
+    p.add_argument("--corpus", required=True, help="corpus .jsonl / .jsonl.gz (plain or BEIR records), a BEIR dataset directory, or builtin:demo")
     p.add_argument("--out", required=True, help="index directory to create or replace")
     p.add_argument("--no-bm25", action="store_true", help="skip the BM25 index")
     p.add_argument("--no-dense", action="store_true", help="skip the dense index")
@@ -353,5 +354,6 @@ def register(subparsers: Any) -> None:
     e.add_argument("--measures", default=None, help="comma-separated ir-measures names (default: nDCG@10,R@100,RR@10)")
     _add_dense_options(e)
     e.add_argument("--out", default=None, help="directory for metrics.json and metrics.md (default: WORK_DIR/results/DATASET-SPLIT)")
+    e.add_argument("--skip-bad-lines", action="store_true", help="skip malformed corpus lines (with a warning) instead of stopping at the first")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval, chunk_size=None, chunk_stride=None)

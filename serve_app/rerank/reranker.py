@@ -23,22 +23,15 @@ concurrent requests gathered by Ray Serve's ``@serve.batch`` share forward passe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from serve_app.config import CrossEncoderConfig
 from serve_app.rerank.cross_encoder import CrossEncoderScorer
+from serve_app.types import RerankRequest
 
-
-@dataclass(frozen=True)
-class RerankRequest:
-    """One query and the documents to score against it (scores come back in this order)."""
-
-    query: str
-    documents: Sequence[str]
-    max_tokens_per_doc: int | None = None
+__all__ = ["RerankRequest", "Reranker"]
 
 
 def _validate(request: RerankRequest, where: str) -> None:
@@ -65,6 +58,11 @@ class Reranker:
                 f"reranker.long_documents=max_chunk needs a fast (Rust) tokenizer for character offsets; "
                 f"the tokenizer of {scorer.model_name!r} is not one (use long_documents=truncate)"
             )
+
+    @classmethod
+    def from_config(cls, cfg: CrossEncoderConfig) -> "Reranker":
+        """Load the model ``cfg`` names and rerank with it."""
+        return cls(CrossEncoderScorer(cfg), cfg)
 
     def windows(self, document: str, max_tokens: int | None = None) -> list[str]:
         """The texts ``max_chunk`` scores for ``document`` (the document itself when it fits one window)."""

@@ -47,6 +47,7 @@ import numpy as np
 from serve_app.chunking import collapse_to_documents, split_documents
 from serve_app.config import BM25Config, ChunkingConfig
 from serve_app.errors import IndexLoadError
+from serve_app.fsutil import read_json
 from serve_app.types import Document, Hit
 
 logger = logging.getLogger(__name__)
@@ -224,13 +225,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise IndexLoadError(f"{path}: missing file of the BM25 index") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IndexLoadError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(path, "file of the BM25 index")
 
 
 # --------------------------------------------------------------------------- retriever
@@ -394,3 +389,50 @@ class BM25Retriever:
         if owner.size and (owner.min() < 0 or owner.max() >= len(doc_ids)):
             raise IndexLoadError(f"{d / _CHUNK_OWNER}: chunk owner out of range")
         return cls(engine, tokenizer, cfg, chunking, doc_ids, owner)
+
+    # ----------------------------------------------------------------- sharding
+
+    def split(self, bounds: Sequence[tuple[int, int]]) -> list["BM25Retriever"]:
+        """Shard this retriever by document: shard ``i`` holds the documents ``bounds[i]``
+        (``[start, end)`` positions), with scores bit-identical to this retriever's.
+
+        Each shard keeps the postings (chunk, precomputed score) of its own chunks, renumbered
+        from 0, with the whole vocabulary and the non-occurrence scores, so the whole corpus's
+        statistics stay in every score (see :mod:`serve_app.retrieval.sharding`). Only the
+        bm25s engine can be split: rank_bm25 recomputes statistics from its own documents.
+        """
+        engine = self._engine
+        if not isinstance(engine, _Bm25sEngine):
+            raise ValueError(f"sharded BM25 needs the bm25s engine; {self.config.engine!r} recomputes corpus statistics per shard (use engine: bm25s)")
+        model = engine.model
+        owner = self.chunk_owner
+        if owner.size and np.any(np.diff(owner) < 0):
+            raise ValueError("chunks are not in document order; cannot shard by document range")
+        data = np.asarray(model.scores["data"])
+        indices = np.asarray(model.scores["indices"])
+        indptr = np.asarray(model.scores["indptr"])
+        vocab_size = indptr.size - 1
+        term_of_entry = np.repeat(np.arange(vocab_size, dtype=np.int64), np.diff(indptr).astype(np.int64))
+        out = []
+        for start, end in bounds:
+            if not 0 <= start < end <= self.num_documents:
+                raise ValueError(f"invalid shard bounds [{start}, {end}) for {self.num_documents} documents")
+            c0, c1 = (int(x) for x in np.searchsorted(owner, [start, end], side="left"))
+            keep = (indices >= c0) & (indices < c1)
+            counts = np.bincount(term_of_entry[keep], minlength=vocab_size)
+            shard_model = type(model)(
+                k1=model.k1, b=model.b, delta=model.delta, method=model.method, idf_method=model.idf_method,
+                dtype=model.dtype, int_dtype=model.int_dtype, backend="numpy",
+            )
+            shard_model.scores = {
+                "data": np.ascontiguousarray(data[keep]),
+                "indices": np.ascontiguousarray((indices[keep] - c0).astype(indices.dtype)),
+                "indptr": np.concatenate([[0], np.cumsum(counts)]).astype(indptr.dtype),
+                "num_docs": int(c1 - c0),
+            }
+            shard_model.vocab_dict = dict(model.vocab_dict)
+            shard_model.unique_token_ids_set = set(shard_model.vocab_dict.values())
+            nonocc = getattr(model, "nonoccurrence_array", None)
+            shard_model.nonoccurrence_array = None if nonocc is None else np.array(nonocc)
+            out.append(BM25Retriever(_Bm25sEngine(shard_model), self.tokenizer, self.config, self.chunking, self.doc_ids[start:end], owner[c0:c1] - start))
+        return out

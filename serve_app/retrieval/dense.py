@@ -11,10 +11,13 @@ Files written by :meth:`DenseRetriever.save` (inside the retriever's own directo
 
     index.faiss       the CPU FAISS index (faiss.write_index)
     chunk_owner.npy   int64 position of each vector's document (np.save, no pickle)
+    doc_ids.json      the document id of each position (the retriever never reads the
+                      document store)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +29,8 @@ import numpy as np
 from serve_app.chunking import collapse_to_documents, split_documents
 from serve_app.config import ChunkingConfig, DenseConfig
 from serve_app.errors import IndexLoadError
-from serve_app.models import ModelLoadError, load_error, pick_device, resolve_model
+from serve_app.fsutil import read_json
+from serve_app.models import effective_max_length, load_pretrained, mean_pool, pick_device, same_model, tokenize_texts
 from serve_app.retrieval.faiss_index import (
     GPU_MAX_K,
     DenseIndexError,
@@ -43,9 +47,8 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 OWNER_FILE = "chunk_owner.npy"
+IDS_FILE = "doc_ids.json"
 POOLING = "mean"
-# Tokenizers without a length limit report a huge sentinel as model_max_length.
-_NO_LIMIT = 1_000_000
 
 
 def _check_texts(texts: Iterable[str], what: str) -> list[str]:
@@ -64,41 +67,34 @@ class BiEncoder:
     ``cfg.model`` is a Hugging Face id or a local directory, resolved with
     :func:`serve_app.models.resolve_model` (the default MiniLM id resolves offline to the
     packaged weights). ``fp16`` runs the model in half precision on CUDA (ignored on CPU).
+    :meth:`from_model` wraps a model already in memory (training evaluates its student so).
     """
 
     def __init__(self, cfg: DenseConfig, *, fp16: bool = False) -> None:
         import torch
-        from transformers import AutoModel, AutoTokenizer
 
-        self.cfg = cfg
-        path = resolve_model(cfg.model)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModel.from_pretrained(path)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # OSError, ValueError, EnvironmentError... all mean "not loadable"
-            raise load_error(cfg.model, "dense encoder", exc) from exc
-        self.device = torch.device(pick_device(cfg.device))
-        model.to(self.device).eval()
-        if fp16 and self.device.type == "cuda":
+        tokenizer, model = load_pretrained(cfg.model, "dense encoder", head="encoder")
+        device = torch.device(pick_device(cfg.device))
+        model.to(device).eval()
+        if fp16 and device.type == "cuda":
             model.half()
+        self._setup(cfg, tokenizer, model, device)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, cfg: DenseConfig) -> "BiEncoder":
+        """An encoder over ``model`` as it is (its device and mode are left alone)."""
+        self = cls.__new__(cls)
+        self._setup(cfg, tokenizer, model, next(model.parameters()).device)
+        return self
+
+    def _setup(self, cfg: DenseConfig, tokenizer: Any, model: Any, device: Any) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
         self.model = model
-        self.max_length = self._effective_max_length()
+        self.device = device
+        self.max_length = effective_max_length(cfg.max_length, tokenizer, model.config, what="dense max_length")
         hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model", None)
         self._dim = int(hidden) if hidden else int(self.encode(["dimension probe"]).shape[1])
-
-    def _effective_max_length(self) -> int:
-        limits = [self.cfg.max_length]
-        tok_max = getattr(self.tokenizer, "model_max_length", None)
-        if tok_max and tok_max < _NO_LIMIT:
-            limits.append(int(tok_max))
-        pos_max = getattr(self.model.config, "max_position_embeddings", None)
-        if pos_max:
-            limits.append(int(pos_max))
-        if min(limits) < self.cfg.max_length:
-            log.warning("dense max_length %d exceeds what %s supports; using %d", self.cfg.max_length, self.cfg.model, min(limits))
-        return min(limits)
 
     @property
     def dim(self) -> int:
@@ -141,13 +137,8 @@ class BiEncoder:
         with torch.inference_mode(), tqdm(total=len(texts), disable=not show_progress, desc="encoding", unit="text") as bar:
             for start in range(0, len(texts), bs):
                 idx = order[start : start + bs]
-                batch = self.tokenizer(
-                    [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-                ).to(self.device)
-                hidden = self.model(**batch).last_hidden_state.float()
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                batch = tokenize_texts(self.tokenizer, [texts[i] for i in idx], self.max_length, self.device)
+                pooled = mean_pool(self.model(**batch).last_hidden_state, batch["attention_mask"])
                 chunks.append(pooled.cpu().numpy())
                 bar.update(len(idx))
         sorted_emb = np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
@@ -317,7 +308,7 @@ class DenseRetriever:
             "document_prefix": enc.cfg.document_prefix if enc else self.cfg.document_prefix,
             "num_vectors": self.num_vectors,
             "num_documents": len(self.doc_ids),
-            "files": [INDEX_FILE, OWNER_FILE],
+            "files": [INDEX_FILE, OWNER_FILE, IDS_FILE],
         }
 
     def save(self, directory: str | Path) -> dict[str, Any]:
@@ -329,6 +320,7 @@ class DenseRetriever:
         out.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self._cpu_index, str(out / INDEX_FILE))
         np.save(out / OWNER_FILE, self.chunk_owner, allow_pickle=False)
+        (out / IDS_FILE).write_text(json.dumps(self.doc_ids, ensure_ascii=False), encoding="utf-8")
         return self.section()
 
     @classmethod
@@ -337,10 +329,9 @@ class DenseRetriever:
         directory: str | Path,
         section: Mapping[str, Any],
         encoder: BiEncoder | None,
-        doc_ids: Sequence[str],
         cfg: DenseConfig | None = None,
     ) -> DenseRetriever:
-        """Open an index written by :meth:`save`, checking it against ``section``, ``encoder`` and ``doc_ids``.
+        """Open an index written by :meth:`save`, checking it against ``section`` and ``encoder``.
 
         ``cfg`` supplies the search-time settings (efSearch, nprobe, GPU); it defaults to
         the encoder's config. Raises :class:`IndexLoadError` on any mismatch or damage.
@@ -353,8 +344,9 @@ class DenseRetriever:
             raise IndexLoadError(f"dense index in {d} was built with pooling={section.get('pooling')!r}, normalize={section.get('normalize')!r}; this version supports mean pooling with L2 normalisation only")
         if encoder is not None:
             _check_encoder(d, section, encoder)
+        doc_ids = _read_ids(d / IDS_FILE)
         if len(doc_ids) != int(section["num_documents"]):
-            raise IndexLoadError(f"dense index in {d} covers {section['num_documents']} documents but the document store has {len(doc_ids)}")
+            raise IndexLoadError(f"{d / IDS_FILE} holds {len(doc_ids)} document ids, the manifest says {section['num_documents']}")
         index = _read_index(d / INDEX_FILE)
         if index.d != int(section["dim"]) or index.ntotal != int(section["num_vectors"]):
             raise IndexLoadError(
@@ -367,19 +359,10 @@ class DenseRetriever:
         return cls(index, owner, doc_ids, cfg, encoder, factory=str(section["factory"]))
 
 
-def _same_model(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    try:
-        return resolve_model(a) == resolve_model(b)
-    except ModelLoadError:
-        return False
-
-
 def _check_encoder(d: Path, section: Mapping[str, Any], encoder: BiEncoder) -> None:
     if encoder.dim != int(section["dim"]):
         raise IndexLoadError(f"dense index in {d} has {section['dim']}-dimensional vectors but the encoder {encoder.model_name!r} gives {encoder.dim}")
-    if not _same_model(encoder.model_name, str(section["model"])):
+    if not same_model(encoder.model_name, str(section["model"])):
         raise IndexLoadError(f"dense index in {d} was built with model {section['model']!r}, not {encoder.model_name!r}; rebuild the index or configure that model")
     for key in ("query_prefix", "document_prefix"):
         if key in section and section[key] != getattr(encoder.cfg, key):
@@ -394,6 +377,13 @@ def _read_index(path: Path) -> faiss.Index:
     except RuntimeError as exc:
         detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise IndexLoadError(f"cannot read FAISS index {path}: {detail}") from None
+
+
+def _read_ids(path: Path) -> list[str]:
+    ids = read_json(path, "file of the dense index (document ids)")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise IndexLoadError(f"{path}: expected a JSON list of document ids")
+    return ids
 
 
 def _read_owner(path: Path, num_vectors: int, num_docs: int) -> np.ndarray:

@@ -1,16 +1,20 @@
 """The application builder: ``import_path: serve_app.serve.app:build_app`` in ``deployments.yaml``.
 
-``build_app(args)`` validates the args (:class:`~serve_app.serve.config.AppConfig`, environment
-overrides applied), builds the index once if it is absent (here, not in every replica), and
-binds the deployments into one application::
+``build_app(args)`` validates the args once (:class:`~serve_app.serve.config.AppConfig`,
+environment overrides applied), builds the index first when ``build_index_if_missing`` asks
+for it and it is absent (:func:`serve_app.index.ensure_index`, here, never in a replica), then
+wires the deployments (:func:`build_application`, which touches no file)::
 
     SearchIngress --+--> BM25Retriever
                     +--> DenseRetriever
                     +--> CrossEncoderReranker
 
-Each stage is its own deployment with its own replicas and autoscaling (set per deployment in
-``deployments.yaml``). ``build_application(cfg, options)`` is the same with per-deployment
-``.options(...)`` overrides, for Python callers and tests.
+Each stage is its own deployment with its own replicas and autoscaling. The plain classes of
+:mod:`serve_app.serve.deployments` become deployments here, with the options of
+:data:`DEPLOYMENT_DEFAULTS` (the one place for them; ``deployments.yaml`` and the ``options``
+argument override them per deployment), bound to typed config objects cut from the validated
+``AppConfig``, and with their ``user_config`` (the reranker's batching, fault injection)
+from it, so that ``serve deploy`` with a changed ``user_config`` still reconfigures live.
 
 With ``sharding: {bm25: N}`` (N > 1) the BM25 stage is N deployments, ``BM25Retriever-shard0``
 ... ``-shard{N-1}``, each serving one shard of the index, and the ingress merges their results
@@ -22,52 +26,75 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from ray import serve
 from ray.serve import Application
 
-from serve_app.serve.config import AppConfig, parse_app_config
-from serve_app.serve.deployments import BM25Deployment, DenseDeployment, RerankerDeployment, SearchIngress
-from serve_app.serve.shards import deployment_names, ensure_shards, shard_deployment_name
-from serve_app.serve.stores import ensure_index
+from serve_app.serve.config import AppConfig, BM25ServerConfig, DenseServerConfig, RerankerServerConfig, ShardRef, parse_app_config
+from serve_app.serve.deployments import BM25Server, DenseServer, RerankerServer, SearchIngress
+from serve_app.serve.shards import RETRIEVER_DEPLOYMENTS, deployment_names, shard_deployment_name
 
-DEPLOYMENT_NAMES = ("SearchIngress", "BM25Retriever", "DenseRetriever", "CrossEncoderReranker")
+#: Serve retries a failing constructor this often before DEPLOY_FAILED (a missing model or a
+#: damaged index will not fix itself; one retry covers a transient failure).
+CONSTRUCTOR_RETRIES = 2
+
+#: Each deployment's default options; deployments.yaml (or ``options``) overrides them.
+DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "SearchIngress": {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 256},
+    "BM25Retriever": {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 32},
+    "DenseRetriever": {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64},
+    # max_ongoing_requests must exceed max_batch_size so that batches can fill.
+    "CrossEncoderReranker": {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64},
+}
+DEPLOYMENT_NAMES = tuple(DEPLOYMENT_DEFAULTS)
 
 
-def build_application(cfg: AppConfig, options: Optional[Mapping[str, Mapping[str, Any]]] = None, *, build_index: bool = True) -> Application:
-    """Bind the deployments for ``cfg``; ``options`` maps deployment names to ``.options()`` kwargs."""
+def _deployment(cls: type, name: str, base: str, options: Mapping[str, Mapping[str, Any]], user_config: Optional[dict[str, Any]] = None) -> Any:
+    """``cls`` as the deployment ``name``: the defaults of ``base``, then ``options[base]``, then
+    ``options[name]`` (a shard's own options win over those of its retriever)."""
+    opts: dict[str, Any] = {"max_constructor_retry_count": CONSTRUCTOR_RETRIES, **DEPLOYMENT_DEFAULTS[base]}
+    if user_config is not None:
+        opts["user_config"] = user_config
+    opts.update(options.get(base, {}))
+    if name != base:
+        opts.update(options.get(name, {}))
+    return serve.deployment(cls, name=name, **opts)
+
+
+def build_application(cfg: AppConfig, options: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Application:
+    """Bind the deployments for ``cfg``; ``options`` maps deployment names to deployment options.
+
+    Pure wiring: no file is read or written (the index is :func:`build_app`'s business).
+    """
     options = dict(options or {})
     known = ["SearchIngress", *deployment_names(cfg), "CrossEncoderReranker"]
     unknown = sorted(set(options) - set(DEPLOYMENT_NAMES) - set(known))
     if unknown:
         raise ValueError(f"unknown deployment name(s) {unknown}; expected among {known}")
-    if build_index:
-        ensure_index(cfg)
-        ensure_shards(cfg)
 
-    def opts(deployment: Any, name: str, user_config: dict[str, Any]) -> Any:
-        return deployment.options(**{"user_config": user_config, **options.get(name, {})})
-
-    def shards(deployment: Any, retriever: str, *args: Any) -> Any:
-        n = getattr(cfg.sharding, retriever)
-        uc = cfg.retriever_user_config(retriever)
+    def retriever(name: str, cls: type, make_config: Any) -> Any:
+        n = getattr(cfg.sharding, name)
+        base = RETRIEVER_DEPLOYMENTS[name]
+        uc = cfg.retriever_user_config(name)
         if n == 1:
-            return opts(deployment, deployment.name, uc).bind(*args)
-        out = []
-        for i in range(n):  # options of the unsharded name apply to every shard, a shard's own name overrides them
-            name = shard_deployment_name(retriever, i)
-            kwargs = {"user_config": uc, **options.get(deployment.name, {}), **options.get(name, {}), "name": name}
-            out.append(deployment.options(**kwargs).bind(*args, {"index": i, "num_shards": n}))
-        return out
+            return _deployment(cls, base, base, options, uc).bind(make_config(None))
+        return [_deployment(cls, shard_deployment_name(name, i), base, options, uc).bind(make_config(ShardRef(index=i, num_shards=n))) for i in range(n)]
 
     bm25 = dense = None
     if "bm25" in cfg.retrievers:
-        bm25 = shards(BM25Deployment, "bm25", cfg.index_dir)
+        bm25 = retriever("bm25", BM25Server, lambda shard: BM25ServerConfig(index_dir=cfg.index_dir, shard=shard))
     if "dense" in cfg.retrievers:
-        dense = shards(DenseDeployment, "dense", cfg.index_dir, cfg.dense.model_dump(mode="json"))
-    reranker = opts(RerankerDeployment, "CrossEncoderReranker", cfg.reranker_user_config()).bind(cfg.reranker.model_dump(mode="json"))
-    ingress = SearchIngress.options(**options.get("SearchIngress", {})) if options.get("SearchIngress") else SearchIngress
-    return ingress.bind(cfg.model_dump(mode="json"), bm25, dense, reranker)
+        dense = retriever("dense", DenseServer, lambda shard: DenseServerConfig(index_dir=cfg.index_dir, dense=cfg.dense, batching=cfg.dense_batching, shard=shard))
+    reranker = _deployment(RerankerServer, "CrossEncoderReranker", "CrossEncoderReranker", options, cfg.reranker_user_config()).bind(
+        RerankerServerConfig(reranker=cfg.reranker, batching=cfg.batching)
+    )
+    ingress = _deployment(serve.ingress()(SearchIngress), "SearchIngress", "SearchIngress", options)
+    return ingress.bind(cfg, bm25, dense, reranker)
 
 
 def build_app(args: Optional[dict[str, Any]] = None) -> Application:
-    """Serve application builder: validate ``args``, build the index if absent, bind the deployments."""
-    return build_application(parse_app_config(args))
+    """Serve application builder: validate ``args``, build the index if asked and absent, bind the deployments."""
+    from serve_app.index import ensure_index
+
+    cfg = parse_app_config(args)
+    ensure_index(cfg.index_dir, **cfg.index_build_args())
+    return build_application(cfg)

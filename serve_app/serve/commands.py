@@ -1,12 +1,21 @@
 """``serve-app demo`` and ``serve-app serve``: run the Serve application locally.
 
-``serve-app demo`` starts Ray and Serve on 127.0.0.1 with the demo corpus shipped with the
-package, builds its index under ``~/.cache/serve_app/demo-index`` on first run, prints an example
-``curl`` with its answer, and serves until Ctrl-C (``--once``: one query, then exit).
+``serve-app demo`` starts Ray (with its dashboard on 127.0.0.1:8265) and Serve on 127.0.0.1 with
+the demo corpus shipped with the package, builds its index under
+``~/.cache/serve_app/demo-index`` on first run, prints an example ``curl`` with its answer, and
+serves until Ctrl-C or SIGTERM (``--once``: one query, then exit).
 
 ``serve-app serve --config deployments.yaml`` validates the Serve config (and the application
-args), starts a local Ray instance (or joins ``--address``), deploys it and serves until Ctrl-C;
-``--once`` waits until it is ready, calls ``/healthz`` and exits (a smoke test of the config).
+args), starts a local Ray instance (or joins ``--address``), deploys it and serves until Ctrl-C
+or SIGTERM; ``--once`` waits until it is ready, calls ``/healthz`` and exits (a smoke test of the
+config).
+
+Stopping: SIGINT (Ctrl-C) and SIGTERM (what ``docker stop``, systemd and Kubernetes send) both
+shut Serve down, stop the local Ray instance and exit with status 0; a second signal during
+the shutdown is ignored.
+
+The application's API key (``SERVE_APP_API_KEY``, see SECURITY.md): the demo's own calls carry
+it, and the printed ``curl`` shows the header.
 
 Ray's token authentication: a local instance started here enables it and creates
 ``~/.ray/auth_token`` if missing; to join a cluster, its token must be in that file or in
@@ -16,25 +25,52 @@ Ray's token authentication: a local instance started here enables it and creates
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shlex
+import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from serve_app.serve.config import ENV_RERANKER_MODEL
+from serve_app.serve.config import ENV_API_KEY, ENV_RERANKER_MODEL
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_QUERY = "why does the sun shine"
+#: Ray's default dashboard port.
+DASHBOARD_PORT = 8265
+
+
+class StopRequested(Exception):
+    """SIGINT or SIGTERM arrived: stop serving and shut down cleanly."""
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`StopRequested` in the main thread for the ``with``
+    block (entered after ``ray.init``, whose own SIGTERM handler exits with status 1 and leaves
+    the shutdown half done), and ignore both once it ends, while the caller shuts down."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise StopRequested(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/serve_app`` (default ``~/.cache/serve_app``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "serve_app"
+    """``$XDG_CACHE_HOME/serve_app`` (default ``~/.cache/serve_app``): the demo's index lives there."""
+    from serve_app.commands.core import default_work_dir
+
+    return default_work_dir()
 
 
 def demo_reranker_model(cache: Path) -> Optional[str]:
@@ -77,13 +113,24 @@ def demo_config(*, host: str, port: int, index_dir: str, reranker_model: Optiona
     }
 
 
-def _block_until_interrupted() -> None:
-    print("Serving. Press Ctrl-C to stop.", flush=True)
+def _block_until_stopped() -> None:
+    print("Serving. Press Ctrl-C (or send SIGTERM) to stop.", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def _serve_until_stopped(serve_fn: Any) -> int:
+    """Run ``serve_fn()`` (deploy, then serve or check) until it returns or a signal stops it;
+    shut Serve and the local Ray instance down in either case. Exit status 0 on a signal."""
+    status = 0
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("\nStopping...", flush=True)
+        with stop_on_signals():
+            status = serve_fn()
+    except StopRequested as stop:
+        print(f"\n{stop.args[0]} received: stopping...", flush=True)
+    finally:
+        _shutdown()
+    return status
 
 
 def _shutdown() -> None:
@@ -91,18 +138,28 @@ def _shutdown() -> None:
     from ray import serve
 
     try:
-        serve.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
     finally:
         ray.shutdown()
 
 
-def _show_example(base_url: str, query: str, top_n: int = 5) -> None:
+def demo_api_key(environ: Optional[dict[str, str]] = None) -> Optional[str]:
+    """The API key the demo's own calls send: the first key of ``SERVE_APP_API_KEY`` (None when unset)."""
+    from serve_app.serve.auth import load_api_keys
+
+    keys = load_api_keys(ENV_API_KEY, environ)
+    return keys[0] if keys else None
+
+
+def _show_example(base_url: str, query: str, top_n: int = 5, api_key: Optional[str] = None) -> None:
     from serve_app.client import ServeAppClient
 
     body = {"query": query, "top_n": top_n, "return_documents": True}
+    auth = f' -H "Authorization: Bearer ${ENV_API_KEY}"' if api_key else ""
     print("\nExample query:\n")
-    print(f"  curl -s -X POST {base_url}/search -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}\n")
-    with ServeAppClient(base_url, timeout=120) as client:
+    print(f"  curl -s -X POST {base_url}/search -H 'Content-Type: application/json'{auth} -d {shlex.quote(json.dumps(body))}\n")
+    with ServeAppClient(base_url, api_key=api_key, timeout=120) as client:
         answer = client.search(**body)
     print(f"Answer (top {len(answer['results'])} of the funnel {answer['funnel']}, degraded={answer['degraded']}):\n")
     for rank, r in enumerate(answer["results"], 1):
@@ -113,32 +170,45 @@ def _show_example(base_url: str, query: str, top_n: int = 5) -> None:
     print(f"OpenAPI docs: {base_url}/docs   health: {base_url}/healthz   info: {base_url}/info\n", flush=True)
 
 
+def _show_dashboard(url: Optional[str]) -> None:
+    if url:
+        from serve_app.serve.runner import token_path
+
+        print(
+            f"Ray dashboard: {url}  (token authentication: paste the token printed by `ray get-auth-token`, "
+            f"kept in {token_path()}, into its login page; Serve tab: {url}/#/serve)\n",
+            flush=True,
+        )
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    from serve_app.index import ensure_index
     from serve_app.serve.config import parse_app_config
     from serve_app.serve.runner import deploy_config, load_serve_config, start_ray, wait_for_apps
-    from serve_app.serve.stores import ensure_index
 
+    api_key = demo_api_key()  # a malformed key fails here, before anything starts
     cache = cache_dir()
     index_dir = str(Path(args.index_dir).expanduser()) if args.index_dir else str(cache / "demo-index")
     model = demo_reranker_model(cache)
     raw = demo_config(host=args.host, port=args.port, index_dir=index_dir, reranker_model=model, num_cpus_per_replica=args.replica_cpus)
     config = load_serve_config(raw)
     app_cfg = parse_app_config(raw["applications"][0]["args"])
-    if ensure_index(app_cfg):  # here, so that the build's progress shows in this terminal
+    if ensure_index(app_cfg.index_dir, **app_cfg.index_build_args(), show_progress=True):  # here, so that the build's progress shows in this terminal
         print(f"Built the demo index in {index_dir}", flush=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    start_ray(num_cpus=args.num_cpus, log_to_driver=args.verbose)
-    try:
+    dashboard = start_ray(num_cpus=args.num_cpus, log_to_driver=args.verbose, dashboard_port=args.dashboard_port or None)
+
+    def serve_demo() -> int:
         deploy_config(config)
         print("Deploying (model loading takes a little while; replica logs: /tmp/ray/session_latest/logs/serve)...", flush=True)
         wait_for_apps(["serve_app"], timeout_s=args.timeout)
-        base_url = f"http://{args.host}:{args.port}"
-        _show_example(base_url, args.query)
+        _show_example(f"http://{args.host}:{args.port}", args.query, api_key=api_key)
+        _show_dashboard(dashboard)
         if not args.once:
-            _block_until_interrupted()
-    finally:
-        _shutdown()
-    return 0
+            _block_until_stopped()
+        return 0
+
+    return _serve_until_stopped(serve_demo)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -147,8 +217,9 @@ def run_serve(args: argparse.Namespace) -> int:
     config = load_serve_config(args.config)
     if args.port is not None:
         config = config.model_copy(update={"http_options": config.http_options.model_copy(update={"port": args.port})})
-    start_ray(args.address, num_cpus=args.num_cpus, throughput_optimized=args.throughput_optimized)
-    try:
+    dashboard = start_ray(args.address, num_cpus=args.num_cpus, throughput_optimized=args.throughput_optimized, dashboard_port=args.dashboard_port)
+
+    def serve_config() -> int:
         deploy_config(config)
         names = [a.name for a in config.applications]
         print(f"Deploying {', '.join(names)}...", flush=True)
@@ -161,6 +232,7 @@ def run_serve(args: argparse.Namespace) -> int:
             if direct:
                 bases[app.name].append(direct + (app.route_prefix or "/").rstrip("/"))
                 print(f"  {app.name}, direct ingress (the ingress replica itself, no proxy): {bases[app.name][1]}", flush=True)
+        _show_dashboard(dashboard)
         if args.once:
             import httpx
 
@@ -171,15 +243,16 @@ def run_serve(args: argparse.Namespace) -> int:
                     print(f"GET {url} -> {r.status_code} {r.text}", flush=True)
                     if r.status_code != 200:
                         return 1
-        elif args.address:
+            return 0
+        if args.address:
             print("Deployed to the cluster; it keeps serving after this command exits.", flush=True)
             return 0
-        else:
-            _block_until_interrupted()
-    finally:
-        if args.once or not args.address:
-            _shutdown()
-    return 0
+        _block_until_stopped()
+        return 0
+
+    if args.address and not args.once:
+        return serve_config()  # the cluster keeps serving after this command: nothing to shut down
+    return _serve_until_stopped(serve_config)
 
 
 def register(subparsers: Any) -> None:
@@ -193,6 +266,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs given to the local Ray instance (default: all)")
     p.add_argument("--replica-cpus", type=float, default=0.5, help="CPUs reserved per replica (default 0.5)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the deployment (default 600)")
+    p.add_argument("--dashboard-port", type=int, default=DASHBOARD_PORT, help=f"port of the Ray dashboard on 127.0.0.1 (default {DASHBOARD_PORT}; 0: no dashboard)")
     p.set_defaults(func=run_demo)
 
     s = subparsers.add_parser("serve", help="deploy a Serve config file (deployments.yaml) locally or to a cluster")
@@ -208,4 +282,5 @@ def register(subparsers: Any) -> None:
         "deployments, direct ingress on the ingress replica's own port); on a cluster, set that variable for `ray start` instead",
     )
     s.add_argument("--timeout", type=float, default=900, help="seconds to wait for the deployment (default 900)")
+    s.add_argument("--dashboard-port", type=int, default=None, help=f"start the local Ray instance's dashboard on 127.0.0.1 at this port (e.g. {DASHBOARD_PORT}; default: no dashboard)")
     s.set_defaults(func=run_serve)

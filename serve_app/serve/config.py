@@ -27,7 +27,9 @@ from typing import Any, Literal, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serve_app.config import BM25Config, ChunkingConfig, CrossEncoderConfig, DenseConfig, FunnelLimits, FusionConfig
+from serve_app.corpus import BUILTIN_PREFIX
 from serve_app.errors import UserFacingError
+from serve_app.funnel import FunnelTimeouts
 
 RetrieverName = Literal["bm25", "dense"]
 
@@ -35,8 +37,6 @@ ENV_RERANKER_MODEL = "SERVE_APP_RERANKER_MODEL"
 ENV_DENSE_MODEL = "SERVE_APP_DENSE_MODEL"
 #: Default environment variable of the ingress holding the HTTP API key(s) (serve_app.serve.auth).
 ENV_API_KEY = "SERVE_APP_API_KEY"
-#: ``corpus: builtin:demo`` names the demo dataset shipped with the package (serve_app.demo).
-BUILTIN_PREFIX = "builtin:"
 
 
 class ConfigError(UserFacingError, ValueError):
@@ -58,10 +58,14 @@ class RequestLimits(_Strict):
 
 
 class BatchingConfig(_Strict):
-    """How the reranker gathers concurrent requests into one cross-encoder call (``@serve.batch``)."""
+    """How a deployment gathers concurrent requests into one model call (Serve's ``@serve.batch``)."""
 
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Most rerank requests (each a query and its documents) scored in one call.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="Longest wait for a batch to fill before scoring what has arrived.")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests (for the reranker: each a query and its documents) in one model call.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="Longest wait for a batch to fill before running what has arrived.")
+
+
+#: The dense retriever's query batching: short waits, since one query costs milliseconds.
+DENSE_BATCHING = BatchingConfig(max_batch_size=32, batch_wait_timeout_s=0.002)
 
 
 class FaultInjection(_Strict):
@@ -90,6 +94,10 @@ class StageTimeouts(_Strict):
     rerank_timeout_s: float = Field(30.0, gt=0, le=600, description="Per reranker call. /search then returns the fused order marked degraded; /rerank answers 504.")
     health_timeout_s: float = Field(2.0, gt=0, le=60, description="Per stage readiness probe of GET /healthz.")
     request_timeout_s: float = Field(45.0, gt=0, le=600, description="Overall deadline of one /search or /rerank request in the ingress: past it the pending stage calls are cancelled and the answer is 504 deadline_exceeded. Keep it below http_options.request_timeout_s (the proxy's own limit, answered 408 without the envelope).")
+
+    def funnel(self) -> FunnelTimeouts:
+        """The funnel's timeouts (``serve_app.funnel``)."""
+        return FunnelTimeouts(retriever_s=self.retriever_timeout_s, rerank_s=self.rerank_timeout_s, request_s=self.request_timeout_s)
 
 
 class AuthConfig(_Strict):
@@ -120,6 +128,7 @@ class AppConfig(_Strict):
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig, description="Index-time chunking (used when building the index).")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="HTTP request limits.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Reranker batching defaults; the reranker deployment's user_config overrides them live.")
+    dense_batching: BatchingConfig = Field(DENSE_BATCHING, description="Query batching of the dense retriever: concurrent queries share one encoder forward pass.")
     timeouts: StageTimeouts = Field(default_factory=StageTimeouts, description="Per-stage timeouts and the per-request deadline of the ingress.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API key authentication of the HTTP API (the environment variable holding the key).")
     faults: dict[Literal["bm25", "dense", "reranker"], FaultInjection] = Field(default_factory=dict, description="Fault injection per stage at start-up (tests and drills); deployment user_config overrides it.")
@@ -146,6 +155,17 @@ class AppConfig(_Strict):
             raise ValueError("sharding.bm25 > 1 needs bm25.engine: bm25s (rank_bm25 cannot share corpus statistics across shards)")
         return self
 
+    def index_build_args(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`serve_app.index.ensure_index` for this application."""
+        return {
+            "corpus": self.corpus,
+            "bm25": self.bm25 if "bm25" in self.retrievers else None,
+            "dense": self.dense if "dense" in self.retrievers else None,
+            "chunking": self.chunking,
+            "shards": {r: getattr(self.sharding, r) for r in self.retrievers},
+            "build_if_missing": self.build_index_if_missing,
+        }
+
     def reranker_user_config(self) -> dict[str, Any]:
         """The reranker deployment's default ``user_config``."""
         fault = self.faults.get("reranker", FaultInjection())
@@ -154,6 +174,34 @@ class AppConfig(_Strict):
     def retriever_user_config(self, name: RetrieverName) -> dict[str, Any]:
         """A retriever deployment's default ``user_config``."""
         return RetrieverUserConfig(fault=self.faults.get(name, FaultInjection())).model_dump()
+
+
+# --------------------------------------------------------------------------- per-deployment configs
+# What the builder binds to each deployment: typed, already validated (a replica never parses a dict).
+
+
+class ShardRef(_Strict):
+    """The shard a retriever deployment serves."""
+
+    index: int = Field(..., ge=0)
+    num_shards: int = Field(..., ge=2)
+
+
+class BM25ServerConfig(_Strict):
+    index_dir: str
+    shard: Optional[ShardRef] = None
+
+
+class DenseServerConfig(_Strict):
+    index_dir: str
+    dense: DenseConfig
+    batching: BatchingConfig = DENSE_BATCHING
+    shard: Optional[ShardRef] = None
+
+
+class RerankerServerConfig(_Strict):
+    reranker: CrossEncoderConfig
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Starting batching; user_config reconfigures it live.")
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:

@@ -1,19 +1,25 @@
-"""The Ray Serve deployments: thin wrappers that hold one core object each.
+"""The servers behind the Serve deployments: plain classes, one core object each.
 
-* ``BM25Retriever``: :class:`serve_app.retrieval.bm25.BM25Retriever` over the index's bm25/ files;
-* ``DenseRetriever``: bi-encoder + FAISS; concurrent queries share one encoder forward pass
-  (``@serve.batch``);
-* ``CrossEncoderReranker``: :class:`serve_app.rerank.reranker.Reranker`; concurrent requests
-  share cross-encoder calls through ``@serve.batch`` (``rerank_many``), with ``max_batch_size``
-  and ``batch_wait_timeout_s`` from ``user_config`` (changed live by ``reconfigure``);
-* ``SearchIngress``: the FastAPI app (:mod:`serve_app.serve.http`) over
-  :class:`~serve_app.serve.service.SearchService`, calling the stages through deployment handles.
+Nothing here is decorated: :mod:`serve_app.serve.app` (the builder) turns each class into a
+deployment with the options of the validated :class:`~serve_app.serve.config.AppConfig`, and
+binds it to a typed config object (``BM25ServerConfig``...), so a replica never re-validates a
+dict. Tests construct these classes directly, without Ray.
 
-The names above are the deployment names used in ``deployments.yaml``. Defaults given here
-(resources, ``max_ongoing_requests``) are overridden there. A constructor that cannot load its
-model or index raises the core's ``ModelLoadError`` / ``IndexLoadError``; Serve retries it
-``max_constructor_retry_count`` times and then marks the deployment ``DEPLOY_FAILED`` with that
-message.
+* :class:`BM25Server`: :class:`serve_app.retrieval.bm25.BM25Retriever` over the index's bm25/ files;
+* :class:`DenseServer`: bi-encoder + FAISS; concurrent queries share one encoder forward pass
+  (Serve's batching, ``dense_batching``);
+* :class:`RerankerServer`: :class:`serve_app.rerank.reranker.Reranker`; concurrent requests
+  share cross-encoder calls through Serve's batching and the :class:`~serve_app.rerank.coalesce.Coalescer`,
+  with ``max_batch_size`` and ``batch_wait_timeout_s`` from ``user_config`` (changed live by
+  ``reconfigure``);
+* :class:`SearchIngress`: the FastAPI app (:mod:`serve_app.serve.http`) over
+  :class:`~serve_app.serve.service.SearchService`, calling the stages through deployment handles
+  (:class:`HandleBackends`).
+
+A constructor that cannot load its model or index raises the core's ``ModelLoadError`` /
+``IndexLoadError``; Serve retries it ``max_constructor_retry_count`` times and then marks the
+deployment ``DEPLOY_FAILED`` with that message. ``check_health`` checks something real: the
+index answers a lookup, the model answered recently or answers a probe pair.
 """
 
 from __future__ import annotations
@@ -22,11 +28,9 @@ import asyncio
 import collections
 import functools
 import logging
+import math
 import time
 from typing import Any, Optional
-
-from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from serve_app.rerank.coalesce import Coalescer
 from serve_app.serve import metrics
@@ -35,20 +39,19 @@ from serve_app.serve.config import (
     ENV_RERANKER_MODEL,
     AppConfig,
     BatchingConfig,
+    BM25ServerConfig,
+    DenseServerConfig,
     FaultInjection,
+    RerankerServerConfig,
     RerankerUserConfig,
     RetrieverUserConfig,
     parse_user_config,
 )
 from serve_app.serve.resilience import call_stage
-from serve_app.serve.service import RerankOutcome, SearchService
-from serve_app.types import Hit
+from serve_app.types import Hit, RerankOutcome, RerankRequest
 
 logger = logging.getLogger("ray.serve")
 
-#: Serve retries a failing constructor this often before DEPLOY_FAILED (a missing model or a
-#: damaged index will not fix itself; one retry covers a transient failure).
-CONSTRUCTOR_RETRIES = 2
 # @serve.batch calls of the reranker that may wait in its Coalescer at once (which merges them
 # into model calls of at most max_batch_size requests). Under steady load requests reach the
 # reranker one by one (the retrievers space them out), so Serve's batches hold one or two
@@ -58,6 +61,9 @@ CONSTRUCTOR_RETRIES = 2
 # max_ongoing_requests; with the coalescer merging batches that product is not a limit, only
 # max_ongoing_requests >= max_batch_size matters (deployments.yaml, tests/serve/test_serve_config.py).
 RERANK_CONCURRENT_BATCHES = 16
+#: A reranker that scored a batch this recently is healthy without a probe forward pass.
+HEALTH_RECENT_S = 30.0
+_PROBE_PAIR = ("health probe", "a short document")
 
 
 class InjectedFault(RuntimeError):
@@ -94,23 +100,59 @@ def _load(what: str, loader: Any, *args: Any, hint: str = "") -> Any:
 
 def _replica_id() -> str:
     try:
+        from ray import serve
+
         return serve.get_replica_context().replica_tag
     except Exception:  # noqa: BLE001 - outside a replica
         return "local"
 
 
-@serve.deployment(name="BM25Retriever", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32, max_constructor_retry_count=CONSTRUCTOR_RETRIES)
-class BM25Deployment:
+class _OneByOne:
+    """Outside a Serve replica (tests, scripts) each call is a batch of one: Serve's batching needs
+    a replica, the server's own merging (the reranker's Coalescer) still works."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    async def __call__(self, item: Any) -> Any:
+        return (await self.fn([item]))[0]
+
+    def set_max_batch_size(self, n: int) -> None:
+        pass
+
+    def set_batch_wait_timeout_s(self, s: float) -> None:
+        pass
+
+
+def _serve_batch(fn: Any, cfg: BatchingConfig, max_concurrent_batches: int = 1) -> Any:
+    """``fn`` (an async function of a list) behind Serve's request batching, sized by ``cfg``."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return _OneByOne(fn)
+    return serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s, max_concurrent_batches=max_concurrent_batches)(fn)
+
+
+def _index_dir(name: str, index_dir: str, retriever: str, shard: Any) -> str:
+    """The directory a retriever replica loads: the index itself, or its shard's index."""
+    if shard is None:
+        return index_dir
+    from serve_app.index import open_shard
+
+    return str(_load(name, open_shard, index_dir, retriever, shard.index, shard.num_shards))
+
+
+class BM25Server:
     """Top-k BM25 documents for a query."""
 
-    def __init__(self, index_dir: str, shard: Optional[dict[str, int]] = None) -> None:
-        from serve_app.serve.shards import open_shard
-        from serve_app.serve.stores import load_bm25
+    def __init__(self, cfg: BM25ServerConfig) -> None:
+        from serve_app.index import load_bm25
 
-        self.shard = shard  # {"index", "num_shards"}: this deployment serves one shard (serve_app.serve.shards)
-        if shard is not None:
-            index_dir = str(_load("BM25Retriever", open_shard, index_dir, "bm25", shard["index"], shard["num_shards"]))
-        self.retriever = _load("BM25Retriever", load_bm25, index_dir)
+        self.shard = cfg.shard  # this replica serves one shard of the index (serve_app.serve.shards)
+        self.retriever = _load("BM25Retriever", load_bm25, _index_dir("BM25Retriever", cfg.index_dir, "bm25", cfg.shard))
         self.fault = FaultInjection()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -125,27 +167,24 @@ class BM25Deployment:
 
     async def ping(self) -> dict[str, Any]:
         await _apply_fault(self.fault, "bm25")
-        return {"stage": "bm25", "documents": self.retriever.num_documents, "replica": _replica_id(), "shard": self.shard}
+        return {"stage": "bm25", "documents": self.retriever.num_documents, "replica": _replica_id(), "shard": self.shard.model_dump() if self.shard else None}
 
-    def check_health(self) -> None:
-        if self.retriever is None:
-            raise RuntimeError("BM25 index not loaded")
+    async def check_health(self) -> None:
+        """The memory-mapped index answers: a term lookup over its postings runs."""
+        await asyncio.to_thread(self.retriever.search, "health", 1)
 
 
-@serve.deployment(name="DenseRetriever", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, max_constructor_retry_count=CONSTRUCTOR_RETRIES)
-class DenseDeployment:
+class DenseServer:
     """Top-k documents by embedding similarity; concurrent queries are encoded together."""
 
-    def __init__(self, index_dir: str, dense: dict[str, Any], shard: Optional[dict[str, int]] = None) -> None:
-        from serve_app.config import DenseConfig
-        from serve_app.serve.shards import open_shard
-        from serve_app.serve.stores import load_dense
+    def __init__(self, cfg: DenseServerConfig) -> None:
+        from serve_app.index import load_dense
 
-        self.shard = shard  # {"index", "num_shards"}: this deployment serves one shard (serve_app.serve.shards)
-        if shard is not None:
-            index_dir = str(_load("DenseRetriever", open_shard, index_dir, "dense", shard["index"], shard["num_shards"]))
-        self.retriever = _load("DenseRetriever", load_dense, index_dir, DenseConfig.model_validate(dense), hint=f"For the Serve app, {ENV_DENSE_MODEL}=/path/to/model also overrides dense.model.")
+        self.shard = cfg.shard
+        index_dir = _index_dir("DenseRetriever", cfg.index_dir, "dense", cfg.shard)
+        self.retriever = _load("DenseRetriever", load_dense, index_dir, cfg.dense, hint=f"For the Serve app, {ENV_DENSE_MODEL}=/path/to/model also overrides dense.model.")
         self.fault = FaultInjection()
+        self._search_batched = _serve_batch(self._search_many_async, cfg.batching)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.fault = parse_user_config(RetrieverUserConfig, user_config, "DenseRetriever").fault
@@ -154,8 +193,7 @@ class DenseDeployment:
         await _apply_fault(self.fault, "dense")
         return await self._search_batched((query, k))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _search_batched(self, requests: list[tuple[str, int]]) -> list[list[Hit]]:
+    async def _search_many_async(self, requests: list[tuple[str, int]]) -> list[list[Hit]]:
         t0 = time.perf_counter()
         out = await asyncio.to_thread(self._search_many, requests)
         metrics.observe_latency("dense_search", (time.perf_counter() - t0) * 1000)
@@ -175,27 +213,31 @@ class DenseDeployment:
 
     async def ping(self) -> dict[str, Any]:
         await _apply_fault(self.fault, "dense")
-        return {"stage": "dense", "model": self.retriever.encoder.model_name, "vectors": self.retriever.num_vectors, "replica": _replica_id(), "shard": self.shard}
+        return {"stage": "dense", "model": self.retriever.encoder.model_name, "vectors": self.retriever.num_vectors, "replica": _replica_id(), "shard": self.shard.model_dump() if self.shard else None}
 
-    def check_health(self) -> None:
-        if self.retriever is None or self.retriever.encoder is None:
-            raise RuntimeError("dense index or encoder not loaded")
+    async def check_health(self) -> None:
+        """The encoder and the FAISS index answer: one query is encoded and searched."""
+        hits = await asyncio.to_thread(self._search_many, [("health", 1)])
+        if not hits[0]:
+            raise RuntimeError("the dense index returned no document for the health probe")
 
 
-@serve.deployment(name="CrossEncoderReranker", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, max_constructor_retry_count=CONSTRUCTOR_RETRIES)
-class RerankerDeployment:
+class RerankerServer:
     """Cross-encoder scores; concurrent requests share one ``rerank_many`` call."""
 
-    def __init__(self, reranker: dict[str, Any]) -> None:
-        from serve_app.config import CrossEncoderConfig
+    def __init__(self, cfg: RerankerServerConfig) -> None:
         from serve_app.rerank.cross_encoder import CrossEncoderScorer
         from serve_app.rerank.reranker import Reranker
 
-        cfg = CrossEncoderConfig.model_validate(reranker)
-        self.reranker = Reranker(_load("CrossEncoderReranker", CrossEncoderScorer, cfg, hint=f"For the Serve app, {ENV_RERANKER_MODEL}=/path/to/model also overrides reranker.model."), cfg)
-        self.batching = BatchingConfig()
+        scorer = _load("CrossEncoderReranker", CrossEncoderScorer, cfg.reranker, hint=f"For the Serve app, {ENV_RERANKER_MODEL}=/path/to/model also overrides reranker.model.")
+        self.reranker = Reranker(scorer, cfg.reranker)
+        self.batching = cfg.batching
         self.fault = FaultInjection()
         self.coalescer = Coalescer(self._score_requests, max_items=self.batching.max_batch_size)
+        # Serve forms batches eagerly, also while the model is busy; the coalescer merges those
+        # that wait into the next model call (serve_app.rerank.coalesce).
+        self._rerank_batched = _serve_batch(self.coalescer.submit, self.batching, RERANK_CONCURRENT_BATCHES)
+        self._last_scored = 0.0
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         uc = parse_user_config(RerankerUserConfig, user_config, "CrossEncoderReranker")
@@ -207,21 +249,14 @@ class RerankerDeployment:
         logger.info("reranker batching: max_batch_size=%d batch_wait_timeout_s=%g", uc.max_batch_size, uc.batch_wait_timeout_s)
 
     async def rerank(self, query: str, documents: list[str], max_tokens_per_doc: Optional[int] = None) -> RerankOutcome:
-        from serve_app.rerank.reranker import RerankRequest
-
         await _apply_fault(self.fault, "reranker")
         return await self._rerank_batched(RerankRequest(query, list(documents), max_tokens_per_doc))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=RERANK_CONCURRENT_BATCHES)
-    async def _rerank_batched(self, requests: list[Any]) -> list[RerankOutcome]:
-        # Serve forms batches eagerly, also while the model is busy; the coalescer merges those
-        # that wait into the next model call (serve_app.rerank.coalesce).
-        return await self.coalescer.submit(requests)
-
-    async def _score_requests(self, requests: list[Any]) -> list[RerankOutcome]:
+    async def _score_requests(self, requests: list[RerankRequest]) -> list[RerankOutcome]:
         """One ``rerank_many`` call (in a worker thread) for every request the coalescer merged."""
         t0 = time.perf_counter()
         scores = await asyncio.to_thread(self.reranker.rerank_many, requests)
+        self._last_scored = time.monotonic()
         pairs = sum(len(r.documents) for r in requests)
         metrics.observe_latency("rerank_batch", (time.perf_counter() - t0) * 1000)
         metrics.observe_rerank_batch(len(requests), pairs)
@@ -238,11 +273,17 @@ class RerankerDeployment:
             "batch_sizes": [n for _, n in self.coalescer.calls],
             "batching": self.batching.model_dump(),
             "pairs_scored": self.reranker.scorer.pairs_scored,
+            "serve_batching": not isinstance(self._rerank_batched, _OneByOne),
         }
 
-    def check_health(self) -> None:
-        if self.reranker is None:
-            raise RuntimeError("cross-encoder not loaded")
+    async def check_health(self) -> None:
+        """The model answers: it scored a batch within HEALTH_RECENT_S, or scores a probe pair now."""
+        if time.monotonic() - self._last_scored < HEALTH_RECENT_S:
+            return
+        score = (await asyncio.to_thread(self.reranker.scorer.score, [_PROBE_PAIR]))[0]
+        if not math.isfinite(float(score)):
+            raise RuntimeError(f"the cross-encoder scored the health probe {score}")
+        self._last_scored = time.monotonic()
 
 
 class HandleBackends:
@@ -291,17 +332,19 @@ class HandleBackends:
         return await call_stage(stage, lambda: handle.ping.remote())
 
 
-@serve.deployment(name="SearchIngress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, max_constructor_retry_count=CONSTRUCTOR_RETRIES)
-@serve.ingress()
 class SearchIngress:
-    """HTTP ingress: validates requests, fans out to the stages, fuses, reranks, answers."""
+    """HTTP ingress: validates requests, runs the funnel over the stages' handles, answers.
 
-    def __init__(self, config: dict[str, Any], bm25: Optional[DeploymentHandle | list[DeploymentHandle]], dense: Optional[DeploymentHandle | list[DeploymentHandle]], reranker: DeploymentHandle) -> None:
-        """``bm25`` / ``dense``: the retriever's handle, or one handle per shard when sharded."""
+    ``bm25`` / ``dense``: the retriever's handle, or one handle per shard when sharded (None when
+    not deployed). The builder wraps this class with ``serve.ingress``; Serve then serves the
+    FastAPI app :meth:`__serve_build_asgi_app__` returns.
+    """
+
+    def __init__(self, cfg: AppConfig, bm25: Any, dense: Any, reranker: Any) -> None:
+        from serve_app.index import load_documents
+        from serve_app.serve.service import SearchService
         from serve_app.serve.shards import shard_deadline
-        from serve_app.serve.stores import load_documents
 
-        cfg = AppConfig.model_validate(config)
         corpus, manifest = _load("SearchIngress", load_documents, cfg.index_dir)
         handles = {name: h for name, h in (("bm25", bm25), ("dense", dense), ("reranker", reranker)) if h is not None}
         index_info = {
@@ -320,6 +363,7 @@ class SearchIngress:
 
         return create_app(self.service)
 
-    def check_health(self) -> None:
-        if self.service is None:
-            raise RuntimeError("document store not loaded")
+    async def check_health(self) -> None:
+        """The document store is loaded and answers a lookup."""
+        if len(self.service.documents) == 0:
+            raise RuntimeError("the document store is empty")

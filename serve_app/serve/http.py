@@ -36,6 +36,7 @@ from serve_app.serve.api import (
     SearchResponse,
     envelope,
 )
+from serve_app.errors import DeadlineExceeded, FunnelError, StageError, StageOutputError, StageOverloaded, StageTimeout, StageUnavailable
 from serve_app.serve.auth import install_api_key_auth, load_api_keys
 from serve_app.serve.service import SearchService
 
@@ -165,6 +166,38 @@ def _format_validation(exc: RequestValidationError) -> tuple[str, str]:
     return "validation_error", "; ".join(parts)
 
 
+#: The core's outcomes (``serve_app.errors``) and the error type each is answered with; the one
+#: place where they meet HTTP. Order matters: the first matching class wins.
+CORE_ERROR_TYPES: tuple[tuple[type[Exception], str], ...] = (
+    (FunnelError, "validation_error"),
+    (StageOverloaded, "overloaded"),
+    (DeadlineExceeded, "deadline_exceeded"),
+    (StageTimeout, "stage_timeout"),
+    (StageUnavailable, "service_unavailable"),
+    (StageOutputError, "internal_error"),
+)
+
+
+def core_error_type(exc: BaseException) -> Optional[str]:
+    """The envelope's ``error.type`` for a core exception, or None for any other exception."""
+    return next((name for cls, name in CORE_ERROR_TYPES if isinstance(exc, cls)), None)
+
+
+def core_error_answer(exc: Exception) -> ApiError:
+    """The HTTP answer of a core exception (see :data:`CORE_ERROR_TYPES`)."""
+    error_type = core_error_type(exc)
+    if error_type is None:
+        raise TypeError(f"{type(exc).__name__} is not a core outcome")
+    if isinstance(exc, StageOverloaded):
+        header = exc.retry_after_header()
+        return ApiError(error_type, f"{exc.message}; retry after {header} s", headers={"Retry-After": header})
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError(error_type, f"the request did not complete within request_timeout_s={exc.timeout_s:g}")
+    if isinstance(exc, StageOutputError):
+        logger.error("unusable output of the %s stage: %s", exc.stage, exc.message)
+    return ApiError(error_type, exc.message if isinstance(exc, StageError) else str(exc))
+
+
 def _error_response(request: Request, status: int, error_type: str, message: str, headers: Optional[dict] = None) -> JSONResponse:
     metrics.count_error(_endpoint(request), error_type)
     return JSONResponse(envelope(error_type, message), status_code=status, headers=headers)
@@ -190,6 +223,11 @@ def install_error_handlers(app: FastAPI) -> None:
         error_type, message = _format_validation(exc)
         return _error_response(request, ERROR_TYPES[error_type][0], error_type, message)
 
+    async def on_core_error(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, DeadlineExceeded):
+            logger.warning("request deadline exceeded (%s)", exc)
+        return await on_api_error(request, core_error_answer(exc))
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
         return _error_response(request, 500, "internal_error", f"internal error ({type(exc).__name__}); see the service logs")
@@ -197,6 +235,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    for cls, _ in CORE_ERROR_TYPES:
+        app.add_exception_handler(cls, on_core_error)
     app.add_exception_handler(Exception, on_unexpected)
 
 

@@ -42,7 +42,7 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec(PREFIX + "rerank_pairs_total", "counter", (), "(query, document) pairs scored by the cross-encoder."),
         MetricSpec(PREFIX + "requests_total", "counter", ("endpoint", "status"), "HTTP requests answered by the ingress, by endpoint (search, rerank, healthz, info, other) and status code."),
         MetricSpec(PREFIX + "errors_total", "counter", ("endpoint", "type"), "Error responses by endpoint and error type (the envelope's error.type)."),
-        MetricSpec(PREFIX + "degraded_total", "counter", ("stage", "reason"), "Stages skipped by the ingress because they failed (reason: error) or timed out (reason: timeout)."),
+        MetricSpec(PREFIX + "degraded_total", "counter", ("stage", "reason"), "Stages left out of an answer because they failed (reason: error) or timed out (reason: timeout); stage: bm25, dense, rerank."),
     )
 }
 METRIC_NAMES: tuple[str, ...] = tuple(SPECS)

@@ -97,8 +97,13 @@ def start_ray(
     system_config: Optional[Mapping[str, Any]] = None,
     log_to_driver: bool = True,
     throughput_optimized: bool = False,
-) -> None:
+    dashboard_port: Optional[int] = None,
+) -> Optional[str]:
     """Connect to ``address`` (e.g. ``auto`` or ``ray://host:10001``), or start a local instance on 127.0.0.1.
+
+    ``dashboard_port`` starts the local instance's Ray dashboard on 127.0.0.1 at that port (None:
+    no dashboard); the dashboard's URL is returned (None without one, or on a cluster, whose
+    dashboard is the cluster's).
 
     ``log_to_driver=False`` keeps the replicas' logs out of this terminal (they stay in
     ``/tmp/ray/session_latest/logs``).
@@ -113,7 +118,7 @@ def start_ray(
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     if throughput_optimized:
         if address:
             raise RayStartError(
@@ -127,7 +132,9 @@ def start_ray(
     if address:
         kwargs["address"] = address
     else:
-        kwargs.update(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+        kwargs.update(address="local", include_dashboard=dashboard_port is not None, _node_ip_address="127.0.0.1")
+        if dashboard_port is not None:
+            kwargs.update(dashboard_host="127.0.0.1", dashboard_port=int(dashboard_port))
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
         if metrics_export_port is not None:
@@ -146,6 +153,12 @@ def start_ray(
         if address:
             raise RayStartError(f"could not connect to Ray at {address!r}: {type(exc).__name__}: {exc}") from exc
         raise
+    return f"http://127.0.0.1:{dashboard_port}" if dashboard_port is not None and not address else None
+
+
+def token_path() -> Path:
+    """Where Ray keeps its authentication token: ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
 
 
 def deploy_config(config: Any) -> None:

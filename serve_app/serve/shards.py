@@ -7,16 +7,12 @@ shard replica loads only its shard. The ingress asks every shard of a retriever 
 and merges their lists into the exact global top-k (:func:`scatter_gather`, see
 :mod:`serve_app.retrieval.sharding` for why the merge is exact, BM25 included).
 
-Shard sets live inside the index directory, one per retriever and shard count::
-
-    INDEX_DIR/shards/bm25-2/{shards.json, 0/, 1/}
-    INDEX_DIR/shards/dense-3/{shards.json, 0/, 1/, 2/}
-
-The application builder builds a missing or stale set once (:func:`ensure_shards`, under a file
-lock) from the index's own document store, so the shards and the ingress's documents always
-come from the same corpus; a shard replica refuses a set built from another corpus
-(``IndexLoadError`` -> ``DEPLOY_FAILED``). Rebuilding the index (``serve-app index``) replaces
-the whole directory, shard sets included; the next deploy builds them again.
+Shard sets live inside the index directory, one per retriever and shard count
+(:mod:`serve_app.index.shards`). The application builder builds a missing or stale set once
+(:func:`serve_app.index.ensure_index`) from the index's own document store, so the shards and the
+ingress's documents always come from the same corpus; a shard replica refuses a set built from
+another corpus (``IndexLoadError`` -> ``DEPLOY_FAILED``). Rebuilding the index (``serve-app
+index``) replaces the whole directory, shard sets included; the next deploy builds them again.
 
 A shard that fails or does not answer within the shard deadline (90% of
 ``timeouts.retriever_timeout_s``, so that the ingress still reports which shard it was) fails
@@ -29,24 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
-from serve_app.errors import IndexLoadError
-from serve_app.retrieval.sharding import (
-    SHARDS_MANIFEST,
-    build_shards,
-    merge_top_k,
-    read_shards_manifest,
-    shard_dir,
-)
+from serve_app.errors import StageOverloaded
+from serve_app.funnel import describe_exception
+from serve_app.retrieval.sharding import merge_top_k
 from serve_app.serve.config import AppConfig
 from serve_app.types import Hit
 
 logger = logging.getLogger(__name__)
 
-SHARDS_SUBDIR = "shards"
 #: Deployment name of each retriever (and the prefix of its shard deployments).
 RETRIEVER_DEPLOYMENTS = {"bm25": "BM25Retriever", "dense": "DenseRetriever"}
 #: Fraction of the retriever timeout the ingress waits for shards before naming the late ones.
@@ -55,11 +43,6 @@ SHARD_DEADLINE_FRACTION = 0.9
 
 class ShardFailure(RuntimeError):
     """Some shards of a retriever failed or were late; the message names them."""
-
-
-def shard_set_dir(index_dir: str | os.PathLike[str], retriever: str, num_shards: int) -> Path:
-    """Where the ``num_shards``-shard set of ``retriever`` lives inside ``index_dir``."""
-    return Path(index_dir) / SHARDS_SUBDIR / f"{retriever}-{num_shards}"
 
 
 def shard_deployment_name(retriever: str, index: int) -> str:
@@ -76,63 +59,6 @@ def deployment_names(cfg: AppConfig) -> list[str]:
     return names
 
 
-def _set_is_current(set_dir: Path, num_shards: int, corpus_sha256: str, retriever: str) -> bool:
-    if not (set_dir / SHARDS_MANIFEST).is_file():
-        return False
-    try:
-        shard_dir(set_dir, 0, num_shards=num_shards, corpus_sha256=corpus_sha256, retriever=retriever)
-    except IndexLoadError as exc:
-        logger.info("shard set %s is stale (%s); rebuilding it", set_dir, exc)
-        return False
-    return True
-
-
-def ensure_shards(cfg: AppConfig) -> list[Path]:
-    """Build every configured shard set that is missing or stale; returns the sets built."""
-    from serve_app.serve.stores import file_lock, load_documents
-
-    wanted = [(r, getattr(cfg.sharding, r)) for r in cfg.retrievers if getattr(cfg.sharding, r) > 1]
-    if not wanted:
-        return []
-    index_dir = Path(cfg.index_dir).expanduser()
-    corpus, manifest = load_documents(index_dir)
-    built = []
-    for retriever, n in wanted:
-        set_dir = shard_set_dir(index_dir, retriever, n)
-        if _set_is_current(set_dir, n, manifest.corpus.sha256, retriever):
-            continue
-        with file_lock(index_dir.parent / f".{index_dir.name}.shards.lock"):
-            if _set_is_current(set_dir, n, manifest.corpus.sha256, retriever):
-                continue
-            logger.info("building %d %s shards in %s", n, retriever, set_dir)
-            build_shards(
-                corpus,
-                set_dir,
-                n,
-                bm25=cfg.bm25 if retriever == "bm25" else None,
-                dense=cfg.dense if retriever == "dense" else None,
-                chunking=manifest.chunking,
-                show_progress=False,
-            )
-            built.append(set_dir)
-    return built
-
-
-def open_shard(index_dir: str | os.PathLike[str], retriever: str, index: int, num_shards: int) -> Path:
-    """The index directory of one shard, checked against the index's document store (same
-    corpus, expected shard count, the shard's document count)."""
-    from serve_app.index_store import read_manifest
-
-    corpus_sha = read_manifest(index_dir).corpus.sha256
-    set_dir = shard_set_dir(index_dir, retriever, num_shards)
-    d = shard_dir(set_dir, index, num_shards=num_shards, corpus_sha256=corpus_sha, retriever=retriever)
-    info = read_shards_manifest(set_dir).shards[index]
-    found = read_manifest(d).corpus.num_documents
-    if found != info.end - info.start:
-        raise IndexLoadError(f"{d}: {found} documents, the shard set says {info.end - info.start}; rebuild the shards")
-    return d
-
-
 def shard_deadline(timeout_s: float) -> float:
     """How long the ingress waits for the shards of one call whose stage timeout is ``timeout_s``."""
     return timeout_s * SHARD_DEADLINE_FRACTION
@@ -141,9 +67,6 @@ def shard_deadline(timeout_s: float) -> float:
 async def _all_shards(retriever: str, calls: Sequence[Callable[[], Awaitable[Any]]], deadline_s: float, failed: str) -> list[Any]:
     """Every shard's answer, in shard order; :class:`ShardFailure` names each shard that failed
     or missed ``deadline_s`` (a full queue, ``StageOverloaded``, propagates: it sheds the request)."""
-    from serve_app.serve.resilience import StageOverloaded
-    from serve_app.serve.service import describe_exception
-
     tasks = [asyncio.ensure_future(call()) for call in calls]
     try:
         done, pending = await asyncio.wait(tasks, timeout=deadline_s)

@@ -145,7 +145,7 @@ def mine_rankings(
     wanted = ["bm25", "dense"] if source == "both" else [source]
     retrievers: dict[str, Any] = {}
     if index is not None:
-        from serve_app.index_store import load_index
+        from serve_app.index import load_index
 
         loaded = load_index(index, load_dense_encoder="dense" in wanted)
         retrievers = loaded.retrievers

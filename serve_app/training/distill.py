@@ -35,6 +35,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from serve_app.models import mean_pool, tokenize_texts
 from serve_app.training.config import DistillConfig
 from serve_app.training.data import PreparedData, epoch_order
 
@@ -49,37 +50,18 @@ FALLBACK_SCALE = 20.0
 Triple = tuple[int, str, str, float]
 
 
-def mean_pool(hidden: Any, attention_mask: Any) -> Any:
-    """Mean of the token vectors under the attention mask, L2-normalised (float32)."""
-    import torch
-
-    hidden = hidden.float()
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, p=2, dim=1)
-
-
 def embed(model: Any, features: dict[str, Any]) -> Any:
-    """Sentence embeddings of a tokenised batch."""
+    """Sentence embeddings of a tokenised batch, with gradients (the serving pooling,
+    :func:`serve_app.models.mean_pool`)."""
     return mean_pool(model(**features).last_hidden_state, features["attention_mask"])
 
 
-def encode_texts(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int = 64) -> np.ndarray:
-    """Embeddings of ``texts`` (input order) without gradients, as float32 numpy."""
-    import torch
+def student_encoder(model: Any, tokenizer: Any, student: str, max_length: int) -> Any:
+    """The serving bi-encoder over the student being trained (its device and mode left alone)."""
+    from serve_app.config import DenseConfig
+    from serve_app.retrieval.dense import BiEncoder
 
-    device = next(model.parameters()).device
-    dim = int(getattr(model.config, "hidden_size", 0))
-    if not texts:
-        return np.zeros((0, dim), dtype=np.float32)
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out = np.zeros((len(texts), dim), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
-            out[idx] = embed(model, dict(enc)).cpu().numpy()
-    return out
+    return BiEncoder.from_model(model, tokenizer, DenseConfig(model=student, max_length=max_length))
 
 
 def build_triples(data: PreparedData, triples_per_positive: int, random_negatives: int, seed: int) -> list[tuple[int, str, str]]:
@@ -122,12 +104,13 @@ def fit_scale(student_margins: np.ndarray, teacher: np.ndarray) -> float:
 
 
 def student_margins(model: Any, tokenizer: Any, data: PreparedData, triples: Sequence[tuple[int, str, str]], max_length: int) -> np.ndarray:
-    """cos(q, p) - cos(q, n) of the student for each triple."""
+    """cos(q, p) - cos(q, n) of the student for each triple, encoded as serving encodes."""
     if not triples:
         return np.zeros(0, dtype=np.float32)
-    q = encode_texts(model, tokenizer, [data.train[r].text for r, _, _ in triples], max_length)
-    p = encode_texts(model, tokenizer, [data.docs[d] for _, d, _ in triples], max_length)
-    n = encode_texts(model, tokenizer, [data.docs[d] for _, _, d in triples], max_length)
+    encoder = student_encoder(model, tokenizer, str(getattr(model.config, "name_or_path", "") or "student"), max_length)
+    q = encoder.encode([data.train[r].text for r, _, _ in triples])
+    p = encoder.encode([data.docs[d] for _, d, _ in triples])
+    n = encoder.encode([data.docs[d] for _, _, d in triples])
     return (q * p).sum(1) - (q * n).sum(1)
 
 
@@ -157,19 +140,20 @@ class DistillTask:
     """:class:`serve_app.training.engine.Task` of Margin-MSE distillation."""
 
     def __init__(self, settings: DistillConfig, data: PreparedData, triples: Sequence[Triple], scale: float, student_path: str) -> None:
-        from transformers import AutoTokenizer
+        from serve_app.models import effective_max_length, load_config, load_tokenizer
 
         self.settings = settings
         self.data = data
         self.triples = [tuple(t) for t in triples]
         self.scale = float(scale)
         self.student_path = student_path
-        self.tokenizer = AutoTokenizer.from_pretrained(student_path)
+        self.tokenizer = load_tokenizer(student_path, "student")
+        self.max_length = effective_max_length(settings.loop.max_length, self.tokenizer, load_config(student_path, "student"), what="max_length")
 
     def build_model(self) -> Any:
-        from transformers import AutoModel
+        from serve_app.models import load_pretrained
 
-        model = AutoModel.from_pretrained(self.student_path)
+        _, model = load_pretrained(self.student_path, "student", head="encoder")
         for name, param in model.named_parameters():
             if name.startswith("pooler."):  # unused by mean pooling (and DDP rejects unused trainable parameters)
                 param.requires_grad_(False)
@@ -188,10 +172,8 @@ class DistillTask:
     def collate(self, examples: list[tuple[str, str, str, float]]) -> dict[str, Any]:
         import torch
 
-        length = self.settings.loop.max_length
-
         def tok(texts: list[str]) -> dict[str, Any]:
-            return dict(self.tokenizer(texts, truncation=True, max_length=length, padding=True, return_tensors="pt"))
+            return dict(tokenize_texts(self.tokenizer, texts, self.max_length))
 
         return {
             "q": tok([e[0] for e in examples]),
@@ -217,11 +199,11 @@ class DistillTask:
         dev = self.data.dev
         if not dev:
             return None
-        length = self.settings.loop.max_length
         limit = self.settings.mining.dev_candidates
         doc_ids = sorted({d for r in dev for d in dev_candidates(r, limit)})
-        docs = encode_texts(model, self.tokenizer, [self.data.docs[d] for d in doc_ids], length)
-        queries = encode_texts(model, self.tokenizer, [r.text for r in dev], length)
+        encoder = student_encoder(model, self.tokenizer, self.student_path, self.max_length)
+        docs = encoder.encode([self.data.docs[d] for d in doc_ids])
+        queries = encoder.encode([r.text for r in dev])
         row = {d: i for i, d in enumerate(doc_ids)}
         run = {}
         for qi, r in enumerate(dev):

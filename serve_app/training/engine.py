@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 
 import numpy as np
 
+from serve_app.fsutil import staging_dir, swap_into_place
 from serve_app.training.config import LoopConfig
 
 logger = logging.getLogger(__name__)
@@ -179,28 +180,15 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
 
 
 def install_directory(write: Callable[[Path], None], out: Path, *, overwrite: bool) -> None:
-    """Have ``write`` fill a temporary sibling of ``out``, then rename it to ``out``.
-
-    A crash leaves either no ``out`` or the previous one, never a partial directory.
-    """
+    """Have ``write`` fill a temporary sibling of ``out``, then rename it to ``out``
+    (:mod:`serve_app.fsutil`): a crash leaves either no ``out`` or the previous one, never a
+    partial directory."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not overwrite and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staging_dir(out) as tmp:
         write(tmp)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        swap_into_place(tmp, out)
 
 
 # --------------------------------------------------------------------------- pieces

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 PREPARED_FILE = "prepared.json"
 # Settings that may change between a run and its resumption.
-_RUNTIME_KEYS = ("stop_after_steps", "show_progress", "num_threads", "device", "precision")
+RUNTIME_KEYS = ("stop_after_steps", "show_progress", "num_threads", "device", "precision")
 
 
 class TrainingSetupError(UserFacingError):
@@ -70,10 +70,11 @@ def default_work_dir(out: str | Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
-def _resume_key(settings: dict[str, Any]) -> dict[str, Any]:
-    key = json.loads(json.dumps(settings))
-    for k in _RUNTIME_KEYS:
-        key["loop"].pop(k, None)
+def settings_key(settings: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``settings`` (a dumped job config) without its run-time loop settings (RUNTIME_KEYS) and
+    the top-level keys ``drop``: what must match for two runs to train the same model."""
+    key = {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in drop}
+    key["loop"] = {k: v for k, v in key.get("loop", {}).items() if k not in RUNTIME_KEYS}
     return key
 
 
@@ -90,18 +91,11 @@ def _check_dirs(out: Path, work_dir: Path, options: RunOptions) -> None:
 
 
 def _resolve_model(name: str, role: str) -> str:
-    from transformers import AutoConfig
+    """The local directory (or Hub id) of ``name``, checked to be loadable."""
+    from serve_app.models import load_config, resolve_model
 
-    from serve_app.models import ModelLoadError, load_error, resolve_model
-
-    path = resolve_model(name)
-    try:
-        AutoConfig.from_pretrained(path)
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure means "not loadable"
-        raise load_error(name, role, exc) from exc
-    return path
+    load_config(name, role)
+    return resolve_model(name)
 
 
 def _run(job: str, settings: Any, options: RunOptions, model_path: str, prepare: Callable[[], dict[str, Any]]) -> JobOutcome:
@@ -116,7 +110,7 @@ def _run(job: str, settings: Any, options: RunOptions, model_path: str, prepare:
     dump = settings.model_dump()
     if options.resume and prepared_file.is_file():
         prepared = json.loads(prepared_file.read_text())
-        if prepared.get("job") != job or _resume_key(prepared["settings"]) != _resume_key(dump):
+        if prepared.get("job") != job or settings_key(prepared["settings"]) != settings_key(dump):
             raise TrainingSetupError(f"{work_dir} holds a run with other settings; resume with the same settings, or pass --overwrite to start again")
         logger.info("reusing the prepared examples of %s", prepared_file)
     else:
@@ -204,12 +198,11 @@ def distill(settings: DistillConfig, options: RunOptions = RunOptions()) -> JobO
 
 
 def _fitted_scale(data: PreparedData, triples: list, margins: list[float], student_path: str, max_length: int, seed: int) -> float:
-    from transformers import AutoModel, AutoTokenizer
-
+    from serve_app.models import load_pretrained
     from serve_app.training.distill import SCALE_SAMPLE, fit_scale, student_margins
 
     pick = np.random.default_rng([seed, 6]).permutation(len(triples))[:SCALE_SAMPLE]
-    model = AutoModel.from_pretrained(student_path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    tokenizer, model = load_pretrained(student_path, "student", head="encoder")
+    model.eval()
     m = student_margins(model, tokenizer, data, [triples[i] for i in pick], max_length)
     return fit_scale(m, np.asarray([margins[i] for i in pick]))

@@ -8,9 +8,10 @@ An example is one query with one judged positive and ``negatives_per_query`` neg
 * ``bce``: binary cross-entropy with logits on each of its pairs (label 1 for the positive);
 * ``listwise``: softmax cross-entropy over its ``1 + n`` logits, the positive being the target.
 
-Pairs are tokenised as (query, document) with ``truncation=True`` (longest first: with a short
-query only the document is cut), as ``serve_app.rerank.CrossEncoderScorer`` and
-``sentence_transformers.CrossEncoder`` read them. The exported directory is a plain
+Pairs are tokenised by the serving code's :class:`serve_app.rerank.cross_encoder.PairTokenizer`
+(only the document is cut to fit), and the dev evaluation scores through
+:class:`~serve_app.rerank.cross_encoder.CrossEncoderScorer`, so the model is trained and
+evaluated on exactly the inputs it is served. The exported directory is a plain
 ``save_pretrained`` checkpoint (``num_labels=1``) plus its tokenizer, whose
 ``model_max_length`` is set to the training ``max_length`` so that readers truncate as in
 training.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from serve_app.training.config import RerankerTrainingConfig
 from serve_app.training.data import PreparedData, QueryRecord, epoch_order, example_keys, example_rng, sample_negatives
@@ -44,46 +45,30 @@ def load_sequence_classifier(path: str) -> tuple[Any, set[str]]:
     New parameters are those the checkpoint lacks or holds with another shape: the head of a
     plain encoder, or of a classifier with another number of labels.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from serve_app.models import load_config, load_pretrained
 
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path, "base")
     mismatched_head = int(getattr(config, "num_labels", 2)) != 1 and any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if mismatched_head:
         logger.warning("%s is a %d-label classifier; its head is replaced by a new 1-logit head", path, config.num_labels)
-    model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, ignore_mismatched_sizes=mismatched_head, output_loading_info=True)
+    _, (model, info) = load_pretrained(path, "base", head="sequence_classification", num_labels=1, ignore_mismatched_sizes=mismatched_head, output_loading_info=True)
     new = set(info.get("missing_keys", ())) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}
     return model, new
-
-
-def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int, batch_size: int = 64) -> list[float]:
-    """Relevance logits of ``pairs`` (input order), batched by length, without gradients."""
-    import torch
-
-    if not pairs:
-        return []
-    device = next(model.parameters()).device
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    out = [0.0] * len(pairs)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            enc = tokenizer([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
-            logits = model(**enc).logits.float()[:, 0].cpu().tolist()
-            for i, v in zip(idx, logits):
-                out[i] = float(v)
-    return out
 
 
 class RerankerTask:
     """:class:`serve_app.training.engine.Task` of cross-encoder fine-tuning."""
 
     def __init__(self, settings: RerankerTrainingConfig, data: PreparedData, base_path: str) -> None:
-        from transformers import AutoTokenizer
+        from serve_app.models import effective_max_length, load_config, load_tokenizer
+        from serve_app.rerank.cross_encoder import PairTokenizer
 
         self.settings = settings
         self.data = data
         self.base_path = base_path
-        self.tokenizer = AutoTokenizer.from_pretrained(base_path)
+        self.tokenizer = load_tokenizer(base_path, "base")
+        length = effective_max_length(settings.loop.max_length, self.tokenizer, load_config(base_path, "base"), what="max_length")
+        self.pairs = PairTokenizer(self.tokenizer, length)
         self.keys = example_keys(data.train)
         self.group_size = 1 + settings.negatives_per_query
         self.new_parameters: set[str] = set()
@@ -112,10 +97,7 @@ class RerankerTask:
         return out
 
     def collate(self, examples: list[tuple[str, list[str]]]) -> dict[str, Any]:
-        queries = [q for q, docs in examples for _ in docs]
-        docs = [d for _, ds in examples for d in ds]
-        enc = self.tokenizer(queries, docs, truncation=True, max_length=self.settings.loop.max_length, padding=True, return_tensors="pt")
-        return {"features": dict(enc)}
+        return {"features": self.pairs.batch([(q, d) for q, docs in examples for d in docs])}
 
     def loss(self, model: Any, batch: dict[str, Any]) -> Any:
         import torch
@@ -140,11 +122,18 @@ class RerankerTask:
             for d in dev_candidates(record, self.settings.mining.dev_candidates):
                 pairs.append((record.text, self.data.docs[d]))
                 owners.append((record.qid, d))
-        scores = score_pairs(model, self.tokenizer, pairs, self.settings.loop.max_length)
+        scores = self.scorer(model).score(pairs)
         run: dict[str, dict[str, float]] = {}
-        for (qid, d), s in zip(owners, scores):
+        for (qid, d), s in zip(owners, scores.tolist()):
             run.setdefault(qid, {})[d] = s
         return evaluate(run, {r.qid: r.judged for r in dev}, ["nDCG@10", "RR@10"])
+
+    def scorer(self, model: Any) -> Any:
+        """The serving scorer over the model being trained (as it is: device, dtype, mode)."""
+        from serve_app.config import CrossEncoderConfig
+        from serve_app.rerank.cross_encoder import CrossEncoderScorer
+
+        return CrossEncoderScorer.from_model(model, self.tokenizer, CrossEncoderConfig(model=self.base_path, max_length=self.pairs.max_length))
 
     def export(self, model: Any, directory: Path) -> None:
         model.config.num_labels = 1

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from serve_app.corpus import Corpus
-from serve_app.serve.service import RerankOutcome
+from serve_app.types import RerankOutcome
 from serve_app.types import Document, Hit
 
 TOPICS = [

@@ -35,7 +35,8 @@ from serve_fakes import FakeBackends, small_corpus, wait_until
 from serve_app.client import AsyncServeAppClient, ServeAppClient, ServeAppError, _delay
 from serve_app.serve.config import parse_app_config
 from serve_app.serve.http import create_app
-from serve_app.serve.resilience import StageOverloaded, call_stage
+from serve_app.errors import StageOverloaded
+from serve_app.serve.resilience import call_stage
 from serve_app.serve.service import SearchService
 
 CORPUS = small_corpus(60)

@@ -10,9 +10,10 @@ import pytest
 import yaml
 from serve_fakes import small_corpus
 
-from serve_app.corpus import write_documents_jsonl
-from serve_app.errors import IndexLoadError
-from serve_app.serve import stores
+import serve_app.index.build as index_build
+from serve_app import index as stores
+from serve_app.corpus import read_corpus_source, write_documents_jsonl
+from serve_app.errors import CorpusError, IndexLoadError
 from serve_app.serve.app import DEPLOYMENT_NAMES
 from serve_app.serve.config import (
     ENV_DENSE_MODEL,
@@ -122,24 +123,29 @@ def _corpus_file(tmp_path: Path, n: int = 12) -> Path:
     return path
 
 
+def ensure(cfg):
+    """What the application builder does before wiring the deployments."""
+    return stores.ensure_index(cfg.index_dir, **cfg.index_build_args())
+
+
 def test_ensure_index_builds_once_under_concurrency(tmp_path, monkeypatch):
     calls = []
-    real = stores.build_index
+    real = index_build.build_index
 
     def slow_build(*args, **kwargs):
         calls.append(threading.get_ident())
         time.sleep(0.5)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stores, "build_index", slow_build)
+    monkeypatch.setattr(index_build, "build_index", slow_build)
     cfg = parse_app_config({"index_dir": str(tmp_path / "idx"), "corpus": str(_corpus_file(tmp_path)), "retrievers": ["bm25"]}, use_env=False)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(stores.ensure_index(cfg))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: results.append(ensure(cfg))) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(calls) == 1 and sorted(results) == [False, False, False, True]
+    assert len(calls) == 1 and sorted(results) == [[], [], [], ["index"]]
     assert stores.load_bm25(cfg.index_dir).num_documents == 12
     corpus, manifest = stores.load_documents(cfg.index_dir)
     assert len(corpus) == 12 and manifest.dense is None
@@ -147,25 +153,42 @@ def test_ensure_index_builds_once_under_concurrency(tmp_path, monkeypatch):
         stores.load_dense(cfg.index_dir, cfg.dense)
 
 
+def test_ensure_index_rebuilds_an_index_of_an_older_format(tmp_path):
+    import json
+
+    cfg = parse_app_config({"index_dir": str(tmp_path / "idx"), "corpus": str(_corpus_file(tmp_path)), "retrievers": ["bm25"]}, use_env=False)
+    assert ensure(cfg) == ["index"]
+    manifest = Path(cfg.index_dir) / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 1}))
+    with pytest.raises(IndexLoadError, match="unknown index format version 1"):
+        stores.load_bm25(cfg.index_dir)
+    assert ensure(cfg) == ["index"]
+    assert stores.read_manifest(cfg.index_dir).format_version == stores.FORMAT_VERSION
+    stop = parse_app_config({**cfg.model_dump(), "build_index_if_missing": False}, use_env=False)
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 1}))
+    with pytest.raises(stores.IndexBuildError, match="format 1 .*build_index_if_missing is false"):
+        ensure(stop)
+
+
 def test_ensure_index_refuses_without_a_source(tmp_path):
-    with pytest.raises(ConfigError, match="no `corpus`"):
-        stores.ensure_index(parse_app_config({"index_dir": str(tmp_path / "a")}, use_env=False))
-    with pytest.raises(ConfigError, match="build_index_if_missing"):
-        stores.ensure_index(parse_app_config({"index_dir": str(tmp_path / "b"), "corpus": "/c.jsonl", "build_index_if_missing": False}, use_env=False))
-    with pytest.raises(ConfigError, match="does not exist"):
-        stores.ensure_index(parse_app_config({"index_dir": str(tmp_path / "c"), "corpus": str(tmp_path / "missing.jsonl")}, use_env=False))
-    with pytest.raises(ConfigError, match="unknown built-in"):
-        stores.read_corpus_source("builtin:nothing")
+    with pytest.raises(stores.IndexBuildError, match="no `corpus`"):
+        ensure(parse_app_config({"index_dir": str(tmp_path / "a")}, use_env=False))
+    with pytest.raises(stores.IndexBuildError, match="build_index_if_missing"):
+        ensure(parse_app_config({"index_dir": str(tmp_path / "b"), "corpus": "/c.jsonl", "build_index_if_missing": False}, use_env=False))
+    with pytest.raises(CorpusError, match="no such corpus file"):
+        ensure(parse_app_config({"index_dir": str(tmp_path / "c"), "corpus": str(tmp_path / "missing.jsonl")}, use_env=False))
+    with pytest.raises(CorpusError, match="unknown built-in"):
+        read_corpus_source("builtin:nothing")
 
 
 def test_builtin_demo_corpus_is_readable():
-    corpus = stores.read_corpus_source("builtin:demo")
+    corpus = read_corpus_source("builtin:demo").corpus
     assert len(corpus) >= 100
 
 
 def test_damaged_index_files_fail_loading(tmp_path):
     cfg = parse_app_config({"index_dir": str(tmp_path / "idx"), "corpus": str(_corpus_file(tmp_path)), "retrievers": ["bm25"]}, use_env=False)
-    stores.ensure_index(cfg)
+    ensure(cfg)
     victim = next(p for p in sorted((Path(cfg.index_dir) / "bm25").iterdir()) if p.is_file() and p.stat().st_size > 4)
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF

@@ -169,7 +169,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_scores(serve_stack)
     assert len({tuple(round(a[i], 3) for i in sorted(a)) for a in alone}) == len(alone)
     assert max(sizes) > 1, sizes
     stats = serve_stack.call("main", "CrossEncoderReranker", "stats")
-    assert max(stats["batch_sizes"]) > 1
+    assert max(stats["batch_sizes"]) > 1 and stats["serve_batching"] is True  # Serve's @serve.batch, then the coalescer
     print(f"\nobserved rerank batch sizes (per response) for 24 concurrent requests: {sorted(sizes)}")
     # The same evidence through the metric on Ray's Prometheus endpoint.
     name = "ray_serve_app_rerank_batch_size"

@@ -123,7 +123,7 @@ def test_a_failing_or_hanging_shard_is_named_and_degrades_its_retriever(serve_st
 def test_rebuilding_the_index_under_the_running_app_keeps_it_answering(serve_stack, sharded, tiny_bi_encoder_dir):
     from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
     from serve_app.corpus import Corpus
-    from serve_app.index_store import build_index
+    from serve_app.index import build_index
     from serve_app.types import Document
 
     url = serve_stack.url("sharded")

@@ -14,32 +14,16 @@ import pytest
 from serve_fakes import fake_rerank_score, small_corpus
 
 from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
-from serve_app.errors import IndexLoadError
-from serve_app.index_store import build_index
+from serve_app.errors import IndexLoadError, StageOverloaded
+from serve_app.index import SHARDS_MANIFEST, build_index, ensure_index, load_bm25, open_shard, read_shards_manifest, shard_dir, shard_set_dir
 from serve_app.retrieval.bm25 import BM25Retriever
-from serve_app.retrieval.sharding import (
-    SHARDS_MANIFEST,
-    read_shards_manifest,
-    shard_bounds,
-    shard_dir,
-    split_bm25,
-    split_corpus,
-)
-from serve_app.serve.config import ConfigError, parse_app_config
+from serve_app.retrieval.sharding import shard_bounds, split_corpus
+from serve_app.serve.config import ConfigError, ShardRef, parse_app_config
 from serve_app.serve.deployments import HandleBackends
 from serve_app.serve.http import create_app
-from serve_app.serve.resilience import StageOverloaded
-from serve_app.serve.service import RerankOutcome, SearchService
-from serve_app.serve.shards import (
-    ShardFailure,
-    deployment_names,
-    ensure_shards,
-    open_shard,
-    scatter_gather,
-    shard_deadline,
-    shard_set_dir,
-)
-from serve_app.types import Hit
+from serve_app.serve.service import SearchService
+from serve_app.serve.shards import ShardFailure, deployment_names, scatter_gather, shard_deadline
+from serve_app.types import Hit, RerankOutcome
 
 CORPUS = small_corpus(60)
 QUERIES = ["protein gene study", "space planet moon", "music band album", "ocean water results", "football 7"]
@@ -70,17 +54,28 @@ def test_build_application_binds_one_deployment_per_shard(tmp_path):
     from serve_app.serve.app import build_application
 
     cfg = parse_app_config({"index_dir": str(tmp_path), "sharding": {"bm25": 2}}, use_env=False)
-    app = build_application(cfg, {"BM25Retriever": {"num_replicas": 2}, "BM25Retriever-shard1": {"num_replicas": 3}}, build_index=False)
+    app = build_application(cfg, {"BM25Retriever": {"num_replicas": 2}, "BM25Retriever-shard1": {"num_replicas": 3}})
     built = serve_build_app(app, name="t")
     deps = {d.name: d for d in built.deployments}
     assert set(deps) == {"SearchIngress", "BM25Retriever-shard0", "BM25Retriever-shard1", "DenseRetriever", "CrossEncoderReranker"}
     assert deps["BM25Retriever-shard0"].num_replicas == 2 and deps["BM25Retriever-shard1"].num_replicas == 3
-    assert deps["BM25Retriever-shard1"].init_args[1] == {"index": 1, "num_shards": 2}
+    assert deps["BM25Retriever-shard1"].init_args[0].shard == ShardRef(index=1, num_shards=2)
+    assert deps["BM25Retriever-shard0"].init_args[0].index_dir == cfg.index_dir
+    assert list(tmp_path.iterdir()) == []  # wiring touches no file
     with pytest.raises(ValueError, match="unknown deployment"):
-        build_application(cfg, {"BM25Retriever-shard2": {}}, build_index=False)
+        build_application(cfg, {"BM25Retriever-shard2": {}})
 
 
 # --------------------------------------------------------------------------- shard sets under the index
+
+
+def ensure_shards(cfg) -> list:
+    """The shard sets the application builder builds for ``cfg`` (``ensure_index`` names them ``bm25-2``...)."""
+    built = []
+    for name in ensure_index(cfg.index_dir, **cfg.index_build_args()):
+        retriever, n = name.split("-")
+        built.append(shard_set_dir(cfg.index_dir, retriever, int(n)))
+    return built
 
 
 def test_ensure_shards_builds_once_from_the_index_and_rebuilds_when_stale(tmp_path, tiny_bi_encoder_dir):
@@ -108,9 +103,20 @@ def test_ensure_shards_builds_once_from_the_index_and_rebuilds_when_stale(tmp_pa
     assert open_shard(index_dir, "bm25", 1, 2) == built[0] / "1"
 
 
-def test_shard_replica_loader_refuses_a_damaged_shard(tmp_path):
-    from serve_app.serve.stores import load_bm25
+def test_index_built_with_sharding_holds_its_shard_sets(tmp_path):
+    """A fresh machine: the builder builds the index and its shard sets in one atomic build."""
+    from serve_app.corpus import write_documents_jsonl
 
+    write_documents_jsonl(CORPUS, tmp_path / "corpus.jsonl")
+    cfg = parse_app_config({"index_dir": str(tmp_path / "index"), "corpus": str(tmp_path / "corpus.jsonl"), "retrievers": ["bm25"], "sharding": {"bm25": 2}}, use_env=False)
+    assert ensure_index(cfg.index_dir, **cfg.index_build_args()) == ["index", "bm25-2"]
+    whole = load_bm25(cfg.index_dir)
+    parts = [load_bm25(open_shard(cfg.index_dir, "bm25", i, 2)) for i in range(2)]
+    assert sum(p.num_documents for p in parts) == whole.num_documents == len(CORPUS)
+    assert ensure_index(cfg.index_dir, **cfg.index_build_args()) == []
+
+
+def test_shard_replica_loader_refuses_a_damaged_shard(tmp_path):
     index_dir = tmp_path / "index"
     build_index(CORPUS, index_dir, bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), show_progress=False)
     cfg = parse_app_config({"index_dir": str(index_dir), "retrievers": ["bm25"], "sharding": {"bm25": 2}}, use_env=False)
@@ -209,7 +215,7 @@ def retrievers(tiny_bi_encoder_dir):
     return {
         "bm25": bm25,
         "dense": dense,
-        "bm25_shards": split_bm25(bm25, bounds),
+        "bm25_shards": bm25.split(bounds),
         "dense_shards": [DenseRetriever.build(part, cfg, ChunkingConfig(), encoder) for part in split_corpus(CORPUS, 3)],
     }
 

@@ -1,6 +1,6 @@
 """Loading an index that may be rebuilt at the same moment: every load sees exactly one build.
 
-:func:`serve_app.index_store.build_index` replaces an index by renaming directories, so a reader
+:func:`serve_app.index.build_index` replaces an index by renaming directories, so a reader
 never sees a half-written index. A *load*, however, takes several steps (manifest, checksums,
 then the files) and looks each file up by path; if a rebuild swaps the directory between two
 steps, the load mixes two builds: it fails with a false "sha256 differs" (old manifest, new
@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 from serve_app.errors import IndexLoadError
+from serve_app.index.files import MANIFEST
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MANIFEST = "manifest.json"
 #: Attempts before giving up when the index keeps being replaced under the load.
 ATTEMPTS = 5
 _WAIT_S = 0.1
