@@ -3,7 +3,11 @@
 >>> from serve_app.client import ServeAppClient
 >>> with ServeAppClient("http://127.0.0.1:8000") as c:          # doctest: +SKIP
 ...     hits = c.search("how do vaccines work", top_n=3)["results"]
-...     ranked = c.rerank("capital of France", ["Paris is...", "Berlin is..."])["results"]
+...     ranked = c.rerank("capital of France", ["Paris is...", "Berlin is..."])["results"]      # Cohere v1 / Jina
+...     ranked = c.rerank_v2("capital of France", ["Paris is...", "Berlin is..."], model="small")["results"]  # Cohere v2
+...     ranks = c.rerank_tei("capital of France", ["Paris is...", "Berlin is..."])          # TEI: a list
+
+``model`` (``reranker`` for :meth:`search`) picks one of the service's configured rerankers.
 
 Errors come back as :class:`ServeAppError` carrying the service's envelope
 (``{"error": {"type", "message"}}``) and the HTTP status. ``retries`` (default 0) retries
@@ -52,22 +56,29 @@ def _error_from(response: httpx.Response) -> ServeAppError:
         return ServeAppError(response.status_code, "http_error", response.text[:500])
 
 
-def _search_body(query: str, top_k: Optional[int], rerank_top_m: Optional[int], top_n: Optional[int], retrievers: Optional[Sequence[str]], return_documents: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"query": query, "return_documents": return_documents}
-    for key, value in (("top_k", top_k), ("rerank_top_m", rerank_top_m), ("top_n", top_n)):
+def _body(required: dict[str, Any], **optional: Any) -> dict[str, Any]:
+    """A request body: the required fields, and the optional ones that are set (sequences as lists)."""
+    body = dict(required)
+    for key, value in optional.items():
         if value is not None:
-            body[key] = value
-    if retrievers is not None:
-        body["retrievers"] = list(retrievers)
+            body[key] = list(value) if isinstance(value, (list, tuple)) else value
     return body
 
 
-def _rerank_body(query: str, documents: Sequence[DocumentIn], top_n: Optional[int], return_documents: bool, model: Optional[str], max_tokens_per_doc: Optional[int]) -> dict[str, Any]:
-    body: dict[str, Any] = {"query": query, "documents": list(documents), "return_documents": return_documents}
-    for key, value in (("top_n", top_n), ("model", model), ("max_tokens_per_doc", max_tokens_per_doc)):
-        if value is not None:
-            body[key] = value
-    return body
+def _search_body(query: str, top_k: Optional[int], rerank_top_m: Optional[int], top_n: Optional[int], retrievers: Optional[Sequence[str]], return_documents: bool, reranker: Optional[str] = None) -> dict[str, Any]:
+    return _body({"query": query, "return_documents": return_documents}, top_k=top_k, rerank_top_m=rerank_top_m, top_n=top_n, retrievers=retrievers, reranker=reranker)
+
+
+def _rerank_body(query: str, documents: Sequence[DocumentIn], top_n: Optional[int], return_documents: bool, model: Optional[str], max_tokens_per_doc: Optional[int], rank_fields: Optional[Sequence[str]] = None, max_chunks_per_doc: Optional[int] = None) -> dict[str, Any]:
+    return _body({"query": query, "documents": list(documents), "return_documents": return_documents}, top_n=top_n, model=model, max_tokens_per_doc=max_tokens_per_doc, rank_fields=rank_fields, max_chunks_per_doc=max_chunks_per_doc)
+
+
+def _rerank_v2_body(query: str, documents: Sequence[DocumentIn], model: Optional[str], top_n: Optional[int], max_tokens_per_doc: Optional[int], return_documents: bool) -> dict[str, Any]:
+    return _body({"query": query, "documents": list(documents)}, model=model, top_n=top_n, max_tokens_per_doc=max_tokens_per_doc, return_documents=return_documents or None)
+
+
+def _tei_body(query: str, texts: Sequence[str], raw_scores: bool, return_text: bool, truncate: bool, truncation_direction: str, model: Optional[str]) -> dict[str, Any]:
+    return _body({"query": query, "texts": list(texts), "raw_scores": raw_scores, "return_text": return_text, "truncate": truncate, "truncation_direction": truncation_direction}, model=model)
 
 
 def _delay(attempt: int, response: Optional[httpx.Response], backoff_s: float) -> float:
@@ -89,7 +100,7 @@ class _Base:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
 
-    def _check(self, response: httpx.Response) -> dict[str, Any]:
+    def _check(self, response: httpx.Response) -> Any:
         if response.status_code >= 400:
             raise _error_from(response)
         try:
@@ -105,7 +116,7 @@ class ServeAppClient(_Base):
         super().__init__(base_url, api_key, retries, backoff_s)
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=self.headers, transport=transport)
 
-    def _request(self, method: str, path: str, body: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    def _request(self, method: str, path: str, body: Optional[dict[str, Any]] = None) -> Any:
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
@@ -121,13 +132,26 @@ class ServeAppClient(_Base):
             return self._check(response)
         raise AssertionError("unreachable")
 
-    def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False) -> dict[str, Any]:
-        """``POST /search``."""
-        return self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents))
+    def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False, reranker: Optional[str] = None) -> dict[str, Any]:
+        """``POST /search``; ``reranker`` names one of the configured rerankers."""
+        return self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents, reranker))
 
-    def rerank(self, query: str, documents: Sequence[DocumentIn], *, top_n: Optional[int] = None, return_documents: bool = False, model: Optional[str] = None, max_tokens_per_doc: Optional[int] = None) -> dict[str, Any]:
-        """``POST /v1/rerank`` (Cohere v2 compatible)."""
-        return self._request("POST", "/v1/rerank", _rerank_body(query, documents, top_n, return_documents, model, max_tokens_per_doc))
+    def rerank(
+        self, query: str, documents: Sequence[DocumentIn], *, top_n: Optional[int] = None, return_documents: bool = False, model: Optional[str] = None,
+        max_tokens_per_doc: Optional[int] = None, rank_fields: Optional[Sequence[str]] = None, max_chunks_per_doc: Optional[int] = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/rerank``: Cohere v1's request and answer (Jina's ``model`` and ``usage`` included)."""
+        return self._request("POST", "/v1/rerank", _rerank_body(query, documents, top_n, return_documents, model, max_tokens_per_doc, rank_fields, max_chunks_per_doc))
+
+    def rerank_v2(self, query: str, documents: Sequence[DocumentIn], *, model: Optional[str] = None, top_n: Optional[int] = None, max_tokens_per_doc: Optional[int] = None, return_documents: bool = False) -> dict[str, Any]:
+        """``POST /v2/rerank``: Cohere v2's request and answer."""
+        return self._request("POST", "/v2/rerank", _rerank_v2_body(query, documents, model, top_n, max_tokens_per_doc, return_documents))
+
+    def rerank_tei(
+        self, query: str, texts: Sequence[str], *, raw_scores: bool = False, return_text: bool = False, truncate: bool = False, truncation_direction: str = "Right", model: Optional[str] = None,
+    ) -> list[dict[str, Any]]:
+        """``POST /rerank`` with ``texts``: Text Embeddings Inference's request, its answer a list ``[{index, score, text?}]``."""
+        return self._request("POST", "/rerank", _tei_body(query, texts, raw_scores, return_text, truncate, truncation_direction, model))
 
     def health(self) -> dict[str, Any]:
         """``GET /healthz``; raises :class:`ServeAppError` (``not_ready``) while a stage is not ready."""
@@ -154,7 +178,7 @@ class AsyncServeAppClient(_Base):
         super().__init__(base_url, api_key, retries, backoff_s)
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=self.headers, transport=transport)
 
-    async def _request(self, method: str, path: str, body: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    async def _request(self, method: str, path: str, body: Optional[dict[str, Any]] = None) -> Any:
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
@@ -170,13 +194,26 @@ class AsyncServeAppClient(_Base):
             return self._check(response)
         raise AssertionError("unreachable")
 
-    async def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False) -> dict[str, Any]:
-        """``POST /search``."""
-        return await self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents))
+    async def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False, reranker: Optional[str] = None) -> dict[str, Any]:
+        """``POST /search``; ``reranker`` names one of the configured rerankers."""
+        return await self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents, reranker))
 
-    async def rerank(self, query: str, documents: Sequence[DocumentIn], *, top_n: Optional[int] = None, return_documents: bool = False, model: Optional[str] = None, max_tokens_per_doc: Optional[int] = None) -> dict[str, Any]:
-        """``POST /v1/rerank`` (Cohere v2 compatible)."""
-        return await self._request("POST", "/v1/rerank", _rerank_body(query, documents, top_n, return_documents, model, max_tokens_per_doc))
+    async def rerank(
+        self, query: str, documents: Sequence[DocumentIn], *, top_n: Optional[int] = None, return_documents: bool = False, model: Optional[str] = None,
+        max_tokens_per_doc: Optional[int] = None, rank_fields: Optional[Sequence[str]] = None, max_chunks_per_doc: Optional[int] = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/rerank``: Cohere v1's request and answer (Jina's ``model`` and ``usage`` included)."""
+        return await self._request("POST", "/v1/rerank", _rerank_body(query, documents, top_n, return_documents, model, max_tokens_per_doc, rank_fields, max_chunks_per_doc))
+
+    async def rerank_v2(self, query: str, documents: Sequence[DocumentIn], *, model: Optional[str] = None, top_n: Optional[int] = None, max_tokens_per_doc: Optional[int] = None, return_documents: bool = False) -> dict[str, Any]:
+        """``POST /v2/rerank``: Cohere v2's request and answer."""
+        return await self._request("POST", "/v2/rerank", _rerank_v2_body(query, documents, model, top_n, max_tokens_per_doc, return_documents))
+
+    async def rerank_tei(
+        self, query: str, texts: Sequence[str], *, raw_scores: bool = False, return_text: bool = False, truncate: bool = False, truncation_direction: str = "Right", model: Optional[str] = None,
+    ) -> list[dict[str, Any]]:
+        """``POST /rerank`` with ``texts``: Text Embeddings Inference's request, its answer a list ``[{index, score, text?}]``."""
+        return await self._request("POST", "/rerank", _tei_body(query, texts, raw_scores, return_text, truncate, truncation_direction, model))
 
     async def health(self) -> dict[str, Any]:
         """``GET /healthz``."""

@@ -9,6 +9,9 @@ Two families:
   retriever failed, the reranker timed out, a queue is full, the request's deadline passed). The
   funnel (``serve_app.funnel``) raises these; only the HTTP edge (``serve_app.serve.http``) maps
   them, once, to status codes and the error envelope.
+
+:class:`InputRejected` (a user-facing error) is what a stage raises when the request itself is
+at fault (an unknown model, an input too long to read whole): the funnel passes it on as it is.
 """
 
 from __future__ import annotations
@@ -88,3 +91,24 @@ class DeadlineExceeded(StageError):
     def __init__(self, timeout_s: float) -> None:
         super().__init__("request", f"no answer within request_timeout_s={timeout_s:g}")
         self.timeout_s = timeout_s
+
+
+# --------------------------------------------------------------------------- the client's input, found out by a stage
+
+
+class InputRejected(UserFacingError):
+    """A stage found the request's input unusable (the client's mistake, not the stage's): it is
+    answered as such, never degraded."""
+
+
+class ModelNotFound(InputRejected, LookupError):
+    """The request names a model (reranker) that is not configured; ``available`` lists those that are."""
+
+    def __init__(self, name: str, available: list[str]) -> None:
+        super().__init__(f"model {name!r} is not served here; available models: {', '.join(available)}")
+        self.name = name
+        self.available = list(available)
+
+
+class InputTooLong(InputRejected):
+    """With truncation turned off, a query and document pair exceeds the tokens the model reads."""

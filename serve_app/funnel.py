@@ -28,7 +28,9 @@ Decisions (the same for one query and for a batch):
 * a reranker that raises, times out (``rerank_s``) or answers unusable scores leaves the fused
   order in place, flagged degraded;
 * a stage whose queue is full (:class:`StageOverloaded`) sheds the whole request: the other
-  stage calls are cancelled and the exception propagates;
+  stage calls are cancelled and the exception propagates; so does a stage that finds the
+  request's own input unusable (:class:`~serve_app.errors.InputRejected`: an unknown model, a
+  document too long to read whole with ``truncate=False``);
 * past ``request_s`` the request's pending calls are cancelled and :class:`DeadlineExceeded`
   is raised.
 
@@ -49,12 +51,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Iterable, Mapping, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional, Protocol, Sequence, TypeVar
 
 import numpy as np
 
 from serve_app.config import FunnelLimits, FusionConfig
-from serve_app.errors import DeadlineExceeded, FunnelError, StageOutputError, StageOverloaded, StageTimeout, StageUnavailable
+from serve_app.errors import DeadlineExceeded, FunnelError, InputRejected, ModelNotFound, StageOutputError, StageOverloaded, StageTimeout, StageUnavailable
 from serve_app.retrieval.fusion import FusedHit, fuse
 from serve_app.types import Document, Hit, RerankOutcome, RerankRequest
 
@@ -81,6 +83,7 @@ class FunnelRequest:
     top_n: int | None = None
     retrievers: Sequence[str] | None = None
     return_documents: bool = False
+    reranker: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class ResolvedFunnel:
     top_n: int
     retrievers: tuple[str, ...]
     return_documents: bool = False
+    reranker: str | None = None  # the configured model's name (None: the only/default one)
 
     @property
     def rerank(self) -> bool:
@@ -105,8 +109,11 @@ class ResolvedFunnel:
         return self.top_k * len(self.retrievers)
 
     def sizes(self) -> dict[str, Any]:
-        """The sizes as a plain dict (what ``/search`` reports as ``funnel``)."""
-        return {"top_k": self.top_k, "rerank_top_m": self.rerank_top_m, "top_n": self.top_n, "retrievers": list(self.retrievers)}
+        """The sizes as a plain dict (what ``/search`` reports as ``funnel``; ``reranker`` when one was named)."""
+        out: dict[str, Any] = {"top_k": self.top_k, "rerank_top_m": self.rerank_top_m, "top_n": self.top_n, "retrievers": list(self.retrievers)}
+        if self.reranker is not None:
+            out["reranker"] = self.reranker
+        return out
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int, hi_name: str) -> int:
@@ -136,14 +143,26 @@ def _resolve_retrievers(requested: Sequence[str] | None, available: Sequence[str
     return tuple(n for n in available if n in names)  # canonical order, duplicates dropped
 
 
+ModelResolver = Callable[[Optional[str]], Optional[str]]
+
+
+def single_model(name: Optional[str]) -> Optional[str]:
+    """The model resolver of a funnel with one reranker: only its default name is known."""
+    if name is None or name == "default":
+        return None
+    raise ModelNotFound(name, ["default"])
+
+
 def resolve_funnel(
     request: FunnelRequest,
     limits: FunnelLimits,
     available_retrievers: Sequence[str],
     *,
     rerank_available: bool = True,
+    models: ModelResolver = single_model,
 ) -> ResolvedFunnel:
-    """Apply defaults to ``request`` and validate it; raises :class:`FunnelError` naming the field.
+    """Apply defaults to ``request`` and validate it; raises :class:`FunnelError` naming the field
+    (``ModelNotFound`` for a reranker that ``models`` does not know).
 
     See the module docstring for how defaults interact with the pool size.
     """
@@ -172,7 +191,8 @@ def resolve_funnel(
         top_n = _check_int("top_n", request.top_n, 1, limits.max_top_n, "max_top_n")
         if top_n > pool:
             raise FunnelError(f"top_n={top_n} exceeds the candidate pool top_k * retrievers = {top_k} * {len(retrievers)} = {pool}")
-    return ResolvedFunnel(request.query, top_k, rerank_top_m, top_n, retrievers, bool(request.return_documents))
+    reranker = models(request.reranker)
+    return ResolvedFunnel(request.query, top_k, rerank_top_m, top_n, retrievers, bool(request.return_documents), reranker)
 
 
 # --------------------------------------------------------------------------- results
@@ -301,6 +321,16 @@ def assemble(
     return SearchResult(items, dict(timings_ms or {}), list(degraded), funnel, dict(stages or {}))
 
 
+def input_rejected(exc: BaseException) -> Optional[InputRejected]:
+    """The client-side error ``exc`` is or carries. Ray raises a replica's exception wrapped (a
+    ``RayTaskError`` that subclasses it, its text a remote traceback): the original, in
+    ``.cause``, is the one answered."""
+    for candidate in (getattr(exc, "cause", None), exc):
+        if isinstance(candidate, InputRejected):
+            return candidate
+    return None
+
+
 def describe_exception(exc: BaseException, limit: int = 300) -> str:
     """A short, single-line description of a stage failure (no traceback, no request data)."""
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
@@ -406,7 +436,8 @@ class Funnel:
     """The funnel over ``stages``; see the module docstring.
 
     ``retrievers``: the retriever names the stages provide (canonical order is kept);
-    ``rerank_available``: whether there is a reranker.
+    ``rerank_available``: whether there is a reranker; ``models`` turns the reranker a request
+    names into a configured model's name (or raises ``ModelNotFound``).
     """
 
     def __init__(
@@ -418,6 +449,7 @@ class Funnel:
         limits: FunnelLimits,
         fusion: FusionConfig,
         timeouts: FunnelTimeouts = FunnelTimeouts(),
+        models: ModelResolver = single_model,
     ) -> None:
         unknown = [n for n in retrievers if n not in KNOWN_RETRIEVERS]
         if unknown:
@@ -428,10 +460,11 @@ class Funnel:
         self.limits = limits
         self.fusion = fusion
         self.timeouts = timeouts
+        self.models = models
 
     def resolve(self, request: FunnelRequest) -> ResolvedFunnel:
-        """Validate ``request`` against this funnel's limits, retrievers and reranker."""
-        return resolve_funnel(request, self.limits, self.retrievers, rerank_available=self.rerank_available)
+        """Validate ``request`` against this funnel's limits, retrievers and rerankers."""
+        return resolve_funnel(request, self.limits, self.retrievers, rerank_available=self.rerank_available, models=self.models)
 
     # ------------------------------------------------------------------ entry points
 
@@ -452,9 +485,11 @@ class Funnel:
     async def rerank(self, request: RerankRequest) -> RerankOutcome:
         """Scores of one rerank-only request (``/rerank``), within ``timeouts.request_s``.
 
-        Raises :class:`StageTimeout` / :class:`StageUnavailable` when the reranker times out or
-        fails, :class:`StageOutputError` when its answer is unusable.
+        Raises ``ModelNotFound`` for a model the funnel does not know, :class:`StageTimeout` /
+        :class:`StageUnavailable` when the reranker times out or fails, :class:`StageOutputError`
+        when its answer is unusable.
         """
+        request = replace(request, model=self.models(request.model))
         return await run_with_deadline(self._rerank_only(request), self.timeouts.request_s)
 
     # ------------------------------------------------------------------ stage calls
@@ -470,6 +505,9 @@ class Funnel:
             logger.warning("%s: no answer within %s=%s", stage, setting, timeout_s)
             return None, StageReport("timeout", ms=_ms(t0), error=f"no answer within {setting}={timeout_s}")
         except Exception as exc:  # noqa: BLE001 - any failure of one stage is decided below
+            rejected = input_rejected(exc)
+            if rejected is not None:
+                raise rejected from None
             logger.warning("%s failed: %s", stage, describe_exception(exc))
             return None, StageReport("error", ms=_ms(t0), error=describe_exception(exc))
         return value, StageReport("ok", ms=_ms(t0))
@@ -490,7 +528,7 @@ class Funnel:
                 q.reports[name] = replace(report, ms=share)
 
     async def _rerank_heads(self, todo: list[tuple[_Query, list[FusedHit]]]) -> None:
-        requests = [RerankRequest(q.funnel.query, [q.docs[h.doc_id].content for h in head]) for q, head in todo]
+        requests = [RerankRequest(q.funnel.query, [q.docs[h.doc_id].content for h in head], model=q.funnel.reranker) for q, head in todo]
         outcomes, report = await self._stage(RERANK, self.stages.rerank(requests), self.timeouts.rerank_s, "rerank_timeout_s")
         if report.status == "ok" and (not isinstance(outcomes, list) or len(outcomes) != len(requests)):
             report = StageReport("error", ms=report.ms, error=f"the reranker answered {len(outcomes) if isinstance(outcomes, list) else 'nothing'} results for {len(requests)} requests")

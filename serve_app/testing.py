@@ -59,15 +59,15 @@ def _save_tokenizer(out: Path, max_length: int) -> None:
     tok.save_pretrained(str(out))
 
 
-def _tiny_bert_config(num_labels: int | None, max_position_embeddings: int):
+def _tiny_bert_config(num_labels: int | None, max_position_embeddings: int, hidden_size: int = 32, num_hidden_layers: int = 2):
     from transformers import BertConfig
 
     kwargs = dict(
         vocab_size=len(tiny_vocab()),
-        hidden_size=32,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * hidden_size,
         max_position_embeddings=max_position_embeddings,
         type_vocab_size=2,
         hidden_dropout_prob=0.0,
@@ -81,7 +81,9 @@ def _tiny_bert_config(num_labels: int | None, max_position_embeddings: int):
     return BertConfig(**kwargs)
 
 
-def build_tiny_cross_encoder(out_dir: str | Path, *, num_labels: int = 1, seed: int = 0, max_position_embeddings: int = 128) -> Path:
+def build_tiny_cross_encoder(
+    out_dir: str | Path, *, num_labels: int = 1, seed: int = 0, max_position_embeddings: int = 128, hidden_size: int = 32, num_hidden_layers: int = 2
+) -> Path:
     """Write a random-weight BERT sequence classifier (``num_labels`` 1 or 2) and its tokenizer to ``out_dir``."""
     import torch
     from transformers import BertForSequenceClassification
@@ -89,7 +91,7 @@ def build_tiny_cross_encoder(out_dir: str | Path, *, num_labels: int = 1, seed: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(_tiny_bert_config(num_labels, max_position_embeddings))
+    model = BertForSequenceClassification(_tiny_bert_config(num_labels, max_position_embeddings, hidden_size, num_hidden_layers))
     model.eval()
     model.save_pretrained(str(out))
     _save_tokenizer(out, max_position_embeddings)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +51,24 @@ class Retriever(Protocol):
 class RerankRequest:
     """One query and the documents to score against it (scores come back in this order).
 
-    ``max_tokens_per_doc`` limits the document tokens read per document (Cohere's parameter);
-    None reads as many as the pair limit allows.
+    * ``max_tokens_per_doc`` limits the document tokens read per document (Cohere's parameter);
+      None reads as many as the pair limit allows;
+    * ``model``: the configured reranker to use (its name; None: the default one);
+    * ``max_chunks``: score up to this many windows of each long document and keep the best
+      (``max_chunk`` for this request; Cohere v1's ``max_chunks_per_doc``); None: the model's
+      configured ``long_documents`` handling;
+    * ``truncate``: False refuses a pair longer than the model reads instead of cutting it (TEI's
+      ``truncate: false``); ``truncation_direction``: which end of a document is kept when it
+      is cut (``right`` keeps the start, ``left`` the end).
     """
 
     query: str
     documents: Sequence[str]
     max_tokens_per_doc: int | None = None
+    model: str | None = None
+    max_chunks: int | None = None
+    truncate: bool = True
+    truncation_direction: Literal["right", "left"] = "right"
 
 
 @dataclass(frozen=True)
@@ -67,3 +78,5 @@ class RerankOutcome:
     scores: list[float]
     batch_size: int = 1  # requests that shared the cross-encoder call
     batch_pairs: int = 0  # pairs scored by that call
+    pairs: int = 0  # pairs scored for this request (windows of long documents count)
+    tokens: int = 0  # tokens the model read for this request

@@ -100,9 +100,9 @@ class InProcessBackends:
     async def retrieve(self, name: str, query: str, k: int) -> list[Hit]:
         return await asyncio.to_thread(self.retrievers[name].search, query, k)
 
-    async def rerank(self, query: str, documents: list[str], max_tokens_per_doc: Optional[int]) -> RerankOutcome:
-        (scores,) = await asyncio.to_thread(self.reranker.rerank_many, [RerankRequest(query, documents, max_tokens_per_doc)])
-        return RerankOutcome(list(scores), 1, len(documents))
+    async def rerank(self, request: RerankRequest) -> RerankOutcome:
+        (scores,) = await asyncio.to_thread(self.reranker.rerank_many, [request])
+        return RerankOutcome(list(scores), 1, len(request.documents))
 
     async def ping(self, stage: str) -> dict[str, Any]:
         return {"stage": stage}

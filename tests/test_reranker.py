@@ -40,7 +40,7 @@ def chunking(scorer, tiny_cross_encoder_dir) -> Reranker:
 
 
 class CountingScorer:
-    """Wraps a scorer and records each ``score`` call."""
+    """Wraps a scorer and records each scoring call."""
 
     def __init__(self, inner: CrossEncoderScorer) -> None:
         self.inner = inner
@@ -49,9 +49,9 @@ class CountingScorer:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def score(self, pairs, max_length=None):
+    def score_with_lengths(self, pairs, max_length=None):
         self.calls.append(len(pairs))
-        return self.inner.score(pairs, max_length=max_length)
+        return self.inner.score_with_lengths(pairs, max_length=max_length)
 
 
 def _tokens(scorer, text: str) -> list[int]:

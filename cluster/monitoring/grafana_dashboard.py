@@ -96,9 +96,9 @@ ROWS: tuple[Row, ...] = (
     Row(
         "serve_app: reranker batching",
         (
-            Panel("Rerank batch size (requests per cross-encoder call)", "Above 1: concurrent requests shared a forward pass (@serve.batch).", (Query(mean("ray_serve_app_rerank_batch_size"), "mean"), Query(quantile(0.95, "ray_serve_app_rerank_batch_size_bucket"), "p95")), "short", 8),
+            Panel("Rerank batch size (requests per cross-encoder call)", "Above 1: concurrent requests shared a forward pass (@serve.batch); per reranker model.", (Query(mean("ray_serve_app_rerank_batch_size", "model"), "mean {{model}}"), Query(quantile(0.95, "ray_serve_app_rerank_batch_size_bucket"), "p95")), "short", 8),
             Panel("Pairs per cross-encoder call", "(query, document) pairs scored by one call.", (Query(mean("ray_serve_app_rerank_batch_pairs"), "mean"), Query(quantile(0.95, "ray_serve_app_rerank_batch_pairs_bucket"), "p95")), "short", 8),
-            Panel("Pairs scored per second", "Cross-encoder throughput over all reranker replicas.", (Query(f"sum (rate(ray_serve_app_rerank_pairs_total{{{APP}}}[{RATE}]))", "pairs/s"),), "short", 8),
+            Panel("Pairs scored per second", "Cross-encoder throughput over all reranker replicas, per reranker model.", (Query(rate("ray_serve_app_rerank_pairs_total", "model"), "{{model}}"),), "short", 8),
         ),
     ),
 )

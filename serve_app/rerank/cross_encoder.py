@@ -217,11 +217,15 @@ class CrossEncoderScorer:
         ``max_length`` lowers the token limit of the pairs for this call only: one int for
         every pair or one per pair (values above the configured limit are capped to it).
         """
+        return self.score_with_lengths(pairs, max_length)[0]
+
+    def score_with_lengths(self, pairs: Sequence[tuple[str, str]], max_length: int | Sequence[int] | None = None) -> tuple[np.ndarray, list[int]]:
+        """:meth:`score`, and the number of tokens the model read for each pair."""
         limits = self.pairs.limits(len(pairs), max_length)
         out = np.empty(len(pairs), dtype=np.float32)
         if not pairs:
             self.last_stats = ScoreStats()
-            return out
+            return out, []
         features = self.pairs.features(pairs, limits)
         lengths = [len(f["input_ids"]) for f in features]
         batches = plan_batches(lengths, self.cfg.max_batch_tokens, self.cfg.max_batch_pairs)
@@ -236,7 +240,7 @@ class CrossEncoderScorer:
             self._counters.tokens_scored += stats.tokens
             self._counters.padded_tokens += stats.padded_tokens
         self.last_stats = stats
-        return out
+        return out, lengths
 
     def _forward(self, batch_features: list[dict[str, list[int]]]) -> np.ndarray:
         import torch

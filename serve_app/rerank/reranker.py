@@ -17,13 +17,18 @@ document: in ``truncate`` mode the pair limit becomes query + special tokens +
 ``max_tokens_per_doc`` (never above the scorer's limit); in ``max_chunk`` mode windows
 only cover the first ``max_tokens_per_doc`` tokens and pairs get the same limit.
 
+Per request (:class:`serve_app.types.RerankRequest`): ``max_chunks`` scores up to that many
+windows of each document (``max_chunk`` for this request alone, whatever ``long_documents``
+says); ``truncation_direction="left"`` keeps the *end* of a document that does not fit instead
+of its start; ``truncate=False`` refuses (:meth:`Reranker.too_long`) a pair that would be cut.
+
 ``rerank_many`` expands all pairs of all requests and scores them in ONE scorer call, so
 concurrent requests gathered by Ray Serve's ``@serve.batch`` share forward passes.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -42,9 +47,12 @@ def _validate(request: RerankRequest, where: str) -> None:
     for i, doc in enumerate(request.documents):
         if not isinstance(doc, str):
             raise TypeError(f"{where}documents[{i}] must be a string, got {type(doc).__name__}")
-    m = request.max_tokens_per_doc
-    if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1):
-        raise ValueError(f"{where}max_tokens_per_doc must be a positive integer or null, got {m!r}")
+    for name in ("max_tokens_per_doc", "max_chunks"):
+        m = getattr(request, name)
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1):
+            raise ValueError(f"{where}{name} must be a positive integer or null, got {m!r}")
+    if request.truncation_direction not in ("right", "left"):
+        raise ValueError(f"{where}truncation_direction must be 'right' or 'left', got {request.truncation_direction!r}")
 
 
 class Reranker:
@@ -53,10 +61,14 @@ class Reranker:
     def __init__(self, scorer: CrossEncoderScorer, cfg: CrossEncoderConfig) -> None:
         self.scorer = scorer
         self.cfg = cfg
-        if cfg.long_documents == "max_chunk" and not getattr(scorer.tokenizer, "is_fast", False):
+        if cfg.long_documents == "max_chunk":
+            self._need_offsets("reranker.long_documents=max_chunk")
+
+    def _need_offsets(self, what: str) -> None:
+        if not getattr(self.scorer.tokenizer, "is_fast", False):
             raise ValueError(
-                f"reranker.long_documents=max_chunk needs a fast (Rust) tokenizer for character offsets; "
-                f"the tokenizer of {scorer.model_name!r} is not one (use long_documents=truncate)"
+                f"{what} needs a fast (Rust) tokenizer for character offsets; "
+                f"the tokenizer of {self.scorer.model_name!r} is not one (use long_documents=truncate)"
             )
 
     @classmethod
@@ -64,19 +76,49 @@ class Reranker:
         """Load the model ``cfg`` names and rerank with it."""
         return cls(CrossEncoderScorer(cfg), cfg)
 
-    def windows(self, document: str, max_tokens: int | None = None) -> list[str]:
-        """The texts ``max_chunk`` scores for ``document`` (the document itself when it fits one window)."""
+    def _offsets(self, document: str) -> list[tuple[int, int]]:
+        return self.scorer.tokenizer(document, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+
+    def windows(self, document: str, max_tokens: int | None = None, max_chunks: int | None = None) -> list[str]:
+        """The texts ``max_chunk`` scores for ``document`` (the document itself when it fits one
+        window), at most ``max_chunks`` of them (default ``cfg.max_chunks_per_doc``)."""
         size, stride = self.cfg.chunk_tokens, self.cfg.chunk_stride
-        enc = self.scorer.tokenizer(document, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        offsets = enc["offset_mapping"]
+        offsets = self._offsets(document)
         n = len(offsets) if max_tokens is None else min(len(offsets), max_tokens)
         if n <= size:
             return [document]
         starts = list(range(0, n - size + 1, stride))
         if starts[-1] + size < n:
             starts.append(n - size)
-        starts = starts[: self.cfg.max_chunks_per_doc]
+        starts = starts[: max_chunks or self.cfg.max_chunks_per_doc]
         return [document[offsets[s][0] : offsets[s + size - 1][1]] for s in starts]
+
+    def tail(self, document: str, tokens: int) -> str:
+        """The end of ``document`` that holds its last ``tokens`` tokens (the whole document when shorter)."""
+        offsets = self._offsets(document)
+        if len(offsets) <= tokens:
+            return document
+        return document[offsets[len(offsets) - tokens][0] :]
+
+    def too_long(self, request: RerankRequest) -> list[int]:
+        """Positions of the documents whose pair with the query exceeds the model's ``max_length``
+        (what ``truncate=False`` refuses)."""
+        overhead = self.scorer.query_overhead(request.query)
+        limit = self.scorer.max_length
+        return [i for i, doc in enumerate(request.documents) if overhead + len(self.scorer.pairs.token_ids(doc)) > limit]
+
+    def _texts_of(self, req: RerankRequest, limit: int) -> Any:
+        """A function giving what is scored for one document of ``req``: its windows, its tail
+        (``truncation_direction=left``), or itself."""
+        if req.max_chunks is not None or self.cfg.long_documents == "max_chunk":
+            if req.max_chunks is not None:
+                self._need_offsets("max_chunks (max_chunks_per_doc)")
+            return lambda doc: self.windows(doc, req.max_tokens_per_doc, req.max_chunks)
+        if req.truncation_direction == "left":
+            self._need_offsets("truncation_direction=left")
+            budget = max(1, limit - self.scorer.query_overhead(req.query))
+            return lambda doc: [self.tail(doc, budget)]
+        return lambda doc: [doc]
 
     def rerank(self, query: str, documents: Sequence[str], max_tokens_per_doc: int | None = None) -> np.ndarray:
         """Scores of ``documents`` for ``query`` (float32, input order, higher is more relevant)."""
@@ -84,6 +126,10 @@ class Reranker:
 
     def rerank_many(self, requests: Sequence[RerankRequest]) -> list[np.ndarray]:
         """Each request's document scores, all pairs scored in one ``scorer.score`` call."""
+        return [scores for scores, _, _ in self.rerank_many_detailed(requests)]
+
+    def rerank_many_detailed(self, requests: Sequence[RerankRequest]) -> list[tuple[np.ndarray, int, int]]:
+        """(document scores, pairs scored, tokens read) of each request, all pairs in one scorer call."""
         pairs: list[tuple[str, str]] = []
         limits: list[int] = []
         owner: list[int] = []  # pair -> document position across all requests
@@ -95,17 +141,21 @@ class Reranker:
             if req.max_tokens_per_doc is not None:
                 wanted = self.scorer.query_overhead(req.query) + int(req.max_tokens_per_doc)
                 limit = min(limit, max(wanted, self.scorer.min_pair_length))
+            texts_of = self._texts_of(req, limit)
             for doc in req.documents:
-                texts = self.windows(doc, req.max_tokens_per_doc) if self.cfg.long_documents == "max_chunk" else [doc]
-                for text in texts:
+                for text in texts_of(doc):
                     pairs.append((req.query, text))
                     limits.append(limit)
                     owner.append(doc_pos)
                 doc_pos += 1
             n_docs.append(len(req.documents))
         doc_scores = np.full(doc_pos, -np.inf, dtype=np.float32)
+        lengths: list[int] = []
         if pairs:
-            scores = self.scorer.score(pairs, max_length=limits)
+            scores, lengths = self.scorer.score_with_lengths(pairs, max_length=limits)
             np.maximum.at(doc_scores, np.asarray(owner, dtype=np.int64), scores)
         bounds = np.cumsum([0, *n_docs])
-        return [doc_scores[bounds[i] : bounds[i + 1]].copy() for i in range(len(requests))]
+        pair_owner = np.searchsorted(bounds, np.asarray(owner, dtype=np.int64), side="right") - 1  # pair -> request
+        pairs_of = np.bincount(pair_owner, minlength=len(requests)) if pairs else np.zeros(len(requests), dtype=np.int64)
+        tokens_of = np.bincount(pair_owner, weights=lengths, minlength=len(requests)) if pairs else np.zeros(len(requests))
+        return [(doc_scores[bounds[i] : bounds[i + 1]].copy(), int(pairs_of[i]), int(tokens_of[i])) for i in range(len(requests))]

@@ -12,14 +12,15 @@ lists the types and their status codes (docs/API.md is generated from it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Optional, Union
+from dataclasses import dataclass, replace
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 from serve_app.config import FunnelLimits
 from serve_app.serve.config import RequestLimits
+from serve_app.types import RerankRequest as CoreRerankRequest
 
 # --------------------------------------------------------------------------- errors
 
@@ -38,7 +39,13 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
     "unauthorized": (401, "An API key is configured and the request has no Authorization: Bearer header, or a key that is not valid (WWW-Authenticate: Bearer). GET /healthz is exempt."),
     "overloaded": (503, "A stage needed for the answer is at capacity (its queue, max_queued_requests, is full): the request was shed; retry after the Retry-After header's seconds."),
     "deadline_exceeded": (504, "The request did not complete within timeouts.request_timeout_s; its pending stage calls were cancelled."),
+    "model_not_found": (404, "The request names a reranker model (`model`, or `reranker` on /search) that is not configured; the message lists the available names and aliases."),
+    "input_too_long": (413, "TEI shape with truncate=false: a query and document pair is longer than the model reads (its max_length tokens)."),
 }
+
+#: The rerank routes answer a shed request (``overloaded``) with 429, as Cohere, Jina and TEI do;
+#: /search keeps 503.
+RERANK_OVERLOADED_STATUS = 429
 
 
 class ApiError(HTTPException):
@@ -61,11 +68,21 @@ class ErrorEnvelope(BaseModel):
     """The body of every error response."""
 
     error: ErrorBody
+    message: Optional[str] = Field(None, description="The rerank routes only: error.message again, where Cohere's and Jina's clients read it.")
 
 
-def envelope(error_type: str, message: str) -> dict[str, Any]:
-    """The JSON body of an error answer."""
-    return {"error": {"type": error_type, "message": message}}
+def is_rerank_path(path: str) -> bool:
+    """Whether ``path`` is one of the rerank routes (``/rerank``, ``/v1/rerank``, ``/v2/rerank``, under any prefix)."""
+    return path.rstrip("/").endswith("/rerank")
+
+
+def envelope(error_type: str, message: str, path: str = "") -> dict[str, Any]:
+    """The JSON body of an error answer; on the rerank routes also the message at the top level,
+    where the clients of Cohere's (and Jina's) API read it."""
+    body: dict[str, Any] = {"error": {"type": error_type, "message": message}}
+    if is_rerank_path(path):
+        body["message"] = message
+    return body
 
 
 # --------------------------------------------------------------------------- requests
@@ -87,16 +104,49 @@ class TextDocument(_Request):
     text: str = Field(..., strict=True, description="The document text.")
 
 
-#: Tags of the two document forms; they appear in validation error locations and are dropped there.
-DOCUMENT_TAGS = ("string", "object")
+#: Tags of the union members (document forms, /rerank's two body shapes); they appear in
+#: validation error locations and are dropped there.
+DOCUMENT_TAGS = ("string", "object", "cohere", "tei")
 
 
 def _document_kind(value: Any) -> Optional[str]:
     if isinstance(value, str):
         return "string"
-    if isinstance(value, (dict, TextDocument)):
+    if isinstance(value, (dict, BaseModel)):
         return "object"
     return None
+
+
+def _rerank_shape(value: Any) -> str:
+    """/rerank answers Text Embeddings Inference's shape when the body has ``texts``, Cohere's otherwise."""
+    return "tei" if isinstance(value, dict) and "texts" in value or isinstance(value, TEIRerankBase) else "cohere"
+
+
+class RerankBody(_Request):
+    """What every rerank request shape can tell the service (see the shapes below)."""
+
+    shape: ClassVar[str] = "cohere-v1"
+
+    def texts(self) -> list[str]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def limit(self) -> int:
+        """Results to return."""
+        n = getattr(self, "top_n", None)
+        if n is None:
+            n = getattr(self, "top_k", None)
+        total = len(self.texts())
+        return total if n is None else min(n, total)
+
+    def core(self) -> CoreRerankRequest:
+        """The reranker's request (documents as the texts to score)."""
+        return CoreRerankRequest(self.query, self.texts(), getattr(self, "max_tokens_per_doc", None), model=getattr(self, "model", None))  # type: ignore[attr-defined]
+
+
+class TEIRerankBase(RerankBody):
+    """Marker base of the TEI shape (see :func:`build_request_models`)."""
+
+    shape: ClassVar[str] = "tei"
 
 
 @dataclass(frozen=True)
@@ -104,7 +154,10 @@ class RequestModels:
     """The request models of one configuration."""
 
     search: type[BaseModel]
-    rerank: type[BaseModel]
+    rerank: Any  # /rerank: the Cohere (v1) or TEI shape, told apart by ``texts``
+    cohere_v1: type[BaseModel]
+    cohere_v2: type[BaseModel]
+    tei: type[BaseModel]
 
 
 def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> RequestModels:
@@ -119,6 +172,11 @@ def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> Request
         Union[Annotated[DocText, Tag("string")], Annotated[LimitedTextDocument, Tag("object")]],
         Discriminator(_document_kind, custom_error_type="document_type", custom_error_message="must be a string or an object with a `text` string"),
     ]
+    DocObject = Annotated[dict[Annotated[str, StringConstraints(max_length=256)], Any], Field(max_length=64)]
+    ObjectOrText = Annotated[
+        Union[Annotated[DocText, Tag("string")], Annotated[DocObject, Tag("object")]],
+        Discriminator(_document_kind, custom_error_type="document_type", custom_error_message="must be a string or an object (ranked on its `text` field or on rank_fields)"),
+    ]
 
     class SearchRequest(_Request):
         """Hybrid search: retrieve with each retriever, fuse, rerank the head, return the top."""
@@ -129,6 +187,7 @@ def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> Request
         top_n: Optional[int] = Field(None, strict=True, ge=1, le=funnel.max_top_n, description=f"Results returned (default {funnel.default_top_n}).")
         retrievers: Optional[list[Literal["bm25", "dense"]]] = Field(None, min_length=1, max_length=2, description="Retrievers to use (default: all deployed).")
         return_documents: bool = Field(False, strict=True, description="Include each result's title and text.")
+        reranker: Optional[Annotated[str, StringConstraints(strict=True, min_length=1, max_length=256)]] = Field(None, description="A configured reranker name or alias (default: the default model).")
 
         _query_not_blank = field_validator("query")(_not_blank)
 
@@ -139,35 +198,105 @@ def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> Request
                 raise ValueError("must not repeat a retriever")
             return v
 
-    class RerankRequest(_Request):
-        """Cohere v2 compatible rerank (``top_k`` accepted as an alias of ``top_n``)."""
+    ModelName = Optional[Annotated[str, StringConstraints(strict=True, min_length=1, max_length=256)]]
+    TopN = Optional[Annotated[int, Field(strict=True, ge=1)]]
+    MaxTokens = Optional[Annotated[int, Field(strict=True, ge=1, le=limits.max_tokens_per_doc)]]
+
+    def object_text(doc: dict[str, Any], rank_fields: Optional[list[str]], i: int) -> str:
+        """The text a document object is ranked on: ``text``, or its ``rank_fields``."""
+        fields = rank_fields or ["text"]
+        for f in fields:
+            if f not in doc:
+                raise ValueError(f"documents[{i}] has no field {f!r}" + ("" if rank_fields else " (an object document needs `text`, or send rank_fields)"))
+            if not isinstance(doc[f], str):
+                raise ValueError(f"documents[{i}].{f} must be a string to be ranked, got {type(doc[f]).__name__}")
+        text = doc[fields[0]] if len(fields) == 1 else "\n".join(f"{f}: {doc[f]}" for f in fields)
+        if len(text) > limits.max_document_chars:
+            raise ValueError(f"documents[{i}]: the ranked text has {len(text)} characters, more than limits.max_document_chars={limits.max_document_chars}")
+        return text
+
+    class CohereRerankRequest(RerankBody):
+        """Cohere v1 rerank (also what Jina's rerank clients send). ``top_k`` is accepted as an
+        alias of ``top_n``; ``max_tokens_per_doc`` as an extension."""
+
+        shape: ClassVar[str] = "cohere-v1"
 
         query: Query = Field(..., description=f"The query (1 to {limits.max_query_chars} characters).")
-        documents: list[Document] = Field(..., min_length=1, max_length=limits.max_documents, description=f"1 to {limits.max_documents} documents: strings, or objects with a `text` string.")
-        top_n: Optional[int] = Field(None, strict=True, ge=1, description="Results returned (default: all documents; larger values are capped at the number of documents).")
-        top_k: Optional[int] = Field(None, strict=True, ge=1, description="Alias of top_n.")
-        return_documents: bool = Field(False, strict=True, description="Include each result's document text.")
-        model: Optional[str] = Field(None, strict=True, max_length=256, description="Accepted for compatibility; the configured reranker answers and `meta.model` names it.")
-        max_tokens_per_doc: Optional[int] = Field(None, strict=True, ge=1, le=limits.max_tokens_per_doc, description="Document tokens read per document (longer documents are truncated).")
+        documents: list[ObjectOrText] = Field(..., min_length=1, max_length=limits.max_documents, description=f"1 to {limits.max_documents} documents: strings, or objects ranked on their `text` field or on `rank_fields`.")
+        top_n: TopN = Field(None, description="Results returned (default: all documents; larger values are capped at the number of documents).")
+        top_k: TopN = Field(None, description="Alias of top_n.")
+        return_documents: bool = Field(False, strict=True, description="Include each result's document (as sent: a string becomes {text}).")
+        model: ModelName = Field(None, description="A configured reranker name or alias (default: the default model); `meta.model` names the one that answered.")
+        rank_fields: Optional[list[Annotated[str, StringConstraints(strict=True, min_length=1, max_length=256)]]] = Field(None, min_length=1, max_length=32, description="Object documents: the fields ranked, in this order (one field: its text; several: `field: value` lines).")
+        max_chunks_per_doc: Optional[int] = Field(None, strict=True, ge=1, le=256, description="Score up to this many windows of each long document and keep the best (the max_chunk handling for this request).")
+        max_tokens_per_doc: MaxTokens = Field(None, description="Document tokens read per document (longer documents are truncated).")
 
         _query_not_blank = field_validator("query")(_not_blank)
 
         @model_validator(mode="after")
-        def _top_alias(self) -> "RerankRequest":
+        def _check(self) -> "CohereRerankRequest":
             if self.top_n is not None and self.top_k is not None and self.top_n != self.top_k:
                 raise ValueError(f"top_n ({self.top_n}) and its alias top_k ({self.top_k}) disagree; send one of them")
+            if self.rank_fields is not None and len(set(self.rank_fields)) != len(self.rank_fields):
+                raise ValueError("rank_fields must not repeat a field")
+            self.texts()  # every object document must have the fields it is ranked on
             return self
 
         def texts(self) -> list[str]:
-            """The documents as strings, in request order."""
+            return [d if isinstance(d, str) else object_text(d, self.rank_fields, i) for i, d in enumerate(self.documents)]
+
+        def document(self, i: int) -> Any:
+            d = self.documents[i]
+            return {"text": d} if isinstance(d, str) else d
+
+        def core(self) -> CoreRerankRequest:
+            return replace(super().core(), max_chunks=self.max_chunks_per_doc)
+
+    class CohereV2RerankRequest(RerankBody):
+        """Cohere v2 rerank (``POST /v2/rerank``, what ``cohere.ClientV2.rerank`` sends). Extensions:
+        documents as objects with a `text` string, ``return_documents``."""
+
+        shape: ClassVar[str] = "cohere-v2"
+
+        model: ModelName = Field(None, description="A configured reranker name or alias (Cohere requires it; here the default model answers without one).")
+        query: Query = Field(..., description=f"The query (1 to {limits.max_query_chars} characters).")
+        documents: list[Document] = Field(..., min_length=1, max_length=limits.max_documents, description=f"1 to {limits.max_documents} documents (strings; objects with a `text` string are accepted too).")
+        top_n: TopN = Field(None, description="Results returned (default: all documents).")
+        max_tokens_per_doc: MaxTokens = Field(None, description="Document tokens read per document (longer documents are truncated).")
+        return_documents: bool = Field(False, strict=True, description="Extension: include each result's document text.")
+        priority: Optional[int] = Field(None, strict=True, ge=0, le=1000, description="Accepted for compatibility and ignored: requests are served in arrival order.")
+
+        _query_not_blank = field_validator("query")(_not_blank)
+
+        def texts(self) -> list[str]:
             return [d if isinstance(d, str) else d.text for d in self.documents]
 
-        def limit(self) -> int:
-            """Results to return."""
-            n = self.top_n if self.top_n is not None else self.top_k
-            return len(self.documents) if n is None else min(n, len(self.documents))
+    class TEIRerankRequest(TEIRerankBase):
+        """Text Embeddings Inference's rerank (``POST /rerank`` with ``texts``). Extension: ``model``."""
 
-    return RequestModels(search=SearchRequest, rerank=RerankRequest)
+        query: Query = Field(..., description=f"The query (1 to {limits.max_query_chars} characters).")
+        texts_: list[DocText] = Field(..., alias="texts", min_length=1, max_length=limits.max_documents, description=f"1 to {limits.max_documents} texts to rank.")
+        raw_scores: bool = Field(False, strict=True, description="Return the model's scores as they are; false applies a sigmoid to raw scores (models with activation none).")
+        return_text: bool = Field(False, strict=True, description="Include each result's text.")
+        truncate: bool = Field(False, strict=True, description="false: a query and text longer than the model reads is refused (413 input_too_long), as TEI does; true: the text is cut to fit.")
+        truncation_direction: Literal["Right", "Left", "right", "left"] = Field("Right", description="Which end of a text is cut when it does not fit: Right keeps its start, Left its end.")
+        model: ModelName = Field(None, description="Extension: a configured reranker name or alias.")
+
+        model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
+        _query_not_blank = field_validator("query")(_not_blank)
+
+        def texts(self) -> list[str]:
+            return list(self.texts_)
+
+        def core(self) -> CoreRerankRequest:
+            return replace(super().core(), truncate=self.truncate, truncation_direction=self.truncation_direction.lower())  # type: ignore[arg-type]
+
+    Rerank = Annotated[
+        Union[Annotated[TEIRerankRequest, Tag("tei")], Annotated[CohereRerankRequest, Tag("cohere")]],
+        Discriminator(_rerank_shape),
+    ]
+
+    return RequestModels(search=SearchRequest, rerank=Rerank, cohere_v1=CohereRerankRequest, cohere_v2=CohereV2RerankRequest, tei=TEIRerankRequest)
 
 
 # --------------------------------------------------------------------------- responses
@@ -202,6 +331,7 @@ class FunnelOut(BaseModel):
     rerank_top_m: int
     top_n: int
     retrievers: list[str]
+    reranker: Optional[str] = Field(None, description="The reranker model that answered, when the request named one.")
 
 
 class SearchResponse(BaseModel):
@@ -219,14 +349,44 @@ class RerankDocumentOut(BaseModel):
 
 class RerankResultOut(BaseModel):
     index: int = Field(..., description="Position of the document in the request's list.")
-    relevance_score: float = Field(..., description="Cross-encoder score (higher is more relevant).")
+    relevance_score: float = Field(..., description="The model's score (higher is more relevant; in (0, 1) with activation sigmoid).")
     document: Optional[RerankDocumentOut] = Field(None, description="The document (return_documents).")
 
 
 class RerankResponse(BaseModel):
+    """Cohere v2's response (``POST /v2/rerank``)."""
+
     id: str
     results: list[RerankResultOut] = Field(..., description="Best first.")
-    meta: dict[str, Any]
+    meta: dict[str, Any] = Field(..., description="api_version, billed_units.search_units; extensions: model, batch_size, timings_ms.")
+
+
+class V1ResultOut(BaseModel):
+    index: int = Field(..., description="Position of the document in the request's list.")
+    relevance_score: float = Field(..., description="The model's score (higher is more relevant; in (0, 1) with activation sigmoid).")
+    document: Optional[dict[str, Any]] = Field(None, description="The document as sent, a string as {text} (return_documents).")
+
+
+class UsageOut(BaseModel):
+    total_tokens: int = Field(..., description="Tokens of the (query, document) pairs the model read.")
+
+
+class V1RerankResponse(BaseModel):
+    """Cohere v1's response, with Jina's ``model`` and ``usage`` (``POST /v1/rerank``, Cohere-shaped ``POST /rerank``)."""
+
+    id: str
+    results: list[V1ResultOut] = Field(..., description="Best first.")
+    meta: dict[str, Any] = Field(..., description="api_version, billed_units.search_units; extensions: model, batch_size, timings_ms.")
+    model: str = Field(..., description="The reranker model that answered (its configured name).")
+    usage: UsageOut
+
+
+class TEIRankOut(BaseModel):
+    """One result of Text Embeddings Inference's rerank shape (a JSON list of these, best first)."""
+
+    index: int
+    score: float
+    text: Optional[str] = None
 
 
 class HealthResponse(BaseModel):

@@ -135,7 +135,7 @@ class APIKeyMiddleware:
         endpoint = _endpoint(path)
         metrics.count_error(endpoint, "unauthorized")
         metrics.count_request(endpoint, 401)
-        body = json.dumps(envelope("unauthorized", message)).encode()
+        body = json.dumps(envelope("unauthorized", message, path)).encode()
         await send({
             "type": "http.response.start",
             "status": 401,

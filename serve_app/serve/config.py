@@ -87,6 +87,66 @@ class RerankerUserConfig(BatchingConfig):
     fault: FaultInjection = Field(default_factory=FaultInjection, description="Fault injection for drills and tests.")
 
 
+DEFAULT_MODEL = "default"
+#: Model names a request may use: letters, digits and ``. _ - : /``, up to 128 characters.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+
+
+class RerankerConfig(CrossEncoderConfig):
+    """The reranker deployment: its default model (the fields of ``CrossEncoderConfig``) and,
+    optionally, more named models served by the same deployment (Ray Serve model multiplexing).
+
+    A request picks a model by name (``model`` on the rerank routes, ``reranker`` on /search);
+    an absent name, or ``default``, is the default model. Only the names configured here (and
+    their ``aliases``) can be chosen: a request never makes a replica load a path or Hub id it
+    names itself.
+    """
+
+    models: dict[str, CrossEncoderConfig] = Field(default_factory=dict, description="More rerankers by name, each with its own model, max_length, dtype, activation, long-document handling (e.g. {small: {model: /models/ce-small, max_length: 256}}).")
+    aliases: dict[str, str] = Field(default_factory=dict, description="Other names for configured models (e.g. {rerank-v3.5: small}), for integrations that hard-code a provider's model name.")
+    max_models_per_replica: int = Field(2, ge=1, le=64, description="Named models loaded at once in one reranker replica besides the default one; the least recently used is unloaded past it (Serve routes a request to a replica that holds its model).")
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "RerankerConfig":
+        import re
+
+        for name in [*self.models, *self.aliases]:
+            if not re.match(MODEL_NAME_PATTERN, name):
+                raise ValueError(f"reranker model name {name!r}: use letters, digits and . _ - : / (at most 128 characters)")
+        if DEFAULT_MODEL in self.models or DEFAULT_MODEL in self.aliases:
+            raise ValueError(f"{DEFAULT_MODEL!r} names the default model (the reranker's own fields); give the others another name")
+        for alias, target in self.aliases.items():
+            if alias in self.models:
+                raise ValueError(f"reranker.aliases: {alias!r} is already a model name")
+            if target != DEFAULT_MODEL and target not in self.models:
+                raise ValueError(f"reranker.aliases: {alias!r} points to {target!r}, which is not a configured model ({', '.join(self.names())})")
+        return self
+
+    def names(self) -> list[str]:
+        """The model names, ``default`` first."""
+        return [DEFAULT_MODEL, *self.models]
+
+    def default_model(self) -> CrossEncoderConfig:
+        """The default model's settings."""
+        return CrossEncoderConfig(**{k: getattr(self, k) for k in CrossEncoderConfig.model_fields})
+
+    def catalog(self) -> dict[str, CrossEncoderConfig]:
+        """Every model by name, ``default`` first."""
+        return {DEFAULT_MODEL: self.default_model(), **self.models}
+
+    def resolve(self, name: Optional[str]) -> str:
+        """The configured model a request's ``name`` means (None: the default); ``ModelNotFound`` otherwise."""
+        if name is None or name == DEFAULT_MODEL:
+            return DEFAULT_MODEL
+        if name in self.models:
+            return name
+        if name in self.aliases:
+            return self.aliases[name]
+        from serve_app.errors import ModelNotFound
+
+        raise ModelNotFound(name, [*self.names(), *self.aliases])
+
+
 class StageTimeouts(_Strict):
     """How long the ingress waits for each stage before treating it as failed."""
 
@@ -122,7 +182,7 @@ class AppConfig(_Strict):
     retrievers: tuple[RetrieverName, ...] = Field(("bm25", "dense"), min_length=1, description="First-stage retrievers deployed (the index must hold each).")
     bm25: BM25Config = Field(default_factory=BM25Config, description="BM25 settings (used when building the index).")
     dense: DenseConfig = Field(default_factory=DenseConfig, description="Bi-encoder and FAISS settings (the query encoder must be the index's encoder).")
-    reranker: CrossEncoderConfig = Field(default_factory=CrossEncoderConfig, description="Cross-encoder reranker settings.")
+    reranker: RerankerConfig = Field(default_factory=RerankerConfig, description="Cross-encoder reranker settings (the default model), and more named models served by the same deployment (models, aliases).")
     fusion: FusionConfig = Field(default_factory=FusionConfig, description="How retriever lists are fused.")
     funnel: FunnelLimits = Field(default_factory=FunnelLimits, description="Default and maximum top_k, rerank_top_m and top_n.")
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig, description="Index-time chunking (used when building the index).")
@@ -200,7 +260,7 @@ class DenseServerConfig(_Strict):
 
 
 class RerankerServerConfig(_Strict):
-    reranker: CrossEncoderConfig
+    reranker: RerankerConfig
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Starting batching; user_config reconfigures it live.")
 
 

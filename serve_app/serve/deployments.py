@@ -35,6 +35,7 @@ from typing import Any, Optional
 from serve_app.rerank.coalesce import Coalescer
 from serve_app.serve import metrics
 from serve_app.serve.config import (
+    DEFAULT_MODEL,
     ENV_DENSE_MODEL,
     ENV_RERANKER_MODEL,
     AppConfig,
@@ -222,15 +223,76 @@ class DenseServer:
             raise RuntimeError("the dense index returned no document for the health probe")
 
 
+class _ModelSlot:
+    """A loaded named model. Serve's multiplexing calls ``__del__`` when it evicts one (and the
+    garbage collector may call it again later): it reports the unload once."""
+
+    def __init__(self, name: str, reranker: Any, on_unload: Any) -> None:
+        self.name = name
+        self.reranker = reranker
+        self._on_unload = on_unload
+
+    def __del__(self) -> None:
+        on_unload, self._on_unload = self._on_unload, None
+        if on_unload is not None:
+            on_unload(self.name)
+
+
+class _LocalModels:
+    """Outside a Serve replica: the same least-recently-used bound as ``@serve.multiplexed``."""
+
+    def __init__(self, load: Any, max_models: int) -> None:
+        self.load = load
+        self.max_models = max_models
+        self.models: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, name: str) -> Any:
+        async with self._lock:
+            if name in self.models:
+                self.models.move_to_end(name)
+                return self.models[name]
+            if len(self.models) >= self.max_models:
+                _, evicted = self.models.popitem(last=False)
+                evicted.__del__()
+            self.models[name] = await self.load(name)
+            return self.models[name]
+
+
+def _serve_multiplexed(load: Any, max_models: int) -> Any:
+    """``load(name)`` behind Serve's model multiplexing (LRU, at most ``max_models`` per replica,
+    model-aware routing), or :class:`_LocalModels` outside a replica."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return _LocalModels(load, max_models)
+
+    async def load_model(name: str) -> Any:  # a plain function: Serve keeps its cache on it
+        return await load(name)
+
+    return serve.multiplexed(max_num_models_per_replica=max_models)(load_model)
+
+
 class RerankerServer:
-    """Cross-encoder scores; concurrent requests share one ``rerank_many`` call."""
+    """Cross-encoder scores; concurrent requests share ``rerank_many`` calls, one per model.
+
+    The default model is loaded at start and always held; the other configured models
+    (``reranker.models``) are loaded on first use through Serve's model multiplexing, at most
+    ``reranker.max_models_per_replica`` at once (least recently used unloaded first). A request
+    names a configured model only: a name outside the catalog is ``ModelNotFound``.
+    """
 
     def __init__(self, cfg: RerankerServerConfig) -> None:
-        from serve_app.rerank.cross_encoder import CrossEncoderScorer
         from serve_app.rerank.reranker import Reranker
 
-        scorer = _load("CrossEncoderReranker", CrossEncoderScorer, cfg.reranker, hint=f"For the Serve app, {ENV_RERANKER_MODEL}=/path/to/model also overrides reranker.model.")
-        self.reranker = Reranker(scorer, cfg.reranker)
+        self.catalog = cfg.reranker.catalog()
+        self.reranker = _load("CrossEncoderReranker", Reranker.from_config, self.catalog[DEFAULT_MODEL], hint=f"For the Serve app, {ENV_RERANKER_MODEL}=/path/to/model also overrides reranker.model.")
+        self._named = _serve_multiplexed(self._load_named, cfg.reranker.max_models_per_replica)
+        self.loaded: set[str] = set()
+        self.loads: collections.Counter[str] = collections.Counter()
         self.batching = cfg.batching
         self.fault = FaultInjection()
         self.coalescer = Coalescer(self._score_requests, max_items=self.batching.max_batch_size)
@@ -238,6 +300,25 @@ class RerankerServer:
         # that wait into the next model call (serve_app.rerank.coalesce).
         self._rerank_batched = _serve_batch(self.coalescer.submit, self.batching, RERANK_CONCURRENT_BATCHES)
         self._last_scored = 0.0
+
+    async def _load_named(self, name: str) -> _ModelSlot:
+        from serve_app.rerank.reranker import Reranker
+
+        reranker = await asyncio.to_thread(_load, "CrossEncoderReranker", Reranker.from_config, self.catalog[name])
+        self.loaded.add(name)
+        self.loads[name] += 1
+        logger.info("reranker model %r loaded (%s)", name, self.catalog[name].model)
+        return _ModelSlot(name, reranker, self.loaded.discard)
+
+    async def reranker_for(self, name: Optional[str]) -> Any:
+        """The loaded reranker of the configured model ``name`` (None: the default one)."""
+        if name is None or name == DEFAULT_MODEL:
+            return self.reranker
+        if name not in self.catalog:
+            from serve_app.errors import ModelNotFound
+
+            raise ModelNotFound(name, list(self.catalog))
+        return (await self._named(name)).reranker
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         uc = parse_user_config(RerankerUserConfig, user_config, "CrossEncoderReranker")
@@ -248,32 +329,53 @@ class RerankerServer:
         self.fault = uc.fault
         logger.info("reranker batching: max_batch_size=%d batch_wait_timeout_s=%g", uc.max_batch_size, uc.batch_wait_timeout_s)
 
-    async def rerank(self, query: str, documents: list[str], max_tokens_per_doc: Optional[int] = None) -> RerankOutcome:
+    async def rerank(self, request: RerankRequest) -> RerankOutcome:
+        """Scores of one request's documents (batched with the concurrent requests of its model)."""
         await _apply_fault(self.fault, "reranker")
-        return await self._rerank_batched(RerankRequest(query, list(documents), max_tokens_per_doc))
+        reranker = await self.reranker_for(request.model)
+        if not request.truncate:
+            too_long = await asyncio.to_thread(reranker.too_long, request)
+            if too_long:
+                from serve_app.errors import InputTooLong
+
+                shown = ", ".join(str(i) for i in too_long[:10]) + (", ..." if len(too_long) > 10 else "")
+                raise InputTooLong(f"{len(too_long)} document(s) ({shown}) with the query exceed the {reranker.scorer.max_length} tokens the model reads; send truncate: true to cut them")
+        return await self._rerank_batched(request)
 
     async def _score_requests(self, requests: list[RerankRequest]) -> list[RerankOutcome]:
-        """One ``rerank_many`` call (in a worker thread) for every request the coalescer merged."""
-        t0 = time.perf_counter()
-        scores = await asyncio.to_thread(self.reranker.rerank_many, requests)
-        self._last_scored = time.monotonic()
-        pairs = sum(len(r.documents) for r in requests)
-        metrics.observe_latency("rerank_batch", (time.perf_counter() - t0) * 1000)
-        metrics.observe_rerank_batch(len(requests), pairs)
-        return [RerankOutcome([float(x) for x in s], len(requests), pairs) for s in scores]
+        """One ``rerank_many`` call (in a worker thread) per model for the requests the coalescer
+        merged: batches never mix models."""
+        groups: dict[str, list[int]] = collections.defaultdict(list)
+        for i, r in enumerate(requests):
+            groups[r.model or DEFAULT_MODEL].append(i)
+        out: list[Any] = [None] * len(requests)
+        for name, rows in groups.items():
+            reranker = await self.reranker_for(name)
+            group = [requests[i] for i in rows]
+            t0 = time.perf_counter()
+            detailed = await asyncio.to_thread(reranker.rerank_many_detailed, group)
+            self._last_scored = time.monotonic()
+            pairs = sum(p for _, p, _ in detailed)
+            metrics.observe_latency("rerank_batch", (time.perf_counter() - t0) * 1000)
+            metrics.observe_rerank_batch(len(group), pairs, name)
+            for i, (scores, n_pairs, tokens) in zip(rows, detailed):
+                out[i] = RerankOutcome([float(x) for x in scores], len(group), pairs, n_pairs, tokens)
+        return out
 
     async def ping(self) -> dict[str, Any]:
         await _apply_fault(self.fault, "reranker")
-        return {"stage": "reranker", "model": self.reranker.scorer.model_name, "batching": self.batching.model_dump(), "replica": _replica_id()}
+        return {"stage": "reranker", "model": self.reranker.scorer.model_name, "models": list(self.catalog), "loaded": [DEFAULT_MODEL, *sorted(self.loaded)], "batching": self.batching.model_dump(), "replica": _replica_id()}
 
     async def stats(self) -> dict[str, Any]:
-        """Batch sizes seen by this replica (most recent last) and its live batching settings."""
+        """Batch sizes seen by this replica (most recent last), its live batching settings and models."""
         return {
             "replica": _replica_id(),
             "batch_sizes": [n for _, n in self.coalescer.calls],
             "batching": self.batching.model_dump(),
             "pairs_scored": self.reranker.scorer.pairs_scored,
             "serve_batching": not isinstance(self._rerank_batched, _OneByOne),
+            "models_loaded": [DEFAULT_MODEL, *sorted(self.loaded)],
+            "model_loads": dict(self.loads),
         }
 
     async def check_health(self) -> None:
@@ -319,9 +421,11 @@ class HandleBackends:
             return await scatter_gather(name, calls, k, self.shard_deadline_s)
         return await call_stage(name, lambda: handle.search.remote(query, k))
 
-    async def rerank(self, query: str, documents: list[str], max_tokens_per_doc: Optional[int]) -> RerankOutcome:
+    async def rerank(self, request: RerankRequest) -> RerankOutcome:
         handle = self._handle("reranker")
-        return await call_stage("reranker", lambda: handle.rerank.remote(query, documents, max_tokens_per_doc))
+        if request.model not in (None, DEFAULT_MODEL):  # route to a replica that holds the model
+            handle = handle.options(multiplexed_model_id=request.model)
+        return await call_stage("reranker", lambda: handle.rerank.remote(request))
 
     async def ping(self, stage: str) -> dict[str, Any]:
         handle = self._handle(stage)

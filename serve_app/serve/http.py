@@ -16,7 +16,7 @@ Request bodies are never logged nor echoed.
 import json
 import logging
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -29,14 +29,18 @@ from serve_app.serve import metrics
 from serve_app.serve.api import (
     DOCUMENT_TAGS,
     ERROR_TYPES,
+    RERANK_OVERLOADED_STATUS,
     ApiError,
     ErrorEnvelope,
     HealthResponse,
     RerankResponse,
     SearchResponse,
+    TEIRankOut,
+    V1RerankResponse,
     envelope,
+    is_rerank_path,
 )
-from serve_app.errors import DeadlineExceeded, FunnelError, StageError, StageOutputError, StageOverloaded, StageTimeout, StageUnavailable
+from serve_app.errors import DeadlineExceeded, FunnelError, InputTooLong, ModelNotFound, StageError, StageOutputError, StageOverloaded, StageTimeout, StageUnavailable
 from serve_app.serve.auth import install_api_key_auth, load_api_keys
 from serve_app.serve.service import SearchService
 
@@ -158,7 +162,7 @@ def _format_validation(exc: RequestValidationError) -> tuple[str, str]:
         loc = [str(p) for p in e.get("loc", ())]
         if loc and loc[0] in ("body", "query", "path"):
             loc = loc[1:]
-        loc = [p for i, p in enumerate(loc) if not (p in DOCUMENT_TAGS and i > 0 and loc[i - 1].isdigit())]
+        loc = [p for i, p in enumerate(loc) if not (p in DOCUMENT_TAGS and (i == 0 or loc[i - 1].isdigit()))]
         where = ".".join(loc) or "body"
         parts.append(f"{where}: {e.get('msg', 'invalid')}")
     if len(errors) > 8:
@@ -170,6 +174,8 @@ def _format_validation(exc: RequestValidationError) -> tuple[str, str]:
 #: place where they meet HTTP. Order matters: the first matching class wins.
 CORE_ERROR_TYPES: tuple[tuple[type[Exception], str], ...] = (
     (FunnelError, "validation_error"),
+    (ModelNotFound, "model_not_found"),
+    (InputTooLong, "input_too_long"),
     (StageOverloaded, "overloaded"),
     (DeadlineExceeded, "deadline_exceeded"),
     (StageTimeout, "stage_timeout"),
@@ -200,7 +206,10 @@ def core_error_answer(exc: Exception) -> ApiError:
 
 def _error_response(request: Request, status: int, error_type: str, message: str, headers: Optional[dict] = None) -> JSONResponse:
     metrics.count_error(_endpoint(request), error_type)
-    return JSONResponse(envelope(error_type, message), status_code=status, headers=headers)
+    path = request.url.path
+    if error_type == "overloaded" and is_rerank_path(path):
+        status = RERANK_OVERLOADED_STATUS  # what Cohere's, Jina's and TEI's clients back off on
+    return JSONResponse(envelope(error_type, message, path), status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -242,19 +251,29 @@ def install_error_handlers(app: FastAPI) -> None:
 
 # --------------------------------------------------------------------------- app
 
-_ERRORS_DOC = {code: {"model": ErrorEnvelope, "description": desc} for code, desc in (
-    (400, "invalid_json"), (413, "payload_too_large"), (415, "unsupported_media_type"), (422, "validation_error"),
-    (503, "service_unavailable"), (504, "stage_timeout"),
-)}
+def _errors_doc(*pairs: tuple[int, str]) -> dict[int, dict[str, Any]]:
+    return {code: {"model": ErrorEnvelope, "description": desc} for code, desc in pairs}
 
-DESCRIPTION = """Hybrid retrieval (BM25 + dense) with cross-encoder reranking.
+
+_ERRORS_DOC = _errors_doc(
+    (400, "invalid_json"), (404, "model_not_found"), (413, "payload_too_large"), (415, "unsupported_media_type"), (422, "validation_error"),
+    (503, "service_unavailable, overloaded"), (504, "stage_timeout, deadline_exceeded"),
+)
+_RERANK_ERRORS_DOC = {**_ERRORS_DOC, **_errors_doc((413, "payload_too_large, input_too_long (TEI shape, truncate=false)"), (429, "overloaded (Retry-After)"), (503, "service_unavailable"))}
+
+DESCRIPTION = """Hybrid retrieval (BM25 + dense) with cross-encoder reranking, and the rerank APIs clients already speak.
 
 * `POST /search`: retrieve, fuse, rerank, return the top documents.
-* `POST /rerank`, `POST /v1/rerank`: Cohere v2 compatible reranking of your documents.
+* `POST /v2/rerank`: Cohere's v2 rerank (`cohere.ClientV2.rerank`).
+* `POST /v1/rerank`: Cohere's v1 rerank, which Jina's rerank clients also speak.
+* `POST /rerank`: Text Embeddings Inference's rerank when the body has `texts`, Cohere's v1 otherwise.
 * `GET /healthz`: 200 once every stage has loaded its index or model, else 503.
-* `GET /info`: models, index size, limits, funnel defaults.
+* `GET /info`: models (every configured reranker), index size, limits, funnel defaults.
 
-Errors always have the body `{"error": {"type": ..., "message": ...}}`.
+`model` (`reranker` on /search) picks one of the configured rerankers by name or alias.
+Errors always have the body `{"error": {"type": ..., "message": ...}}`; the rerank routes add
+the message at the top level (`"message"`, where Cohere's clients read it) and answer a shed
+request with 429 instead of 503.
 """
 
 
@@ -266,6 +285,8 @@ def create_app(service: SearchService, *, api_keys: Optional[Sequence[str]] = No
     """
     SearchRequest = service.models.search
     RerankRequest = service.models.rerank
+    CohereV1Request = service.models.cohere_v1
+    CohereV2Request = service.models.cohere_v2
 
     app = FastAPI(title="serve_app", version=serve_app.__version__, description=DESCRIPTION)
     app.router.route_class = json_route_class(service.cfg.limits.max_body_bytes)
@@ -281,12 +302,16 @@ def create_app(service: SearchService, *, api_keys: Optional[Sequence[str]] = No
     async def search(body: SearchRequest) -> Any:  # type: ignore[valid-type]
         return await service.search(body)
 
-    @app.post("/rerank", response_model=RerankResponse, response_model_exclude_none=True, responses=_ERRORS_DOC, summary="Rerank documents (Cohere v2 compatible)")
+    @app.post("/rerank", response_model=Union[list[TEIRankOut], V1RerankResponse], response_model_exclude_none=True, responses=_RERANK_ERRORS_DOC, summary="Rerank: Text Embeddings Inference's shape (body with `texts`) or Cohere v1's")
     async def rerank(body: RerankRequest) -> Any:  # type: ignore[valid-type]
         return await service.rerank(body)
 
-    @app.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True, responses=_ERRORS_DOC, summary="Rerank documents (Cohere compatible path)")
-    async def rerank_v1(body: RerankRequest) -> Any:  # type: ignore[valid-type]
+    @app.post("/v1/rerank", response_model=V1RerankResponse, response_model_exclude_none=True, responses=_RERANK_ERRORS_DOC, summary="Rerank documents (Cohere v1; Jina's rerank API)")
+    async def rerank_v1(body: CohereV1Request) -> Any:  # type: ignore[valid-type]
+        return await service.rerank(body)
+
+    @app.post("/v2/rerank", response_model=RerankResponse, response_model_exclude_none=True, responses=_RERANK_ERRORS_DOC, summary="Rerank documents (Cohere v2)")
+    async def rerank_v2(body: CohereV2Request) -> Any:  # type: ignore[valid-type]
         return await service.rerank(body)
 
     @app.get("/healthz", response_model=HealthResponse, responses={503: {"model": ErrorEnvelope, "description": "not_ready"}}, summary="Readiness")

@@ -37,9 +37,9 @@ SPECS: dict[str, MetricSpec] = {
     for s in (
         MetricSpec(PREFIX + "stage_latency_ms", "histogram", ("stage",), "Wall time of one funnel stage in milliseconds, as seen by the ingress (stage: bm25, dense, fusion, rerank, total) or by a stage's own deployment (stage: bm25_search, dense_search, rerank_batch).", tuple(LATENCY_BOUNDARIES_MS)),
         MetricSpec(PREFIX + "candidates", "histogram", ("stage",), "Documents per request leaving a stage (stage: bm25, dense, fused, reranked, returned, rerank_request).", tuple(COUNT_BOUNDARIES)),
-        MetricSpec(PREFIX + "rerank_batch_size", "histogram", (), "Rerank requests gathered into one cross-encoder call by @serve.batch and the coalescer that merges batches formed while the model was busy (values above 1 mean concurrent requests shared a call).", tuple(BATCH_SIZE_BOUNDARIES)),
-        MetricSpec(PREFIX + "rerank_batch_pairs", "histogram", (), "(query, document) pairs scored by one cross-encoder call.", tuple(COUNT_BOUNDARIES)),
-        MetricSpec(PREFIX + "rerank_pairs_total", "counter", (), "(query, document) pairs scored by the cross-encoder."),
+        MetricSpec(PREFIX + "rerank_batch_size", "histogram", ("model",), "Rerank requests gathered into one cross-encoder call by @serve.batch and the coalescer that merges batches formed while the model was busy (values above 1 mean concurrent requests shared a call).", tuple(BATCH_SIZE_BOUNDARIES)),
+        MetricSpec(PREFIX + "rerank_batch_pairs", "histogram", ("model",), "(query, document) pairs scored by one cross-encoder call.", tuple(COUNT_BOUNDARIES)),
+        MetricSpec(PREFIX + "rerank_pairs_total", "counter", ("model",), "(query, document) pairs scored by the cross-encoder."),
         MetricSpec(PREFIX + "requests_total", "counter", ("endpoint", "status"), "HTTP requests answered by the ingress, by endpoint (search, rerank, healthz, info, other) and status code."),
         MetricSpec(PREFIX + "errors_total", "counter", ("endpoint", "type"), "Error responses by endpoint and error type (the envelope's error.type)."),
         MetricSpec(PREFIX + "degraded_total", "counter", ("stage", "reason"), "Stages left out of an answer because they failed (reason: error) or timed out (reason: timeout); stage: bm25, dense, rerank."),
@@ -79,12 +79,13 @@ def observe_candidates(stage: str, count: int) -> None:
     _metric(PREFIX + "candidates").observe(int(count), tags={"stage": stage})
 
 
-def observe_rerank_batch(requests: int, pairs: int) -> None:
-    """Record one cross-encoder call: requests gathered and pairs scored."""
-    _metric(PREFIX + "rerank_batch_size").observe(int(requests))
-    _metric(PREFIX + "rerank_batch_pairs").observe(int(pairs))
+def observe_rerank_batch(requests: int, pairs: int, model: str = "default") -> None:
+    """Record one cross-encoder call of ``model`` (its configured name): requests gathered and pairs scored."""
+    tags = {"model": model}
+    _metric(PREFIX + "rerank_batch_size").observe(int(requests), tags=tags)
+    _metric(PREFIX + "rerank_batch_pairs").observe(int(pairs), tags=tags)
     if pairs:
-        _metric(PREFIX + "rerank_pairs_total").inc(int(pairs))
+        _metric(PREFIX + "rerank_pairs_total").inc(int(pairs), tags=tags)
 
 
 def count_request(endpoint: str, status: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from serve_app.errors import StageError
 from serve_app.funnel import FUSION, RERANK, Funnel, FunnelRequest, StageReport, gather_all, describe_exception
 from serve_app.serve import metrics
 from serve_app.serve.api import RequestModels, build_request_models
-from serve_app.serve.config import AppConfig
+from serve_app.serve.config import DEFAULT_MODEL, AppConfig
 from serve_app.types import Document, Hit, RerankOutcome, RerankRequest
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ class Backends(Protocol):
         """Top-``k`` hits of retriever ``name``."""
         ...
 
-    async def rerank(self, query: str, documents: list[str], max_tokens_per_doc: Optional[int]) -> RerankOutcome:
-        """Reranker scores of ``documents`` (request order)."""
+    async def rerank(self, request: RerankRequest) -> RerankOutcome:
+        """Reranker scores of the request's documents (request order)."""
         ...
 
     async def ping(self, stage: str) -> Mapping[str, Any]:
@@ -68,7 +69,7 @@ class IngressStages:
         return [list(hits) for hits in await gather_all(self.backends.retrieve(name, q, k) for q in queries)]
 
     async def rerank(self, requests: Sequence[RerankRequest]) -> list[RerankOutcome]:
-        return await gather_all(self.backends.rerank(r.query, list(r.documents), r.max_tokens_per_doc) for r in requests)
+        return await gather_all(self.backends.rerank(r) for r in requests)
 
 
 def record_stages(stages: Mapping[str, StageReport]) -> None:
@@ -105,14 +106,20 @@ class SearchService:
             limits=self.cfg.funnel,
             fusion=self.cfg.fusion,
             timeouts=self.cfg.timeouts.funnel(),
+            models=self.model_name,
         )
+
+    def model_name(self, requested: Optional[str]) -> Optional[str]:
+        """The configured reranker a request names (None: the default; ``ModelNotFound`` for others)."""
+        name = self.cfg.reranker.resolve(requested)
+        return None if name == DEFAULT_MODEL else name
 
     # ------------------------------------------------------------------ /search
 
     async def search(self, req: Any) -> dict[str, Any]:
         """Answer a validated search request (``self.models.search``)."""
         try:
-            result = await self.funnel.search(FunnelRequest(req.query, req.top_k, req.rerank_top_m, req.top_n, req.retrievers, req.return_documents))
+            result = await self.funnel.search(FunnelRequest(req.query, req.top_k, req.rerank_top_m, req.top_n, req.retrievers, req.return_documents, req.reranker))
         except StageError as exc:
             record_stages(exc.stages)
             raise
@@ -142,14 +149,15 @@ class SearchService:
             "funnel": result.funnel.sizes(),
         }
 
-    # ------------------------------------------------------------------ /rerank
+    # ------------------------------------------------------------------ /rerank, /v1/rerank, /v2/rerank
 
-    async def rerank(self, req: Any) -> dict[str, Any]:
-        """Answer a validated Cohere-style rerank request (``self.models.rerank``)."""
+    async def rerank(self, req: Any) -> Any:
+        """Answer a validated rerank request in its own shape (``req.shape``: the request models
+        of ``self.models``): Cohere v1 (also Jina), Cohere v2, or Text Embeddings Inference."""
         texts = req.texts()
         t0 = time.perf_counter()
         try:
-            outcome = await self.funnel.rerank(RerankRequest(req.query, texts, req.max_tokens_per_doc))
+            outcome = await self.funnel.rerank(req.core())
         except StageError as exc:
             record_stages(exc.stages)
             raise
@@ -158,20 +166,40 @@ class SearchService:
         metrics.observe_candidates("rerank_request", len(texts))
         scores = [float(s) for s in outcome.scores]
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: req.limit()]
+        name = self.cfg.reranker.resolve(getattr(req, "model", None))
+        if req.shape == "tei":
+            return self._tei(req, texts, scores, order, name)
         results = []
         for i in order:
             r: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
             if req.return_documents:
-                r["document"] = {"text": texts[i]}
+                r["document"] = req.document(i) if req.shape == "cohere-v1" else {"text": texts[i]}
             results.append(r)
         meta = {
-            "api_version": {"version": "2"},
-            "billed_units": {"search_units": 1},
-            "model": self.cfg.reranker.model,
+            "api_version": {"version": "1" if req.shape == "cohere-v1" else "2"},
+            # Cohere bills one search unit per 100 documents (long documents count per chunk).
+            "billed_units": {"search_units": max(1, math.ceil(outcome.pairs / 100))},
+            "model": self.cfg.reranker.catalog()[name].model,
             "batch_size": outcome.batch_size,
             "timings_ms": {"rerank": round(ms, 3)},
         }
-        return {"id": str(uuid.uuid4()), "results": results, "meta": meta}
+        answer: dict[str, Any] = {"id": str(uuid.uuid4()), "results": results, "meta": meta}
+        if req.shape == "cohere-v1":  # Jina's clients read these
+            answer.update(model=getattr(req, "model", None) or name, usage={"total_tokens": outcome.tokens})
+        return answer
+
+    def _tei(self, req: Any, texts: list[str], scores: list[float], order: list[int], name: str) -> list[dict[str, Any]]:
+        """Text Embeddings Inference's answer: ``[{index, score, text?}]``, best first; a sigmoid
+        over raw scores unless ``raw_scores`` (a model configured with ``activation: sigmoid``
+        already gives probabilities)."""
+        squash = not req.raw_scores and self.cfg.reranker.catalog()[name].activation == "none"
+        out = []
+        for i in order:
+            item: dict[str, Any] = {"index": i, "score": 1.0 / (1.0 + math.exp(-scores[i])) if squash else scores[i]}
+            if req.return_text:
+                item["text"] = texts[i]
+            out.append(item)
+        return out
 
     # ------------------------------------------------------------------ /healthz, /info
 
@@ -213,5 +241,11 @@ class SearchService:
             "fusion": c.fusion.model_dump(),
             "batching": batching,
             "timeouts": c.timeouts.model_dump(),
-            "reranker": {k: v for k, v in c.reranker.model_dump().items() if k != "model"},
+            "reranker": {k: v for k, v in c.reranker.default_model().model_dump().items() if k != "model"},
+            "rerankers": {
+                "default": DEFAULT_MODEL,
+                "models": {name: {"model": m.model, "max_length": m.max_length, "dtype": m.dtype, "activation": m.activation, "long_documents": m.long_documents} for name, m in c.reranker.catalog().items()},
+                "aliases": dict(c.reranker.aliases),
+                "max_models_per_replica": c.reranker.max_models_per_replica,
+            },
         }

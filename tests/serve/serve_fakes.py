@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from serve_app.corpus import Corpus
-from serve_app.types import RerankOutcome
+from serve_app.types import RerankOutcome, RerankRequest
 from serve_app.types import Document, Hit
 
 TOPICS = [
@@ -45,7 +45,10 @@ class FakeBackends:
     corpus: Corpus
     faults: dict[str, str] = field(default_factory=dict)  # stage -> "error" | "hang"
     calls: list[tuple[str, Any]] = field(default_factory=list)
+    requests: list[RerankRequest] = field(default_factory=list)  # every rerank request received
     hang_s: float = 30.0
+    #: the reranker models the fake serves (None: the default) and the offset each adds to the scores
+    models: dict[Optional[str], float] = field(default_factory=lambda: {None: 0.0})
 
     async def _fault(self, stage: str) -> None:
         mode = self.faults.get(stage)
@@ -67,10 +70,17 @@ class FakeBackends:
         scored.sort(key=lambda h: (-h.score, h.doc_id))
         return scored[:k]
 
-    async def rerank(self, query: str, documents: list[str], max_tokens_per_doc: Optional[int]) -> RerankOutcome:
-        self.calls.append(("reranker", (query, len(documents), max_tokens_per_doc)))
+    async def rerank(self, request: RerankRequest) -> RerankOutcome:
+        query, documents = request.query, list(request.documents)
+        self.calls.append(("reranker", (query, len(documents), request.max_tokens_per_doc)))
+        self.requests.append(request)
         await self._fault("reranker")
-        return RerankOutcome([fake_rerank_score(query, d) for d in documents], 1, len(documents))
+        if request.model not in self.models:
+            from serve_app.errors import ModelNotFound
+
+            raise ModelNotFound(str(request.model), [str(m) for m in self.models])
+        offset = self.models[request.model]
+        return RerankOutcome([fake_rerank_score(query, d) + offset for d in documents], 1, len(documents), len(documents), sum(len(query.split()) + len(d.split()) + 3 for d in documents))
 
     async def ping(self, stage: str) -> dict[str, Any]:
         await self._fault(stage)

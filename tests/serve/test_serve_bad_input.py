@@ -33,7 +33,7 @@ CORPUS = small_corpus(60)
 MARK = "zq7-marker-5e1f"  # in every bad body; must never be echoed or logged
 JSON_CT = "application/json"
 LIMITS = {"max_body_bytes": 64 * 1024, "max_query_chars": 100, "max_documents": 5, "max_document_chars": 200}
-PATHS = ("/search", "/rerank", "/v1/rerank")
+PATHS = ("/search", "/rerank", "/v1/rerank", "/v2/rerank")
 
 
 def make_app(**limits: Any):
@@ -149,7 +149,12 @@ def bad_inputs(path: str) -> Iterator[tuple[str, str, Any, Optional[str], int, s
         yield "out of range", case, b, JSON_CT, 422, "validation_error"
     # The message names an unknown field (field names are the request's structure), never its value.
     yield "unknown field", "extra field", with_(colour=MARK), JSON_CT, 422, "validation_error"
-    yield "unknown field", "extra field in a document", with_(documents=[{"text": "a", "colour": MARK}]) if not search else with_(flavour={"x": MARK}), JSON_CT, 422, "validation_error"
+    if search:
+        yield "unknown field", "extra field in an object", with_(flavour={"x": MARK}), JSON_CT, 422, "validation_error"
+    elif path == "/v2/rerank":
+        yield "unknown field", "extra field in a document", with_(documents=[{"text": "a", "colour": MARK}]), JSON_CT, 422, "validation_error"
+    else:  # Cohere v1 documents are objects with any fields; the ranked ones must exist
+        yield "unknown field", "rank field missing from a document", with_(documents=[{"text": "a", "note": MARK}], rank_fields=["colour"]), JSON_CT, 422, "validation_error"
     huge = LIMITS["max_body_bytes"] + 1
     yield "huge body", "long string", with_(query=MARK + "x" * huge), JSON_CT, 413, "payload_too_large"
     yield "huge body", "long list", with_(documents=[MARK] * (huge // 10)), JSON_CT, 413, "payload_too_large"
@@ -173,7 +178,9 @@ def test_bad_input_gets_its_documented_4xx_and_is_not_echoed_or_logged(path, cat
     assert r.status_code == status, (r.status_code, r.text[:300])
     assert ERROR_TYPES[etype][0] == status  # the documented status of that error type
     err = r.json()
-    assert set(err) == {"error"} and set(err["error"]) == {"type", "message"}, err
+    expected_keys = {"error", "message"} if path.endswith("/rerank") else {"error"}  # Cohere's clients read a top-level message
+    assert set(err) == expected_keys and set(err["error"]) == {"type", "message"}, err
+    assert err.get("message", err["error"]["message"]) == err["error"]["message"]
     assert err["error"]["type"] == etype and err["error"]["message"]
     assert r.headers["content-type"].startswith("application/json")
     assert not backends.calls  # rejected before any stage

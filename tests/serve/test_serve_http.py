@@ -42,7 +42,10 @@ def call(app, method: str, path: str, **kwargs: Any) -> httpx.Response:
 def assert_envelope(r: httpx.Response, status: int, error_type: str) -> dict:
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"error"}, body
+    if r.request.url.path.endswith("/rerank"):  # the rerank routes repeat the message where Cohere's clients read it
+        assert set(body) == {"error", "message"} and body["message"] == body["error"]["message"], body
+    else:
+        assert set(body) == {"error"}, body
     assert set(body["error"]) == {"type", "message"}
     assert body["error"]["type"] == error_type, body
     assert ERROR_TYPES[error_type][0] == status
@@ -96,20 +99,20 @@ def test_search_return_documents_and_retriever_subset():
 
 
 def test_rerank_is_cohere_compatible():
-    app, backends, _ = make_app()
+    app, backends, _ = make_app(reranker={"aliases": {"rerank-v3.5": "default"}})  # the name Cohere's clients send, mapped to the local model
     docs = ["protein cell gene", {"text": "ocean sea water"}, "football team", {"text": "music album"}]
     texts = [d if isinstance(d, str) else d["text"] for d in docs]
     for path in ("/rerank", "/v1/rerank"):
         r = call(app, "POST", path, json={"query": "gene", "documents": docs, "top_n": 3, "return_documents": True, "model": "rerank-v3.5", "max_tokens_per_doc": 64})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"id", "results", "meta"}
+        assert set(body) == {"id", "results", "meta", "model", "usage"}  # Cohere v1, and Jina's model and usage
         expected = sorted(range(4), key=lambda i: -fake_rerank_score("gene", texts[i]))[:3]
         assert [x["index"] for x in body["results"]] == expected
         for x in body["results"]:
             assert x["relevance_score"] == pytest.approx(fake_rerank_score("gene", texts[x["index"]]))
             assert x["document"] == {"text": texts[x["index"]]}
-        assert body["meta"]["api_version"] == {"version": "2"}
+        assert body["meta"]["api_version"] == {"version": "1"} and body["model"] == "rerank-v3.5"
     assert backends.calls[-1] == ("reranker", ("gene", 4, 64))
     # top_k is accepted as an alias; without return_documents there is no document key.
     r = call(app, "POST", "/v1/rerank", json={"query": "gene", "documents": docs, "top_k": 2})
@@ -140,7 +143,10 @@ def test_openapi_schema_carries_the_configured_limits():
     assert {"/search", "/rerank", "/v1/rerank", "/healthz", "/info"} <= set(spec["paths"])
     schemas = spec["components"]["schemas"]
     assert schemas["SearchRequest"]["properties"]["query"]["maxLength"] == 77
-    assert schemas["RerankRequest"]["properties"]["documents"]["maxItems"] == 9
+    for name in ("CohereRerankRequest", "CohereV2RerankRequest", "TEIRerankRequest"):
+        prop = "texts" if name.startswith("TEI") else "documents"
+        assert schemas[name]["properties"][prop]["maxItems"] == 9, name
+    assert {"/v2/rerank"} <= set(spec["paths"])
     assert call(app, "GET", "/docs").status_code == 200
 
 
@@ -281,11 +287,15 @@ FUZZ_APP = make_app()[0]
 def test_request_models_take_their_limits_from_config():
     cfg = parse_app_config({"index_dir": "/x", "limits": {"max_documents": 3, "max_query_chars": 10, "max_document_chars": 5}, "funnel": {"max_top_k": 7, "default_top_k": 5}}, use_env=False)
     models = build_request_models(cfg.limits, cfg.funnel)
-    ok = models.rerank.model_validate({"query": "q", "documents": ["abcde", {"text": "fghij"}]})
-    assert ok.texts() == ["abcde", "fghij"] and ok.limit() == 2
-    for bad in ({"query": "q" * 11, "documents": ["a"]}, {"query": "q", "documents": ["a"] * 4}, {"query": "q", "documents": ["abcdef"]}):
-        with pytest.raises(Exception):
-            models.rerank.model_validate(bad)
+    for model in (models.cohere_v1, models.cohere_v2):
+        ok = model.model_validate({"query": "q", "documents": ["abcde", {"text": "fghij"}]})
+        assert ok.texts() == ["abcde", "fghij"] and ok.limit() == 2
+        for bad in ({"query": "q" * 11, "documents": ["a"]}, {"query": "q", "documents": ["a"] * 4}, {"query": "q", "documents": ["abcdef"]}):
+            with pytest.raises(Exception):
+                model.model_validate(bad)
+    assert models.tei.model_validate({"query": "q", "texts": ["abcde"]}).texts() == ["abcde"]
+    with pytest.raises(Exception):
+        models.tei.model_validate({"query": "q", "texts": ["abcdef"]})
     assert models.search.model_validate({"query": "q", "top_k": 7}).top_k == 7
     with pytest.raises(Exception):
         models.search.model_validate({"query": "q", "top_k": 8})

@@ -92,8 +92,8 @@ def test_rerank_endpoints_return_the_cross_encoder_scores(serve_stack, tiny_cros
 
     cfg = CrossEncoderConfig(model=str(tiny_cross_encoder_dir))
     local = Reranker(CrossEncoderScorer(cfg), cfg).rerank("gene cancer cells", DOCS)
-    body = {"query": "gene cancer cells", "documents": [d if i % 2 else {"text": d} for i, d in enumerate(DOCS)], "top_n": 5, "return_documents": True, "model": "any"}
-    for path in ("/rerank", "/v1/rerank"):
+    body = {"query": "gene cancer cells", "documents": [d if i % 2 else {"text": d} for i, d in enumerate(DOCS)], "top_n": 5, "return_documents": True, "model": "default"}
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
         r = httpx.post(serve_stack.url() + path, json=body, timeout=60)
         assert r.status_code == 200, r.text
         out = r.json()
@@ -296,6 +296,38 @@ def test_reranker_autoscales_alone_under_load(serve_stack):
         serve_stack.remove("scale")
 
 
+# --------------------------------------------------------------------------- several rerankers (model multiplexing)
+
+
+def test_named_rerankers_are_multiplexed_in_a_replica(serve_stack, tmp_path):
+    """Two more test-built models of other sizes, at most one loaded beside the default: each
+    request gets its own model's scores, and Serve's multiplexing evicts and reloads."""
+    from serve_app.config import CrossEncoderConfig
+    from serve_app.rerank import Reranker
+    from serve_app.testing import build_tiny_cross_encoder
+
+    small = str(build_tiny_cross_encoder(tmp_path / "small", seed=5, hidden_size=16, num_hidden_layers=1))
+    large = str(build_tiny_cross_encoder(tmp_path / "large", seed=6, hidden_size=48, num_hidden_layers=3))
+    app = serve_stack.app_config("multi", args={"retrievers": ["bm25"], "reranker": {"models": {"small": {"model": small}, "large": {"model": large}}, "aliases": {"rerank-v3.5": "large"}, "max_models_per_replica": 1}})
+    serve_stack.deploy(app)
+    try:
+        url = serve_stack.url("multi")
+        direct = {"small": Reranker.from_config(CrossEncoderConfig(model=small, device="cpu")), "large": Reranker.from_config(CrossEncoderConfig(model=large, device="cpu"))}
+        for name in ("small", "rerank-v3.5", "small"):
+            r = httpx.post(url + "/v2/rerank", json={"model": name, "query": "protein gene", "documents": DOCS}, timeout=120)
+            assert r.status_code == 200, r.text
+            want = direct["large" if name == "rerank-v3.5" else name].rerank("protein gene", DOCS)
+            assert {x["index"]: x["relevance_score"] for x in r.json()["results"]} == pytest.approx({i: float(w) for i, w in enumerate(want)}, abs=1e-4), name
+        stats = serve_stack.call("multi", "CrossEncoderReranker", "stats")
+        assert stats["model_loads"] == {"small": 2, "large": 1} and stats["models_loaded"] == ["default", "small"]
+        r = httpx.post(url + "/v2/rerank", json={"model": "medium", "query": "q", "documents": ["d"]}, timeout=60)
+        assert r.status_code == 404 and "available models: default, small, large, rerank-v3.5" in r.json()["message"]
+        hit = httpx.post(url + "/search", json={"query": "protein gene", "reranker": "large", "top_n": 3}, timeout=120).json()
+        assert hit["funnel"]["reranker"] == "large" and hit["degraded"] is False
+    finally:
+        serve_stack.remove("multi")
+
+
 # --------------------------------------------------------------------------- model load failure
 
 
@@ -347,3 +379,19 @@ def test_every_documented_metric_is_exported(serve_stack):
             break
         time.sleep(2)
     assert missing == [], f"documented in docs/METRICS.md but not exported: {missing}"
+
+
+def test_rerank_metrics_carry_the_model(serve_stack):
+    """After the multiplexing test: the pairs counter is split by the model that scored them."""
+
+    def by_model() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{serve_stack.metrics_port}/metrics", timeout=10).read().decode()
+        out: dict[str, float] = {}
+        for m in re.finditer(r'^ray_serve_app_rerank_pairs_total\{([^}]*)\} ([0-9.e+]+)$', text, re.M):
+            model = re.search(r'model="([^"]*)"', m.group(1))
+            if model:
+                out[model.group(1)] = out.get(model.group(1), 0.0) + float(m.group(2))
+        return out
+
+    seen = wait_until(lambda: (lambda d: d if {"default", "small", "large"} <= set(d) else None)(by_model()), 60, "rerank pairs by model")
+    assert all(v > 0 for v in seen.values()), seen

@@ -23,7 +23,7 @@ from serve_app.serve.deployments import HandleBackends
 from serve_app.serve.http import create_app
 from serve_app.serve.service import SearchService
 from serve_app.serve.shards import ShardFailure, deployment_names, scatter_gather, shard_deadline
-from serve_app.types import Hit, RerankOutcome
+from serve_app.types import Hit, RerankOutcome, RerankRequest
 
 CORPUS = small_corpus(60)
 QUERIES = ["protein gene study", "space planet moon", "music band album", "ocean water results", "football 7"]
@@ -183,8 +183,8 @@ class LocalStage:
         await self._fault()
         return self.retriever.search(query, k)
 
-    async def rerank(self, query: str, documents: list[str], max_tokens_per_doc: Optional[int]) -> RerankOutcome:
-        return RerankOutcome([fake_rerank_score(query, d) for d in documents], 1, len(documents))
+    async def rerank(self, request: RerankRequest) -> RerankOutcome:
+        return RerankOutcome([fake_rerank_score(request.query, d) for d in request.documents], 1, len(request.documents))
 
     async def ping(self) -> dict[str, Any]:
         await self._fault()

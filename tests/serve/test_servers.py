@@ -12,8 +12,9 @@ from serve_fakes import small_corpus
 
 from serve_app.config import BM25Config, ChunkingConfig, CrossEncoderConfig, DenseConfig
 from serve_app.index import build_index, load_index
-from serve_app.serve.config import BatchingConfig, BM25ServerConfig, DenseServerConfig, RerankerServerConfig, ShardRef, parse_app_config
+from serve_app.serve.config import BatchingConfig, BM25ServerConfig, DenseServerConfig, RerankerConfig, RerankerServerConfig, ShardRef, parse_app_config
 from serve_app.serve.deployments import BM25Server, DenseServer, InjectedFault, RerankerServer
+from serve_app.types import RerankRequest
 
 CORPUS = small_corpus(40)
 QUERIES = ["protein gene", "space planet moon", "music band", "ocean water", "football team", "food bread"]
@@ -28,7 +29,7 @@ def index_dir(tmp_path_factory, tiny_bi_encoder_dir):
 
 @pytest.fixture(scope="module")
 def reranker_cfg(tiny_cross_encoder_dir):
-    return CrossEncoderConfig(model=str(tiny_cross_encoder_dir), device="cpu")
+    return RerankerConfig(model=str(tiny_cross_encoder_dir), device="cpu")
 
 
 def test_reranker_server_merges_concurrent_requests_and_scores_as_the_reranker(reranker_cfg):
@@ -38,10 +39,10 @@ def test_reranker_server_merges_concurrent_requests_and_scores_as_the_reranker(r
     docs = [d.content for d in CORPUS][:5]
 
     async def all_at_once():
-        return await asyncio.gather(*(server.rerank(q, docs) for q in QUERIES))
+        return await asyncio.gather(*(server.rerank(RerankRequest(q, docs)) for q in QUERIES))
 
     outcomes = asyncio.run(all_at_once())
-    direct = Reranker.from_config(reranker_cfg)
+    direct = Reranker.from_config(reranker_cfg.default_model())
     for q, out in zip(QUERIES, outcomes):
         assert out.scores == pytest.approx([float(x) for x in direct.rerank(q, docs)], abs=1e-5)
     sizes = [n for _, n in server.coalescer.calls]
@@ -56,7 +57,7 @@ def test_reranker_server_reconfigures_faults_and_checks_its_model(reranker_cfg):
     server.reconfigure({"max_batch_size": 3, "batch_wait_timeout_s": 0.0, "fault": {"mode": "error"}})
     assert server.coalescer.max_items == 3 and server.batching == BatchingConfig(max_batch_size=3, batch_wait_timeout_s=0.0)
     with pytest.raises(InjectedFault):
-        asyncio.run(server.rerank("q", ["d"]))
+        asyncio.run(server.rerank(RerankRequest("q", ["d"])))
     server.reconfigure({})
     asyncio.run(server.check_health())  # never scored yet: the probe pair is scored now
     assert server.reranker.scorer.pairs_scored == 1
