@@ -28,7 +28,6 @@ token fraction, the number of forward passes, and the whole ``CrossEncoderScorer
 
 from __future__ import annotations
 
-import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -103,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ce_plan = [ce_order[s : s + ce_bs] for s in range(0, len(ce_order), ce_bs)]
     identity = __import__("torch").nn.Identity()
 
-    ref = run_batches(model, tok, features, plans["naive-" + args.batch_sizes.split(",")[0]][:2])  # warm-up
+    run_batches(model, tok, features, plans["naive-" + args.batch_sizes.split(",")[0]][:2])  # warm-up
     times: dict[str, list[float]] = {name: [] for name in plans}
     cpu: dict[str, list[float]] = {name: [] for name in [*plans, "scorer.score", "CrossEncoder.predict"]}
     times["scorer.score"] = []

@@ -210,7 +210,7 @@ def targets_markdown(targets: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for t in targets:
         op = ">=" if t["higher_is_better"] else "<="
-        val = "not measured" if t["value"] is None else f"{t['value']:.3g} {t['unit']}"
+        val = "not measured" if t["met"] is None else f"{t['value']:.3g} {t['unit']}"
         verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         rows.append((t["name"], f"{op} {t['target']:g} {t['unit']}", val, verdict))
     return md_table(["target", "goal", "measured", "verdict"], rows)
@@ -372,6 +372,49 @@ def speed_model_dir(path: str | os.PathLike[str] | None = None, seed: int = 0) -
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+#: (name, reranker settings) of every runtime and precision serve_app offers (reranker.backend,
+#: dtype, quantize), the rows of cpu_runtimes and the --runtime choices of rerank_peers.
+RERANKER_RUNTIMES: dict[str, dict[str, Any]] = {
+    "torch-float32": {"backend": "torch", "dtype": "float32"},
+    "torch-bfloat16": {"backend": "torch", "dtype": "bfloat16"},
+    "onnx-float32": {"backend": "onnx", "dtype": "float32"},
+    "onnx-int8": {"backend": "onnx", "dtype": "float32", "quantize": "int8"},
+    "openvino-float32": {"backend": "openvino", "dtype": "float32"},
+    "openvino-bfloat16": {"backend": "openvino", "dtype": "bfloat16"},
+}
+
+
+#: Benchmarks measure and report the drift of every runtime: none is refused at load.
+NO_DRIFT_TOLERANCE: dict[str, Any] = {"max_abs_diff": None, "min_kendall_tau": None, "min_top1_agreement": None}
+
+
+#: Qwen3-Reranker-0.6B's published architecture (its config.json): a random-weight model of this
+#: shape costs what the real reranker costs per token.
+QWEN3_RERANKER_0_6B = dict(
+    hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+    vocab_size=151669, max_position_embeddings=40960, rope_theta=1_000_000.0, tie_word_embeddings=True,
+)
+
+
+def decoder_model_dir(path: str | os.PathLike[str] | None = None, shape: str = "qwen3-reranker-0.6b", seed: int = 0) -> Path:
+    """A decoder reranker (``kind: causal_lm``) of Qwen3-Reranker-0.6B's shape with random weights
+    (bfloat16 on disk) and the small test tokenizer, built once and cached (default
+    ``$BENCH_CACHE/qwen3-reranker-0.6b-shape``); ``shape="tiny"`` builds the 2-layer test model."""
+    out = Path(path) if path else DEFAULT_CACHE / f"{shape}-shape"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    import torch
+
+    from serve_app.testing import build_tiny_decoder_reranker
+
+    if shape == "tiny":
+        return build_tiny_decoder_reranker(out, seed=seed)
+    if shape != "qwen3-reranker-0.6b":
+        raise SystemExit(f"unknown decoder shape {shape!r}: qwen3-reranker-0.6b or tiny")
+    cfg = dict(QWEN3_RERANKER_0_6B)
+    return build_tiny_decoder_reranker(out, seed=seed, hidden_size=cfg.pop("hidden_size"), num_hidden_layers=cfg.pop("num_hidden_layers"), max_position_embeddings=cfg.pop("max_position_embeddings"), dtype=torch.bfloat16, initializer_range=0.02, **cfg)
 
 
 def set_threads(n: int | None) -> None:

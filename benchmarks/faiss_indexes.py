@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         real_x = real_idx.reconstruct_n(0, real_idx.ntotal)
         calibration[f"real SciFact MiniLM embeddings ({len(real_x)})"] = neighbour_stats(real_x, seed=args.seed)
         calibration[f"synthetic, same count ({len(real_x)})"] = neighbour_stats(base[: len(real_x)], seed=args.seed)
-    calibration[f"synthetic, 20,000"] = neighbour_stats(base[:20000], seed=args.seed)
+    calibration["synthetic, 20,000"] = neighbour_stats(base[:20000], seed=args.seed)
 
     results: dict[str, Any] = {"base_vectors": int(len(base)), "dim": args.dim, "queries": args.queries, "faiss_threads": faiss.omp_get_max_threads(), "data": "synthetic clustered" + (" + real embeddings" if real is not None else ""), "neighbour_stats": calibration, "indexes": {}}
     built: dict[str, Any] = {}

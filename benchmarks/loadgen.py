@@ -143,14 +143,17 @@ def closed_loop(
     return asyncio.run(_closed_loop(url, bodies, concurrency, max_seconds, timeout_s, units, extract, headers))
 
 
-def wait_ready(url: str, timeout_s: float = 300.0, *, ok: Callable[[Any], bool] = lambda r: r.status_code == 200, poll_s: float = 1.0) -> float:
-    """Poll GET ``url`` until ``ok(response)``; return the seconds waited (TimeoutError past ``timeout_s``)."""
+def wait_ready(url: str, timeout_s: float = 300.0, *, ok: Callable[[Any], bool] = lambda r: r.status_code == 200, poll_s: float = 1.0, alive: Callable[[], bool] = lambda: True) -> float:
+    """Poll GET ``url`` until ``ok(response)``; return the seconds waited (TimeoutError past
+    ``timeout_s``, or as soon as ``alive()`` says the server process has exited)."""
     import httpx
 
     check_loopback(url)
     t0 = time.perf_counter()
     last = ""
     while time.perf_counter() - t0 < timeout_s:
+        if not alive():
+            raise TimeoutError(f"{url}: the server exited before it was ready (last: {last})")
         try:
             r = httpx.get(url, timeout=10)
             if ok(r):

@@ -4,7 +4,8 @@ Command::
 
     python -m benchmarks.rerank_peers                          # BM25 top-10 per request, N = 1, 4, 16, 64 (~9 min on 2 cores)
     python -m benchmarks.rerank_peers --throughput-optimized --via direct   # Serve's high-throughput mode, no proxy
-    python -m benchmarks.rerank_peers --dtype bfloat16          # every system in bfloat16
+    python -m benchmarks.rerank_peers --runtime torch-bfloat16  # every system in bfloat16
+    python -m benchmarks.rerank_peers --runtime onnx-int8       # every system on ONNX Runtime, int8 weights
     python -m benchmarks.rerank_peers --concurrency 16,64 --min-requests 16 --profile   # py-spy of the replica
     python -m benchmarks.rerank_peers --docs 100 --concurrency 1,4,16 --min-requests 16   # full-size requests
 
@@ -21,6 +22,13 @@ top-``--docs`` documents, so lengths vary naturally), same max_length (512), sam
 * ``serve_app /rerank``: our Ray Serve application (one CrossEncoderReranker replica with all the
   machine's cores, ``@serve.batch`` cross-request batching), driven by N concurrent clients.
 
+``--runtime`` runs every system on the same runtime and precision, each with its own best tool
+for it available here (:data:`PEER_SETTINGS`): torch float32 / bfloat16 for all three; ONNX
+Runtime float32 / int8 for serve_app (``backend: onnx``, ``quantize``) and infinity (its
+``optimum`` engine on an ONNX export made with optimum in infinity's venv, quantised with
+optimum's ``ORTQuantizer`` for int8); OpenVINO for serve_app only. A peer without a way to
+run a setting here is left out of that run, with the reason in the summary.
+
 Each client sends one request (a query and its documents) at a time (closed loop); a level
 sends ``max(N, --min-requests)`` requests, bounded by ``--max-seconds``. pairs/s is documents
 scored per second over the level's span; latency is per request. Each repeat runs every system
@@ -34,18 +42,56 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, md_table, summarize, target_line
+from benchmarks.common import DEFAULT_CACHE, NO_DRIFT_TOLERANCE, RERANKER_RUNTIMES, BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, md_table, summarize, target_line
 from benchmarks.loadgen import closed_loop, wait_ready
 from benchmarks.serving import add_serve_mode_args, cpu_seconds, find_replica_pid, free_port, handle_call, proc_stat, serve_mode, serve_pids, serve_stack
 
 SERVED_NAME = "minilm-ce"
+
+#: What each peer runs for a --runtime (None: not available on this machine, with why).
+PEER_SETTINGS: dict[str, dict[str, Any]] = {
+    "torch-float32": {"ce": {"dtype": "float32"}, "infinity": {"engine": "torch", "dtype": "float32"}},
+    "torch-bfloat16": {"ce": {"dtype": "bfloat16"}, "infinity": {"engine": "torch", "dtype": "bfloat16"}},
+    "onnx-float32": {"ce": None, "infinity": {"engine": "optimum", "quantize": False}},
+    "onnx-int8": {"ce": None, "infinity": {"engine": "optimum", "quantize": True}},
+    "openvino-float32": {"ce": None, "infinity": None},
+    "openvino-bfloat16": {"ce": None, "infinity": None},
+}
+WHY_NOT = {
+    "ce": "CrossEncoder.predict's ONNX and OpenVINO backends need optimum-onnx (transformers < 4.58) or optimum-intel (it replaces torch 2.13+cpu by a CUDA torch 2.14), neither installable beside this project's transformers 5",
+    "infinity": "infinity 0.0.78 has no OpenVINO engine (its engines: torch, optimum = ONNX Runtime, ctranslate2 = embeddings only, neuron)",
+}
+#: Exports infinity's optimum engine runs: optimum's own exporter and quantiser, in infinity's venv.
+INFINITY_EXPORT = """
+import sys
+from pathlib import Path
+from optimum.onnxruntime import ORTModelForSequenceClassification, ORTQuantizer
+from optimum.onnxruntime.configuration import AutoQuantizationConfig
+from transformers import AutoTokenizer
+src, out, quantize = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "1"
+ORTModelForSequenceClassification.from_pretrained(src, export=True).save_pretrained(out)
+AutoTokenizer.from_pretrained(src).save_pretrained(out)
+if quantize:
+    ORTQuantizer.from_pretrained(out).quantize(save_dir=out, quantization_config=AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False))
+    (out / "model.onnx").unlink()  # infinity then runs the quantised file
+"""
+
+
+def infinity_onnx_model(venv: Path, model_dir: Path, quantize: bool, cache: Path) -> Path:
+    """An ONNX export of ``model_dir`` for infinity's optimum engine (made once, cached)."""
+    out = cache / f"{model_dir.name}-infinity-onnx{'-int8' if quantize else ''}"
+    if any(out.glob("*.onnx")):
+        return out
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    subprocess.run([str(venv / "bin" / "python"), "-c", INFINITY_EXPORT, str(model_dir), str(out), "1" if quantize else "0"], check=True, env=env)
+    return out
 
 
 # --------------------------------------------------------------------------- infinity
@@ -54,11 +100,11 @@ SERVED_NAME = "minilm-ce"
 class InfinityServer:
     """infinity_emb v2 in its own virtualenv, on 127.0.0.1; records why it failed when it does."""
 
-    def __init__(self, venv: Path, model_dir: Path, port: int, log_path: Path, batch_size: int | None, dtype: str = "float32") -> None:
-        self.cmd = [str(venv / "bin" / "infinity_emb"), "v2", "--model-id", str(model_dir), "--served-model-name", SERVED_NAME, "--engine", "torch", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--no-model-warmup"]
+    def __init__(self, venv: Path, model_dir: Path, port: int, log_path: Path, batch_size: int | None, dtype: str = "float32", engine: str = "torch") -> None:
+        self.cmd = [str(venv / "bin" / "infinity_emb"), "v2", "--model-id", str(model_dir), "--served-model-name", SERVED_NAME, "--engine", engine, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--no-model-warmup"]
         if batch_size:
             self.cmd += ["--batch-size", str(batch_size)]
-        if dtype != "float32":  # float32 is what infinity's default (auto) gives on a CPU
+        if engine == "torch" and dtype != "float32":  # float32 is what infinity's default (auto) gives on a CPU
             self.cmd += ["--dtype", dtype]
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
@@ -76,7 +122,7 @@ class InfinityServer:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            wait_ready(self.url + "/models", timeout_s=timeout_s)
+            wait_ready(self.url + "/models", timeout_s=timeout_s, alive=lambda: self.proc is not None and self.proc.poll() is None)
         except TimeoutError as exc:
             tail = self.log_path.read_text(errors="replace")[-2000:]
             self.error = f"{exc}; exit code {self.proc.poll()}; log tail:\n{tail}"
@@ -106,10 +152,10 @@ def pyspy_record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
 
 
 PROFILE_BUCKETS: list[tuple[str, Callable[[str], bool]]] = [
-    ("model forward (torch)", lambda s: "CrossEncoderScorer._forward" in s and "Module._call_impl" in s),
-    ("pad batches", lambda s: "CrossEncoderScorer._forward" in s and ".pad (" in s),
-    ("tokenize pairs", lambda s: "PairTokenizer.features" in s or "Reranker.windows" in s or "query_overhead" in s),
-    ("other scorer / reranker work", lambda s: "CrossEncoderScorer.score" in s or "Reranker.rerank_many" in s),
+    ("model forward (torch / ONNX Runtime / OpenVINO)", lambda s: "Runtime.__call__" in s and "PairScorer._forward" in s),
+    ("pad batches", lambda s: "PairScorer._forward" in s and ".pad (" in s),
+    ("tokenize pairs", lambda s: "Tokenizer.features" in s or "Reranker.windows" in s or "query_overhead" in s),
+    ("other scorer / reranker work", lambda s: "PairScorer.score" in s or "Reranker.rerank_many" in s),
     ("Ray worker main loop (waiting in C)", lambda s: s.split(";")[-1].startswith("Worker.main_loop")),
     ("Serve request handling, asyncio, metrics", lambda s: "ray/serve" in s or "asyncio" in s),
 ]
@@ -155,14 +201,15 @@ def in_process_ce(model_dir: Path, max_length: int, batch_size: int, dtype: str 
     return lambda pairs: np.asarray(ce.predict(pairs, batch_size=batch_size, show_progress_bar=False), dtype=np.float32)
 
 
-def in_process_ours(model_dir: Path, max_length: int, dtype: str = "float32") -> Callable[[list[tuple[str, list[str]]]], list[np.ndarray]]:
+def in_process_ours(model_dir: Path, max_length: int, runtime: dict[str, Any], runtime_dir: Path) -> tuple[Callable[[list[tuple[str, list[str]]]], list[np.ndarray]], dict[str, Any]]:
+    """Our Reranker on ``runtime`` (reranker settings), and what load_scorer reports of it."""
     from serve_app.config import CrossEncoderConfig
-    from serve_app.rerank import CrossEncoderScorer, Reranker
+    from serve_app.rerank import Reranker
     from serve_app.rerank.reranker import RerankRequest
 
-    cfg = CrossEncoderConfig(model=str(model_dir), max_length=max_length, device="cpu", activation="sigmoid", dtype=dtype)
-    rr = Reranker(CrossEncoderScorer(cfg), cfg)
-    return lambda reqs: rr.rerank_many([RerankRequest(q, d) for q, d in reqs])
+    cfg = CrossEncoderConfig(model=str(model_dir), max_length=max_length, device="cpu", activation="sigmoid", runtime_dir=str(runtime_dir), drift_tolerance=NO_DRIFT_TOLERANCE, **runtime)
+    rr = Reranker.from_config(cfg)
+    return (lambda reqs: rr.rerank_many([RerankRequest(q, d) for q, d in reqs])), rr.scorer.describe()
 
 
 def ensure_bm25_demo_index(path: Path) -> Path:
@@ -232,11 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 2), help="num_cpus (and torch threads) of our reranker replica")
     p.add_argument("--ray-worker-niceness", type=int, default=0, help="nice value of Ray's worker processes (Ray's own default is 15; -1 keeps it)")
     p.add_argument("--profile", action="store_true", help="py-spy the reranker replica at the highest concurrency")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of every system (bfloat16: fast on CPUs with AVX512-BF16 or AMX; see cpu_runtimes)")
+    p.add_argument("--runtime", choices=list(RERANKER_RUNTIMES), default="torch-float32", help="runtime and precision of every system (see PEER_SETTINGS; bfloat16 is fast on CPUs with AVX512-BF16 or AMX, see cpu_runtimes)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="same as --runtime torch-DTYPE (kept for earlier commands)")
     add_serve_mode_args(p)
     p.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for a server to start")
     p.set_defaults(repeats=2)
     args = p.parse_args(argv)
+    if args.dtype:
+        args.runtime = f"torch-{args.dtype}"
+    runtime, peers = RERANKER_RUNTIMES[args.runtime], PEER_SETTINGS[args.runtime]
     mode = serve_mode(p, args)
     run = BenchRun("rerank_peers", args, args.out)
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -250,15 +301,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     inproc_pairs = [(q, d) for q, docs in inproc for d in docs]
     print(f"{len(requests)} requests x {args.docs} docs = {len(all_pairs)} pairs ({len(inproc_pairs)} in process); model {model_dir}")
 
-    results: dict[str, Any] = {"model": str(model_dir), "docs_per_request": args.docs, "pairs": len(all_pairs), "levels": levels, "systems": {}}
-    ce = in_process_ce(model_dir, args.max_length, args.ce_batch_size, args.dtype)
-    ours_local = in_process_ours(model_dir, args.max_length, args.dtype)
-    ce(all_pairs[:8])
+    results: dict[str, Any] = {"model": str(model_dir), "runtime": args.runtime, "docs_per_request": args.docs, "pairs": len(all_pairs), "levels": levels, "systems": {}, "not_run": {}}
+    runtime_dir = DEFAULT_CACHE / "bench" / f"{model_dir.name}-runtime"
+    ce = in_process_ce(model_dir, args.max_length, args.ce_batch_size, peers["ce"]["dtype"]) if peers["ce"] else None
+    if ce is None:
+        results["not_run"]["CrossEncoder.predict"] = WHY_NOT["ce"]
+    reference = ce or in_process_ce(model_dir, args.max_length, args.ce_batch_size, "float32")  # scores to agree with
+    ours_local, ours_runtime = in_process_ours(model_dir, args.max_length, runtime, runtime_dir)
+    results["serve_app_runtime"] = ours_runtime
+    reference(all_pairs[:8])
     ours_local(requests[:1])
 
     infinity: InfinityServer | None = None
-    if not args.skip_infinity:
-        infinity = InfinityServer(Path(args.infinity_venv), model_dir, free_port(), run.raw / "infinity.log", args.infinity_batch_size, args.dtype)
+    if not args.skip_infinity and peers["infinity"] is None:
+        results["not_run"]["infinity"] = WHY_NOT["infinity"]
+    elif not args.skip_infinity:
+        inf = peers["infinity"]
+        inf_model = model_dir if inf["engine"] == "torch" else infinity_onnx_model(Path(args.infinity_venv), model_dir, inf["quantize"], DEFAULT_CACHE / "bench")
+        infinity = InfinityServer(Path(args.infinity_venv), inf_model, free_port(), run.raw / "infinity.log", args.infinity_batch_size, inf.get("dtype", "float32"), inf["engine"])
         print("starting infinity:", " ".join(infinity.cmd))
         if not infinity.start(args.start_timeout):
             print("infinity failed:", infinity.error)
@@ -271,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "index_dir": str(DEFAULT_CACHE / "bench" / "demo-bm25-index"),
         "build_index_if_missing": False,
         "retrievers": ["bm25"],
-        "reranker": {"model": str(model_dir), "max_length": args.max_length, "device": "cpu", "activation": "sigmoid", "dtype": args.dtype},
+        "reranker": {"model": str(model_dir), "max_length": args.max_length, "device": "cpu", "activation": "sigmoid", "runtime_dir": str(runtime_dir), "drift_tolerance": NO_DRIFT_TOLERANCE, **runtime},
         "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
         "timeouts": {"rerank_timeout_s": 600, "request_timeout_s": 600},
         "limits": {"max_document_chars": 1_000_000},
@@ -310,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ours = np.zeros(len(docs))
                 for item in r["results"]:
                     ours[item["index"]] = item["relevance_score"]
-                agreement["serve_vs_crossencoder_max_abs_diff"] = float(np.max(np.abs(ours - ce([(q, d) for d in docs]))))
+                agreement["serve_vs_crossencoder_float32_max_abs_diff" if ce is None else "serve_vs_crossencoder_max_abs_diff"] = float(np.max(np.abs(ours - reference([(q, d) for d in docs]))))
             if infinity is not None:
                 import httpx
 
@@ -319,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 theirs = np.zeros(len(docs))
                 for item in r["results"]:
                     theirs[item["index"]] = item["relevance_score"]
-                agreement["infinity_vs_crossencoder_max_abs_diff"] = float(np.max(np.abs(theirs - ce([(q, d) for d in docs]))))
+                agreement["infinity_vs_crossencoder_float32_max_abs_diff" if ce is None else "infinity_vs_crossencoder_max_abs_diff"] = float(np.max(np.abs(theirs - reference([(q, d) for d in docs]))))
             print("score agreement:", agreement)
 
             for rep in range(args.repeats):
@@ -328,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     order.reverse()
                 print(f"repeat {rep + 1}/{args.repeats}: {order}")
                 for system in order:
-                    if system == "ce":
+                    if system == "ce" and ce is not None:
                         c0 = time.process_time()
                         t = time.perf_counter()
                         ce(inproc_pairs)
@@ -380,7 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return out
 
     systems = results["systems"]
-    systems["CrossEncoder.predict (in process)"] = {"all": agg(series["ce"]["all"])}
+    if series["ce"]["all"]:
+        systems["CrossEncoder.predict (in process)"] = {"all": agg(series["ce"]["all"])}
     systems["serve_app Reranker (in process)"] = {"all": agg(series["local"]["all"])}
     if infinity is not None or series["infinity"][str(levels[0])]:
         systems["infinity /rerank"] = {str(n): agg(v) for n, v in series["infinity"].items() if v}
@@ -390,19 +451,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if profile:
         results["profile_reranker_replica"] = profile
 
-    ce_rate = systems["CrossEncoder.predict (in process)"]["all"]["pairs_per_s"]["median"]
+    ce_row = systems.get("CrossEncoder.predict (in process)")
+    ce_rate = ce_row["all"]["pairs_per_s"]["median"] if ce_row else float("nan")
     targets = []
     for n in levels:
         ours = systems.get("serve_app /rerank", {}).get(str(n))
         inf = systems.get("infinity /rerank", {}).get(str(n))
         if ours:
-            ours["vs_crossencoder"] = ours["pairs_per_s"]["median"] / ce_rate
+            if ce_row:
+                ours["vs_crossencoder"] = ours["pairs_per_s"]["median"] / ce_rate
             if inf:
                 ours["vs_infinity"] = ours["pairs_per_s"]["median"] / inf["pairs_per_s"]["median"]
         if n >= 16:
-            targets.append(target_line(f"serve_app /rerank vs CrossEncoder.predict pairs/s, N={n}", ours["vs_crossencoder"] if ours else None, 1.0))
+            targets.append(target_line(f"serve_app /rerank vs CrossEncoder.predict pairs/s, N={n}", ours.get("vs_crossencoder") if ours else None, 1.0))
             targets.append(target_line(f"serve_app /rerank vs infinity pairs/s, N={n}", ours.get("vs_infinity") if ours else None, 1.2))
-            ce_cpu = systems["CrossEncoder.predict (in process)"]["all"].get("units_per_cpu_s", {}).get("median")
+            ce_cpu = ce_row["all"].get("units_per_cpu_s", {}).get("median") if ce_row else None
             if ours and "units_per_cpu_s" in ours and ce_cpu:
                 ours["cpu_efficiency_vs_crossencoder"] = ours["units_per_cpu_s"]["median"] / ce_cpu
                 if inf and "units_per_cpu_s" in inf:
@@ -412,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, by_level in systems.items():
         for lvl, r in by_level.items():
             rows.append((
-                name, "-" if lvl == "all" else lvl, fmt_spread(r["pairs_per_s"]), f"{r['pairs_per_s']['median'] / ce_rate:.2f}x",
+                name, "-" if lvl == "all" else lvl, fmt_spread(r["pairs_per_s"]), f"{r['pairs_per_s']['median'] / ce_rate:.2f}x" if ce_row else "-",
                 fmt_spread(r["p50_ms"], 0) if "p50_ms" in r else "-", fmt_spread(r["p99_ms"], 0) if "p99_ms" in r else "-",
                 f"{r['server_cores_used']['median']:.2f} (nice {r.get('server_nice')})" if "server_cores_used" in r else "-",
                 fmt_spread(r["units_per_cpu_s"], 2) if "units_per_cpu_s" in r else "-",
@@ -450,7 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["serve_mode"] = mode
     md = run.header_markdown("Cross-encoder serving throughput vs peers")
     md += (
-        f"Model: MiniLM-L6 sequence classifier ({model_dir}), max_length {args.max_length}, CPU, {args.dtype} in every system. Workload: {len(requests)} SciFact test queries, "
+        f"Model: MiniLM-L6 sequence classifier ({model_dir}), max_length {args.max_length}, CPU, runtime {args.runtime} in every system that offers it "
+        f"(serve_app: {ours_runtime['backend']} {ours_runtime['dtype']}{' int8' if ours_runtime['quantize'] == 'int8' else ''}; infinity: {' '.join(infinity.cmd[infinity.cmd.index('--engine'):infinity.cmd.index('--engine') + 2]) if infinity else 'not run'}). Workload: {len(requests)} SciFact test queries, "
         f"each with its BM25 top-{args.docs} documents ({len(all_pairs)} pairs); a level with N clients sends max(N, {args.min_requests}) requests; "
         f"the in-process rows score the first {len(inproc)} requests ({len(inproc_pairs)} pairs; ours {args.max_batch_size} requests per rerank_many call). "
         f"serve_app: one CrossEncoderReranker replica (num_cpus {args.replica_cpus}, {threads} torch threads), @serve.batch max_batch_size {args.max_batch_size}, "
@@ -471,6 +535,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         md += md_table(["N", "CrossEncoder.predict", "infinity"], cpu_rows)
     if agreement:
         md += "\nScore agreement with CrossEncoder.predict (sigmoid scores, first request): " + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()) + "\n"
+    if ours_runtime.get("drift"):
+        d = ours_runtime["drift"]
+        md += f"\nserve_app's load-time drift check ({d['runtime']} vs torch float32 on its {d['pairs']}-pair probe): max |diff| {d['max_abs_diff']:.2e}, Kendall tau {d['kendall_tau']:.3f}, top-1 agreement {d['top1_agreement']:.2f}.\n"
+    for peer, why in results["not_run"].items():
+        md += f"\n**{peer} not run at {args.runtime}**: {why}.\n"
     if "infinity_error" in results:
         md += f"\n**infinity could not be run**: `{results['infinity_error']['command']}`\n\n```\n{results['infinity_error']['error']}\n```\n"
     if profile:

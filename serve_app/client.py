@@ -7,7 +7,8 @@
 ...     ranked = c.rerank_v2("capital of France", ["Paris is...", "Berlin is..."], model="small")["results"]  # Cohere v2
 ...     ranks = c.rerank_tei("capital of France", ["Paris is...", "Berlin is..."])          # TEI: a list
 
-``model`` (``reranker`` for :meth:`search`) picks one of the service's configured rerankers.
+``model`` (``reranker`` for :meth:`search`) picks one of the service's configured rerankers;
+``instruction`` sets a decoder reranker's prompt instruction for the request.
 
 Errors come back as :class:`ServeAppError` carrying the service's envelope
 (``{"error": {"type", "message"}}``) and the HTTP status. ``retries`` (default 0) retries
@@ -65,20 +66,20 @@ def _body(required: dict[str, Any], **optional: Any) -> dict[str, Any]:
     return body
 
 
-def _search_body(query: str, top_k: Optional[int], rerank_top_m: Optional[int], top_n: Optional[int], retrievers: Optional[Sequence[str]], return_documents: bool, reranker: Optional[str] = None) -> dict[str, Any]:
-    return _body({"query": query, "return_documents": return_documents}, top_k=top_k, rerank_top_m=rerank_top_m, top_n=top_n, retrievers=retrievers, reranker=reranker)
+def _search_body(query: str, top_k: Optional[int], rerank_top_m: Optional[int], top_n: Optional[int], retrievers: Optional[Sequence[str]], return_documents: bool, reranker: Optional[str] = None, instruction: Optional[str] = None) -> dict[str, Any]:
+    return _body({"query": query, "return_documents": return_documents}, top_k=top_k, rerank_top_m=rerank_top_m, top_n=top_n, retrievers=retrievers, reranker=reranker, instruction=instruction)
 
 
-def _rerank_body(query: str, documents: Sequence[DocumentIn], top_n: Optional[int], return_documents: bool, model: Optional[str], max_tokens_per_doc: Optional[int], rank_fields: Optional[Sequence[str]] = None, max_chunks_per_doc: Optional[int] = None) -> dict[str, Any]:
-    return _body({"query": query, "documents": list(documents), "return_documents": return_documents}, top_n=top_n, model=model, max_tokens_per_doc=max_tokens_per_doc, rank_fields=rank_fields, max_chunks_per_doc=max_chunks_per_doc)
+def _rerank_body(query: str, documents: Sequence[DocumentIn], top_n: Optional[int], return_documents: bool, model: Optional[str], max_tokens_per_doc: Optional[int], rank_fields: Optional[Sequence[str]] = None, max_chunks_per_doc: Optional[int] = None, instruction: Optional[str] = None) -> dict[str, Any]:
+    return _body({"query": query, "documents": list(documents), "return_documents": return_documents}, top_n=top_n, model=model, max_tokens_per_doc=max_tokens_per_doc, rank_fields=rank_fields, max_chunks_per_doc=max_chunks_per_doc, instruction=instruction)
 
 
-def _rerank_v2_body(query: str, documents: Sequence[DocumentIn], model: Optional[str], top_n: Optional[int], max_tokens_per_doc: Optional[int], return_documents: bool) -> dict[str, Any]:
-    return _body({"query": query, "documents": list(documents)}, model=model, top_n=top_n, max_tokens_per_doc=max_tokens_per_doc, return_documents=return_documents or None)
+def _rerank_v2_body(query: str, documents: Sequence[DocumentIn], model: Optional[str], top_n: Optional[int], max_tokens_per_doc: Optional[int], return_documents: bool, instruction: Optional[str] = None) -> dict[str, Any]:
+    return _body({"query": query, "documents": list(documents)}, model=model, top_n=top_n, max_tokens_per_doc=max_tokens_per_doc, return_documents=return_documents or None, instruction=instruction)
 
 
-def _tei_body(query: str, texts: Sequence[str], raw_scores: bool, return_text: bool, truncate: bool, truncation_direction: str, model: Optional[str]) -> dict[str, Any]:
-    return _body({"query": query, "texts": list(texts), "raw_scores": raw_scores, "return_text": return_text, "truncate": truncate, "truncation_direction": truncation_direction}, model=model)
+def _tei_body(query: str, texts: Sequence[str], raw_scores: bool, return_text: bool, truncate: bool, truncation_direction: str, model: Optional[str], instruction: Optional[str] = None) -> dict[str, Any]:
+    return _body({"query": query, "texts": list(texts), "raw_scores": raw_scores, "return_text": return_text, "truncate": truncate, "truncation_direction": truncation_direction}, model=model, instruction=instruction)
 
 
 def _delay(attempt: int, response: Optional[httpx.Response], backoff_s: float) -> float:
@@ -132,26 +133,26 @@ class ServeAppClient(_Base):
             return self._check(response)
         raise AssertionError("unreachable")
 
-    def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False, reranker: Optional[str] = None) -> dict[str, Any]:
-        """``POST /search``; ``reranker`` names one of the configured rerankers."""
-        return self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents, reranker))
+    def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False, reranker: Optional[str] = None, instruction: Optional[str] = None) -> dict[str, Any]:
+        """``POST /search``; ``reranker`` names one of the configured rerankers; ``instruction``: a decoder reranker's prompt instruction."""
+        return self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents, reranker, instruction))
 
     def rerank(
         self, query: str, documents: Sequence[DocumentIn], *, top_n: Optional[int] = None, return_documents: bool = False, model: Optional[str] = None,
-        max_tokens_per_doc: Optional[int] = None, rank_fields: Optional[Sequence[str]] = None, max_chunks_per_doc: Optional[int] = None,
+        max_tokens_per_doc: Optional[int] = None, rank_fields: Optional[Sequence[str]] = None, max_chunks_per_doc: Optional[int] = None, instruction: Optional[str] = None,
     ) -> dict[str, Any]:
         """``POST /v1/rerank``: Cohere v1's request and answer (Jina's ``model`` and ``usage`` included)."""
-        return self._request("POST", "/v1/rerank", _rerank_body(query, documents, top_n, return_documents, model, max_tokens_per_doc, rank_fields, max_chunks_per_doc))
+        return self._request("POST", "/v1/rerank", _rerank_body(query, documents, top_n, return_documents, model, max_tokens_per_doc, rank_fields, max_chunks_per_doc, instruction))
 
-    def rerank_v2(self, query: str, documents: Sequence[DocumentIn], *, model: Optional[str] = None, top_n: Optional[int] = None, max_tokens_per_doc: Optional[int] = None, return_documents: bool = False) -> dict[str, Any]:
+    def rerank_v2(self, query: str, documents: Sequence[DocumentIn], *, model: Optional[str] = None, top_n: Optional[int] = None, max_tokens_per_doc: Optional[int] = None, return_documents: bool = False, instruction: Optional[str] = None) -> dict[str, Any]:
         """``POST /v2/rerank``: Cohere v2's request and answer."""
-        return self._request("POST", "/v2/rerank", _rerank_v2_body(query, documents, model, top_n, max_tokens_per_doc, return_documents))
+        return self._request("POST", "/v2/rerank", _rerank_v2_body(query, documents, model, top_n, max_tokens_per_doc, return_documents, instruction))
 
     def rerank_tei(
-        self, query: str, texts: Sequence[str], *, raw_scores: bool = False, return_text: bool = False, truncate: bool = False, truncation_direction: str = "Right", model: Optional[str] = None,
+        self, query: str, texts: Sequence[str], *, raw_scores: bool = False, return_text: bool = False, truncate: bool = False, truncation_direction: str = "Right", model: Optional[str] = None, instruction: Optional[str] = None,
     ) -> list[dict[str, Any]]:
         """``POST /rerank`` with ``texts``: Text Embeddings Inference's request, its answer a list ``[{index, score, text?}]``."""
-        return self._request("POST", "/rerank", _tei_body(query, texts, raw_scores, return_text, truncate, truncation_direction, model))
+        return self._request("POST", "/rerank", _tei_body(query, texts, raw_scores, return_text, truncate, truncation_direction, model, instruction))
 
     def health(self) -> dict[str, Any]:
         """``GET /healthz``; raises :class:`ServeAppError` (``not_ready``) while a stage is not ready."""
@@ -194,26 +195,26 @@ class AsyncServeAppClient(_Base):
             return self._check(response)
         raise AssertionError("unreachable")
 
-    async def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False, reranker: Optional[str] = None) -> dict[str, Any]:
-        """``POST /search``; ``reranker`` names one of the configured rerankers."""
-        return await self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents, reranker))
+    async def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False, reranker: Optional[str] = None, instruction: Optional[str] = None) -> dict[str, Any]:
+        """``POST /search``; ``reranker`` names one of the configured rerankers; ``instruction``: a decoder reranker's prompt instruction."""
+        return await self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents, reranker, instruction))
 
     async def rerank(
         self, query: str, documents: Sequence[DocumentIn], *, top_n: Optional[int] = None, return_documents: bool = False, model: Optional[str] = None,
-        max_tokens_per_doc: Optional[int] = None, rank_fields: Optional[Sequence[str]] = None, max_chunks_per_doc: Optional[int] = None,
+        max_tokens_per_doc: Optional[int] = None, rank_fields: Optional[Sequence[str]] = None, max_chunks_per_doc: Optional[int] = None, instruction: Optional[str] = None,
     ) -> dict[str, Any]:
         """``POST /v1/rerank``: Cohere v1's request and answer (Jina's ``model`` and ``usage`` included)."""
-        return await self._request("POST", "/v1/rerank", _rerank_body(query, documents, top_n, return_documents, model, max_tokens_per_doc, rank_fields, max_chunks_per_doc))
+        return await self._request("POST", "/v1/rerank", _rerank_body(query, documents, top_n, return_documents, model, max_tokens_per_doc, rank_fields, max_chunks_per_doc, instruction))
 
-    async def rerank_v2(self, query: str, documents: Sequence[DocumentIn], *, model: Optional[str] = None, top_n: Optional[int] = None, max_tokens_per_doc: Optional[int] = None, return_documents: bool = False) -> dict[str, Any]:
+    async def rerank_v2(self, query: str, documents: Sequence[DocumentIn], *, model: Optional[str] = None, top_n: Optional[int] = None, max_tokens_per_doc: Optional[int] = None, return_documents: bool = False, instruction: Optional[str] = None) -> dict[str, Any]:
         """``POST /v2/rerank``: Cohere v2's request and answer."""
-        return await self._request("POST", "/v2/rerank", _rerank_v2_body(query, documents, model, top_n, max_tokens_per_doc, return_documents))
+        return await self._request("POST", "/v2/rerank", _rerank_v2_body(query, documents, model, top_n, max_tokens_per_doc, return_documents, instruction))
 
     async def rerank_tei(
-        self, query: str, texts: Sequence[str], *, raw_scores: bool = False, return_text: bool = False, truncate: bool = False, truncation_direction: str = "Right", model: Optional[str] = None,
+        self, query: str, texts: Sequence[str], *, raw_scores: bool = False, return_text: bool = False, truncate: bool = False, truncation_direction: str = "Right", model: Optional[str] = None, instruction: Optional[str] = None,
     ) -> list[dict[str, Any]]:
         """``POST /rerank`` with ``texts``: Text Embeddings Inference's request, its answer a list ``[{index, score, text?}]``."""
-        return await self._request("POST", "/rerank", _tei_body(query, texts, raw_scores, return_text, truncate, truncation_direction, model))
+        return await self._request("POST", "/rerank", _tei_body(query, texts, raw_scores, return_text, truncate, truncation_direction, model, instruction))
 
     async def health(self) -> dict[str, Any]:
         """``GET /healthz``."""

@@ -7,7 +7,7 @@ defaults and limits used by the library, the CLI, the Serve application
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -58,16 +58,101 @@ class DenseConfig(_Strict):
     use_gpu_index: bool = Field(True, description="Move the FAISS index to the GPU when the installed FAISS has GPU support.")
 
 
-class CrossEncoderConfig(_Strict):
-    """Cross-encoder reranker: model, batching and long-document handling."""
+QWEN3_RERANKER_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct provided. "
+    'Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+)
+QWEN3_RERANKER_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
-    model: str = Field("cross-encoder/ms-marco-MiniLM-L-6-v2", description="Cross-encoder (sequence classifier with 1 or 2 labels): Hugging Face id or local directory.")
-    max_length: int = Field(512, ge=16, le=8192, description="Tokens per (query, document) pair; the document side is truncated to fit.")
+
+class PromptConfig(_Strict):
+    """The prompt a decoder reranker (``kind: causal_lm``) reads, and the answer tokens it is scored on.
+
+    The prompt is ``prefix + template + suffix`` with ``{instruction}``, ``{query}`` and
+    ``{document}`` filled in; the score is ``logit(yes_token) - logit(no_token)`` at its last
+    position (``logit(yes_token)`` alone when ``no_token`` is null). The defaults are the
+    Qwen3-Reranker format.
+    """
+
+    prefix: str = Field(QWEN3_RERANKER_PREFIX, description="Text before the template (the system turn and the start of the user turn in the Qwen3-Reranker format).")
+    template: str = Field(
+        "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}",
+        description="The user turn: must hold {query} and {document} once each, {instruction} at most once; no other {fields}.",
+    )
+    suffix: str = Field(QWEN3_RERANKER_SUFFIX, description="Text after the template, up to where the model answers (the assistant turn with an empty think block in the Qwen3-Reranker format).")
+    instruction: str = Field(
+        "Given a web search query, retrieve relevant passages that answer the query",
+        description="Instruction used when a request sends none (requests may send their own `instruction`).",
+    )
+    yes_token: str = Field("yes", min_length=1, description="The answer meaning relevant; must be one token of the model's tokenizer.")
+    no_token: Optional[str] = Field("no", description="The answer meaning not relevant (one token), or null to score logit(yes_token) alone (bge-reranker-v2-gemma style).")
+
+    @model_validator(mode="after")
+    def _check_template(self) -> "PromptConfig":
+        import string
+
+        fields = [name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None]
+        unknown = sorted(set(fields) - {"instruction", "query", "document"})
+        if unknown:
+            raise ValueError(f"prompt.template has unknown fields {unknown}: use {{instruction}}, {{query}} and {{document}} (double braces for a literal brace)")
+        for name in ("query", "document"):
+            if fields.count(name) != 1:
+                raise ValueError(f"prompt.template must hold {{{name}}} exactly once (found {fields.count(name)})")
+        if fields.count("instruction") > 1:
+            raise ValueError("prompt.template may hold {instruction} at most once")
+        return self
+
+
+class DriftTolerance(_Strict):
+    """How far a faster runtime (another backend, dtype or quantisation) may move the scores of
+    the drift probe (fixed pairs, see ``serve_app.rerank.drift``) from torch float32 before the
+    reranker refuses it. A null bound is not checked."""
+
+    max_abs_diff: Optional[float] = Field(None, gt=0, description="Largest absolute score difference (in raw score units, which differ between models).")
+    min_kendall_tau: Optional[float] = Field(0.9, ge=-1, le=1, description="Smallest mean Kendall tau between each probe query's document order and the float32 order.")
+    min_top1_agreement: Optional[float] = Field(0.75, ge=0, le=1, description="Smallest share of probe queries whose best document stays the float32 one.")
+
+
+class CrossEncoderConfig(_Strict):
+    """Reranker model: its family, runtime, batching and long-document handling."""
+
+    model: str = Field("cross-encoder/ms-marco-MiniLM-L-6-v2", description="Reranker checkpoint: Hugging Face id or local directory (a transformers checkpoint, or a Sentence-Transformers cross-encoder directory).")
+    kind: Literal["auto", "sequence_classification", "pooling", "causal_lm"] = Field(
+        "auto",
+        description=(
+            "Model family. sequence_classification: [CLS] -> classification head (1 or 2 labels). pooling: Sentence-Transformers' modular "
+            "cross-encoder (Transformer + Pooling + Dense modules). causal_lm: a decoder LLM scored on the next token being prompt.yes_token "
+            "rather than prompt.no_token (Qwen3-Reranker). auto: read from the checkpoint (modules.json, else config.json's architectures)."
+        ),
+    )
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="causal_lm: the prompt template and answer tokens (default: the Qwen3-Reranker format).")
+    padding_side: Literal["right", "left"] = Field("right", description="causal_lm: where a batch pads its shorter prompts; every row is read at its own last token and positions start at each row's first token, so both give the same scores.")
+    max_length: int = Field(512, ge=16, le=8192, description="Tokens per (query, document) pair or prompt; only the document is truncated to fit.")
     max_batch_tokens: int = Field(16384, ge=64, description="Token budget per forward pass (padded length x pairs).")
     max_batch_pairs: int = Field(256, ge=1, le=65536, description="Most pairs in one forward pass, whatever the token budget allows.")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Compute dtype. auto: bfloat16 on CUDA with bf16 support, else float16 on CUDA, float32 on CPU.")
-    activation: Literal["none", "sigmoid"] = Field("none", description="Applied to the relevance logit: none keeps raw logits, sigmoid maps to (0, 1).")
-    device: Optional[str] = Field(None, description="torch device (cpu, cuda, cuda:1); null picks CUDA when available.")
+    backend: Literal["torch", "onnx", "openvino"] = Field(
+        "torch",
+        description="Runtime. torch: the checkpoint as transformers loads it. onnx: ONNX Runtime (CPU) on an export made at first load and cached (runtime_dir). openvino: OpenVINO (CPU) on the same export.",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description=(
+            "Compute dtype. auto: bfloat16 on CUDA with bf16 support, else float16 on CUDA; on a CPU, bfloat16 when the CPU computes it natively "
+            "(AVX512-BF16 or AMX) and the drift check passes, else float32 (docs/RERANKERS.md says why). onnx runs float32; openvino takes float32 or bfloat16."
+        ),
+    )
+    quantize: Literal["none", "int8"] = Field("none", description="onnx only: int8 dynamic quantisation of the weights (ONNX Runtime's quantize_dynamic), checked by the drift check.")
+    runtime_dir: Optional[str] = Field(None, description="onnx/openvino: directory of the exported model (read when it holds an export of this checkpoint, written otherwise). Default: inside the model directory when it is writable, else ~/.cache/serve_app/runtimes/.")
+    drift_check: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description=(
+            "At load, score the drift probe with torch float32 and with the configured runtime, log the drift and refuse the runtime past drift_tolerance "
+            "(never needed for torch float32). auto: on a CPU; skipped on CUDA, where half precision is the norm and a float32 copy of a large model may not fit. true: on every device."
+        ),
+    )
+    drift_tolerance: DriftTolerance = Field(default_factory=DriftTolerance, description="Bounds of the drift check.")
+    activation: Literal["none", "sigmoid"] = Field("none", description="Applied to the relevance score: none keeps raw scores (logits, or logit(yes) - logit(no)), sigmoid maps to (0, 1) (for causal_lm: P(yes)).")
+    device: Optional[str] = Field(None, description="torch device (cpu, cuda, cuda:1); null picks CUDA when available. onnx and openvino run on the CPU.")
     long_documents: Literal["truncate", "max_chunk"] = Field("truncate", description="truncate: score the head of each document. max_chunk: score every window of a document and keep the best.")
     chunk_tokens: int = Field(256, ge=8, le=8192, description="max_chunk: document tokens per window.")
     chunk_stride: int = Field(192, ge=1, le=8192, description="max_chunk: tokens between window starts.")
@@ -77,6 +162,18 @@ class CrossEncoderConfig(_Strict):
     def _check_chunks(self) -> "CrossEncoderConfig":
         if self.chunk_stride > self.chunk_tokens:
             raise ValueError("reranker.chunk_stride must not exceed reranker.chunk_tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _check_runtime(self) -> "CrossEncoderConfig":
+        if self.backend == "onnx" and self.dtype in ("float16", "bfloat16"):
+            raise ValueError(f"reranker.backend=onnx runs float32 (ONNX Runtime's CPU kernels); dtype={self.dtype} needs backend torch or openvino (bfloat16)")
+        if self.backend == "openvino" and self.dtype == "float16":
+            raise ValueError("reranker.backend=openvino takes dtype float32, bfloat16 or auto")
+        if self.quantize != "none" and self.backend != "onnx":
+            raise ValueError(f"reranker.quantize={self.quantize} needs backend onnx (ONNX Runtime's dynamic quantisation)")
+        if self.backend != "torch" and self.device not in (None, "cpu"):
+            raise ValueError(f"reranker.backend={self.backend} runs on the CPU; device={self.device!r} needs backend torch")
         return self
 
 
@@ -92,6 +189,43 @@ class FusionConfig(_Strict):
         description="Order of the reranked candidates. none: by cross-encoder score alone. rrf: by rerank_weight / (rrf_k + cross-encoder rank) + 1 / (rrf_k + fused rank), so the first stage keeps a say (useful with a small or out-of-domain reranker); the result's score is then that sum.",
     )
     rerank_weight: float = Field(1.0, gt=0, le=100, description="rrf blend: weight of the cross-encoder's rank against the fused rank (weight 1).")
+
+
+class CascadeStage(_Strict):
+    """One cheaper rerank stage before the final reranker (a rerank cascade, ``serve_app.funnel``).
+
+    The stage scores the first ``top_m`` candidates of the order it receives (the fused order,
+    or the previous stage's) and reorders them; the next stage, and finally the reranker, read
+    the head of that order. Depths never grow along the cascade.
+    """
+
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="Stage name (lowercase letters, digits, _ and -): its key in a request's cascade overrides, in /search stages and timings (rerank.<name>) and its deployment's name (CrossEncoderReranker-<name>).")
+    reranker: CrossEncoderConfig = Field(..., description="The stage's model: any reranker family and runtime, like the final reranker (usually a small cross-encoder: serve-app distill-reranker).")
+    default_top_m: int = Field(100, ge=0, description="Candidates the stage scores when a request does not say (0 skips the stage); lowered to the candidate pool.")
+    max_top_m: int = Field(1000, ge=0, description="Largest depth a request may ask of this stage.")
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> "CascadeStage":
+        if self.default_top_m > self.max_top_m:
+            raise ValueError(f"cascade stage {self.name}: default_top_m ({self.default_top_m}) exceeds max_top_m ({self.max_top_m})")
+        return self
+
+
+class SloConfig(_Strict):
+    """SLO-aware rerank depth (``serve_app.slo``): off unless ``search_p95_ms`` is set."""
+
+    search_p95_ms: Optional[float] = Field(None, gt=0, le=600000, description="Latency objective of /search in ms. When the predicted latency of a request at its rerank depth would exceed it, the final reranker scores fewer candidates (never below min_rerank_top_m). None: off.")
+    min_rerank_top_m: int = Field(10, ge=1, description="The floor: the depth is never lowered below it (nor above what the request asked).")
+    headroom: float = Field(0.9, gt=0, le=1, description="Plan for this fraction of the objective (the prediction is a mean, the objective a 95th percentile).")
+    window: int = Field(64, ge=1, le=10000, description="Most recent requests the prediction is made from.")
+    window_s: float = Field(30.0, gt=0, le=3600, description="Observations older than this (s) are forgotten, so a finished burst stops counting.")
+    min_samples: int = Field(5, ge=1, description="Observations needed before the depth is ever lowered.")
+
+
+class ScoreCacheConfig(_Strict):
+    """The pair-score cache of each reranker replica (``serve_app.rerank.cache``)."""
+
+    max_bytes: int = Field(0, ge=0, le=1 << 40, description="Bytes of pair scores kept per replica (least recently used out first; about 400 bytes per pair). 0: no cache.")
 
 
 class FunnelLimits(_Strict):

@@ -4,6 +4,7 @@
   and renamed into place (:func:`swap_into_place`): a reader sees the previous directory or the
   new one, never a half one, and a failed build leaves the previous one untouched.
 * :func:`file_lock` serialises builders (several processes starting at once build once).
+* :func:`sha256_file`: checksums of index files and of the checkpoints an export was made from.
 * :func:`read_json`: a JSON file of an index, with ``IndexLoadError`` naming it when it is
   missing or not JSON.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +23,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from serve_app.errors import IndexLoadError
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of the file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fsync_file(path: Path) -> None:

@@ -15,8 +15,11 @@ Steps:
 2. each requested retriever returns its top ``top_k`` documents, all retrievers concurrently;
 3. their lists are fused (RRF or weighted fusion, ``FusionConfig``) and candidates missing from
    the document store are dropped;
-4. the first ``rerank_top_m`` fused candidates are scored by the reranker;
-5. :func:`apply_rerank` orders those by score (or blends it with the fused rank);
+4. each cascade stage, if any (``CascadeStage``: cheaper rerankers first), scores the first
+   ``cascade[name]`` candidates of the order it receives and reorders them; then the first
+   ``rerank_top_m`` candidates of that order are scored by the (final) reranker;
+5. :func:`apply_rerank` orders those by score (or blends it with their rank in the order the
+   reranker received: the fused rank without a cascade);
 6. :func:`assemble` keeps ``top_n`` results with documents, timings and stage reports.
 
 Decisions (the same for one query and for a batch):
@@ -33,6 +36,18 @@ Decisions (the same for one query and for a batch):
   document too long to read whole with ``truncate=False``);
 * past ``request_s`` the request's pending calls are cancelled and :class:`DeadlineExceeded`
   is raised.
+
+Cascades. A stage's depth comes from the request (``cascade: {name: depth}``, at most the
+stage's ``max_top_m``) or its ``default_top_m``; depths never grow along the cascade (an explicit
+depth above the previous stage's is an error, a default is lowered to it), and neither does the
+final ``rerank_top_m``. A cascade stage that fails or times out leaves the order it received in
+place and is flagged degraded (``rerank.<name>`` in the reports); the next stage and the final
+reranker still run. The request's ``instruction`` goes to the final reranker only.
+
+SLO-aware depth. With a depth controller (``serve_app.slo.DepthController``), a single request's
+final ``rerank_top_m`` may be lowered, before the call, to what the latency objective allows
+given the candidates already in flight to the reranker; the answer's ``funnel.rerank_top_m`` is
+the depth used and ``stages.rerank`` says ``depth_reduced`` with the ``requested_top_m``.
 
 Sizes. ``top_k`` is per retriever, so the fused pool has at most ``top_k * len(retrievers)``
 documents. An explicit ``rerank_top_m`` or ``top_n`` larger than that pool is an error; a
@@ -84,6 +99,17 @@ class FunnelRequest:
     retrievers: Sequence[str] | None = None
     return_documents: bool = False
     reranker: str | None = None
+    instruction: str | None = None  # decoder rerankers: the prompt's instruction for this request
+    cascade: Mapping[str, int] | None = None  # depth of each cascade stage by name (absent: its default)
+
+
+@dataclass(frozen=True)
+class CascadeDepths:
+    """A cascade stage as the funnel sees it: its name and depth limits (``CascadeStage``)."""
+
+    name: str
+    default_top_m: int
+    max_top_m: int
 
 
 @dataclass(frozen=True)
@@ -97,6 +123,8 @@ class ResolvedFunnel:
     retrievers: tuple[str, ...]
     return_documents: bool = False
     reranker: str | None = None  # the configured model's name (None: the only/default one)
+    instruction: str | None = None
+    cascade: tuple[tuple[str, int], ...] = ()  # (stage, depth) of each cascade stage, in order
 
     @property
     def rerank(self) -> bool:
@@ -113,6 +141,8 @@ class ResolvedFunnel:
         out: dict[str, Any] = {"top_k": self.top_k, "rerank_top_m": self.rerank_top_m, "top_n": self.top_n, "retrievers": list(self.retrievers)}
         if self.reranker is not None:
             out["reranker"] = self.reranker
+        if self.cascade:
+            out["cascade"] = {name: depth for name, depth in self.cascade}
         return out
 
 
@@ -160,11 +190,13 @@ def resolve_funnel(
     *,
     rerank_available: bool = True,
     models: ModelResolver = single_model,
+    cascade: Sequence[CascadeDepths] = (),
 ) -> ResolvedFunnel:
     """Apply defaults to ``request`` and validate it; raises :class:`FunnelError` naming the field
     (``ModelNotFound`` for a reranker that ``models`` does not know).
 
-    See the module docstring for how defaults interact with the pool size.
+    See the module docstring for how defaults interact with the pool size, and for the
+    cascade's depths (each at most the one before; defaults are lowered to fit).
     """
     if not isinstance(request.query, str) or not request.query.strip():
         raise FunnelError(f"query must be a non-empty string, got {request.query!r}")
@@ -191,8 +223,43 @@ def resolve_funnel(
         top_n = _check_int("top_n", request.top_n, 1, limits.max_top_n, "max_top_n")
         if top_n > pool:
             raise FunnelError(f"top_n={top_n} exceeds the candidate pool top_k * retrievers = {top_k} * {len(retrievers)} = {pool}")
+    if request.instruction is not None and (not isinstance(request.instruction, str) or not request.instruction.strip()):
+        raise FunnelError(f"instruction must be a non-empty string or null, got {request.instruction!r}")
     reranker = models(request.reranker)
-    return ResolvedFunnel(request.query, top_k, rerank_top_m, top_n, retrievers, bool(request.return_documents), reranker)
+    stages, rerank_top_m = _resolve_cascade(request, cascade, pool, rerank_top_m)
+    return ResolvedFunnel(request.query, top_k, rerank_top_m, top_n, retrievers, bool(request.return_documents), reranker, request.instruction, stages)
+
+
+def _resolve_cascade(request: FunnelRequest, cascade: Sequence[CascadeDepths], pool: int, rerank_top_m: int) -> tuple[tuple[tuple[str, int], ...], int]:
+    """The depth of each cascade stage and the final reranker's (see :func:`resolve_funnel`)."""
+    wanted = request.cascade
+    if wanted is None:
+        wanted = {}
+    if not isinstance(wanted, Mapping):
+        raise FunnelError(f"cascade must map stage names to depths, got {type(wanted).__name__}")
+    names = [c.name for c in cascade]
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise FunnelError(f"cascade: unknown stage {unknown[0]!r}; stages: {names}" if names else "cascade: this pipeline has no cascade stages")
+    out: list[tuple[str, int]] = []
+    above: tuple[str, int] | None = None  # the deepest limit so far: (what, depth)
+    for c in cascade:
+        if c.name in wanted:
+            depth = _check_int(f"cascade.{c.name}", wanted[c.name], 0, c.max_top_m, f"cascade stage {c.name}'s max_top_m")
+            if depth > pool:
+                raise FunnelError(f"cascade.{c.name}={depth} exceeds the candidate pool ({pool})")
+            if above is not None and depth > above[1]:
+                raise FunnelError(f"cascade.{c.name}={depth} exceeds {above[0]}={above[1]}: a stage reranks at most what the stage before it kept")
+        else:
+            depth = min(c.default_top_m, pool, above[1] if above is not None else pool)
+        out.append((c.name, depth))
+        if depth > 0:
+            above = (f"cascade.{c.name}", depth)
+    if above is not None and rerank_top_m > above[1]:
+        if request.rerank_top_m is not None:
+            raise FunnelError(f"rerank_top_m={rerank_top_m} exceeds {above[0]}={above[1]}: the reranker reads at most what the cascade kept")
+        rerank_top_m = above[1]
+    return tuple(out), rerank_top_m
 
 
 # --------------------------------------------------------------------------- results
@@ -212,6 +279,12 @@ class StageReport:
     ms: float = 0.0
     error: Optional[str] = None
     batch_size: Optional[int] = None
+    requested: Optional[int] = None  # the depth asked for, when the SLO controller lowered it
+
+    @property
+    def depth_reduced(self) -> bool:
+        """Whether fewer candidates were reranked than the request asked (SLO-aware depth)."""
+        return self.requested is not None and self.requested > self.candidates
 
     @property
     def degraded(self) -> bool:
@@ -224,6 +297,9 @@ class StageReport:
             out["error"] = self.error
         if self.batch_size is not None:
             out["batch_size"] = self.batch_size
+        if self.requested is not None:
+            out["depth_reduced"] = self.depth_reduced
+            out["requested_top_m"] = self.requested
         return out
 
 
@@ -359,8 +435,9 @@ class FunnelStages(Protocol):
         """Top-``k`` hits of retriever ``name`` for each query, best first."""
         ...
 
-    async def rerank(self, requests: Sequence[RerankRequest]) -> list[RerankOutcome]:
-        """The reranker's scores of each request's documents (request order)."""
+    async def rerank(self, requests: Sequence[RerankRequest], stage: Optional[str] = None) -> list[RerankOutcome]:
+        """The scores of each request's documents (request order) by the final reranker, or by
+        the cascade stage ``stage``."""
         ...
 
 
@@ -429,7 +506,22 @@ class _Query:
     reports: dict[str, StageReport] = field(default_factory=dict)
     fused: list[FusedHit] = field(default_factory=list)
     docs: dict[str, Document] = field(default_factory=dict)
-    scores: list[float] = field(default_factory=list)
+    order: list[FusedHit] = field(default_factory=list)  # the fused order, reordered by each cascade stage
+    scores: list[float] = field(default_factory=list)  # the final reranker's, for order[:len(scores)]
+    requested_top_m: Optional[int] = None  # set when the SLO controller lowered rerank_top_m
+    pairs_ahead: Optional[int] = None  # candidates in flight to the final reranker when this query's were sent
+
+
+def stage_key(stage: Optional[str]) -> str:
+    """The report, timing and metric name of a rerank stage: ``rerank`` for the final reranker,
+    ``rerank.<name>`` for a cascade stage."""
+    return RERANK if stage is None else f"{RERANK}.{stage}"
+
+
+def order_by_scores(head: Sequence[FusedHit], scores: Sequence[float]) -> list[FusedHit]:
+    """``head`` by descending score; equal scores keep their order, NaN goes last."""
+    idx = sorted(range(len(head)), key=lambda i: -scores[i] if not math.isnan(scores[i]) else math.inf)
+    return [head[i] for i in idx]
 
 
 class Funnel:
@@ -450,6 +542,8 @@ class Funnel:
         fusion: FusionConfig,
         timeouts: FunnelTimeouts = FunnelTimeouts(),
         models: ModelResolver = single_model,
+        cascade: Sequence[CascadeDepths] = (),
+        depth: Any = None,
     ) -> None:
         unknown = [n for n in retrievers if n not in KNOWN_RETRIEVERS]
         if unknown:
@@ -461,10 +555,14 @@ class Funnel:
         self.fusion = fusion
         self.timeouts = timeouts
         self.models = models
+        self.cascade: tuple[CascadeDepths, ...] = tuple(cascade)
+        #: SLO-aware depth (``serve_app.slo.DepthController``) of the final reranker; None: fixed depth.
+        self.depth = depth
+        self.pairs_in_flight = 0  # candidates sent to the final reranker and not yet answered
 
     def resolve(self, request: FunnelRequest) -> ResolvedFunnel:
-        """Validate ``request`` against this funnel's limits, retrievers and rerankers."""
-        return resolve_funnel(request, self.limits, self.retrievers, rerank_available=self.rerank_available, models=self.models)
+        """Validate ``request`` against this funnel's limits, retrievers, rerankers and cascade."""
+        return resolve_funnel(request, self.limits, self.retrievers, rerank_available=self.rerank_available, models=self.models, cascade=self.cascade)
 
     # ------------------------------------------------------------------ entry points
 
@@ -527,24 +625,72 @@ class Funnel:
             else:
                 q.reports[name] = replace(report, ms=share)
 
-    async def _rerank_heads(self, todo: list[tuple[_Query, list[FusedHit]]]) -> None:
-        requests = [RerankRequest(q.funnel.query, [q.docs[h.doc_id].content for h in head], model=q.funnel.reranker) for q, head in todo]
-        outcomes, report = await self._stage(RERANK, self.stages.rerank(requests), self.timeouts.rerank_s, "rerank_timeout_s")
+    async def _rerank_heads(self, todo: list[tuple[_Query, list[FusedHit]]], stage: Optional[str] = None) -> list[Optional[list[float]]]:
+        """Scores of each query's head by the final reranker (``stage`` None) or a cascade stage,
+        all heads in one call; None for a query whose scores are unusable (its report says why)."""
+        key = stage_key(stage)
+        requests = [RerankRequest(q.funnel.query, [q.docs[h.doc_id].content for h in head], model=q.funnel.reranker if stage is None else None, instruction=q.funnel.instruction if stage is None else None) for q, head in todo]
+        call = self.stages.rerank(requests) if stage is None else self.stages.rerank(requests, stage)
+        outcomes, report = await self._stage(key, call, self.timeouts.rerank_s, "rerank_timeout_s")
         if report.status == "ok" and (not isinstance(outcomes, list) or len(outcomes) != len(requests)):
             report = StageReport("error", ms=report.ms, error=f"the reranker answered {len(outcomes) if isinstance(outcomes, list) else 'nothing'} results for {len(requests)} requests")
         share = report.ms / len(todo)
+        out: list[Optional[list[float]]] = []
         for i, (q, head) in enumerate(todo):
             if report.status != "ok":
-                q.reports[RERANK] = replace(report, ms=share)
+                q.reports[key] = replace(report, ms=share)
+                out.append(None)
                 continue
             outcome = outcomes[i]  # type: ignore[index]
             problem = _check_scores(outcome, len(head))
             if problem is not None:
-                logger.warning("%s", problem)
-                q.reports[RERANK] = StageReport("error", ms=share, error=problem)
+                logger.warning("%s: %s", key, problem)
+                q.reports[key] = StageReport("error", ms=share, error=problem)
+                out.append(None)
                 continue
-            q.scores = [float(s) for s in outcome.scores]
-            q.reports[RERANK] = StageReport("ok", candidates=len(q.scores), ms=share, batch_size=outcome.batch_size)
+            scores = [float(x) for x in outcome.scores]
+            q.reports[key] = StageReport("ok", candidates=len(scores), ms=share, batch_size=outcome.batch_size)
+            out.append(scores)
+        return out
+
+    async def _cascade(self, queries: list[_Query]) -> None:
+        """Each cascade stage reorders the head of each query's order (one call per stage); a
+        stage that fails leaves the order as it was, flagged degraded."""
+        for i, c in enumerate(self.cascade):
+            todo = [(q, q.order[: q.funnel.cascade[i][1]]) for q in queries if q.funnel.cascade and q.funnel.cascade[i][1] > 0 and q.order]
+            if not todo:
+                continue
+            for (q, head), scores in zip(todo, await self._rerank_heads(todo, c.name)):
+                if scores is not None:
+                    q.order = order_by_scores(head, scores) + q.order[len(head) :]
+
+    async def _final(self, todo: list[tuple[_Query, list[FusedHit]]], *, adaptive: bool) -> None:
+        """The final reranker over each query's head; with an SLO controller (one request at a
+        time, ``adaptive``) the depth is first lowered to what the objective allows."""
+        if adaptive and self.depth is not None and self.depth.enabled:
+            q, head = todo[0]
+            plan = self.depth.plan(len(head), self.pairs_in_flight)
+            if plan.reduced:
+                q.requested_top_m = plan.requested
+                q.funnel = replace(q.funnel, rerank_top_m=plan.depth)
+                todo = [(q, head[: plan.depth])]
+        pairs = sum(len(head) for _, head in todo)
+        ahead = self.pairs_in_flight
+        self.pairs_in_flight += pairs
+        try:
+            results = await self._rerank_heads(todo)
+        finally:
+            self.pairs_in_flight -= pairs
+        for (q, _), scores in zip(todo, results):
+            if scores is not None:
+                q.scores = scores
+            if q.requested_top_m is not None and RERANK in q.reports:
+                q.reports[RERANK] = replace(q.reports[RERANK], requested=q.requested_top_m)
+        if adaptive and self.depth is not None and len(todo) == 1:
+            q = todo[0][0]
+            report = q.reports.get(RERANK)
+            if report is not None and report.status == "ok":
+                q.pairs_ahead = ahead
 
     async def _rerank_only(self, request: RerankRequest) -> RerankOutcome:
         outcomes, report = await self._stage(RERANK, self.stages.rerank([request]), self.timeouts.rerank_s, "rerank_timeout_s")
@@ -587,12 +733,21 @@ class Funnel:
         for q in queries:
             q.reports[FUSION] = StageReport("ok", candidates=len(q.fused), ms=fusion_ms)
 
-        # Reranking of each query's head, all heads in one reranker call.
-        todo = [(q, q.fused[: q.funnel.rerank_top_m]) for q in queries if q.funnel.rerank and q.fused]
+        # The cascade's stages, then the final reranker over each query's head, all heads of a
+        # stage in one call.
+        for q in queries:
+            q.order = list(q.fused)
+        if self.cascade:
+            await self._cascade(queries)
+        todo = [(q, q.order[: q.funnel.rerank_top_m]) for q in queries if q.funnel.rerank and q.order]
         if todo:
-            await self._rerank_heads(todo)
+            await self._final(todo, adaptive=not amortize)
 
         total_ms = _ms(t_start) / (n if amortize else 1)
+        if not amortize and self.depth is not None:
+            for q in queries:
+                if q.pairs_ahead is not None:
+                    self.depth.observe(depth=q.funnel.rerank_top_m, pairs_ahead=q.pairs_ahead, rerank_ms=q.reports[RERANK].ms, total_ms=total_ms)
         return [self._result(q, total_ms) for q in queries]
 
     def _raise_retrieval_failure(self, q: _Query) -> None:
@@ -605,9 +760,11 @@ class Funnel:
     def _result(self, q: _Query, total_ms: float) -> SearchResult:
         stages: dict[str, StageReport] = {name: q.reports.get(name, SKIPPED) for name in self.retrievers}
         stages[FUSION] = q.reports[FUSION]
+        for c in self.cascade:
+            stages[stage_key(c.name)] = q.reports.get(stage_key(c.name), SKIPPED)
         stages[RERANK] = q.reports.get(RERANK, SKIPPED)
         timings = {name: r.ms for name, r in stages.items() if r.status != "skipped"}
         timings["total"] = total_ms
         degraded = [name for name, r in stages.items() if r.degraded]
-        final = apply_rerank(q.fused, q.scores, self.fusion)
+        final = apply_rerank(q.order, q.scores, self.fusion)
         return assemble(final, q.funnel, documents=q.docs.get if q.funnel.return_documents else None, timings_ms=timings, degraded=degraded, stages=stages)

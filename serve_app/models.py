@@ -154,11 +154,11 @@ def _from_pretrained(auto: Any, name: str, role: str, **kwargs: Any) -> Any:
         raise load_error(name, role, exc) from exc
 
 
-def load_tokenizer(name: str, role: str) -> Any:
-    """The tokenizer of the checkpoint ``name``."""
+def load_tokenizer(name: str, role: str, subfolder: str = "") -> Any:
+    """The tokenizer of the checkpoint ``name`` (in its ``subfolder`` when given)."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, name, role)
+    return _from_pretrained(AutoTokenizer, name, role, **({"subfolder": subfolder} if subfolder else {}))
 
 
 def load_config(name: str, role: str) -> Any:
@@ -172,24 +172,29 @@ def load_pretrained(
     name: str,
     role: str,
     *,
-    head: Literal["encoder", "sequence_classification"],
+    head: Literal["encoder", "sequence_classification", "causal_lm"],
     dtype: Any = None,
+    subfolder: str = "",
     **model_kwargs: Any,
 ) -> tuple[Any, Any]:
     """(tokenizer, model) of the checkpoint ``name`` (resolved with :func:`resolve_model`).
 
-    ``head`` picks ``AutoModel`` (a bi-encoder's token states) or
-    ``AutoModelForSequenceClassification`` (a cross-encoder); ``model_kwargs`` go to its
+    ``head`` picks ``AutoModel`` (token states: a bi-encoder, a pooling cross-encoder),
+    ``AutoModelForSequenceClassification`` (a cross-encoder) or ``AutoModelForCausalLM`` (a
+    decoder reranker), from ``subfolder`` of the checkpoint when given; ``model_kwargs`` go to its
     ``from_pretrained`` (with ``output_loading_info=True`` the model is ``(model, info)``). Any
     loading failure becomes a :class:`ModelLoadError` naming the model and how to provide it
     (``role`` says what it is for).
     """
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    tokenizer = load_tokenizer(name, role)
+    tokenizer = load_tokenizer(name, role, subfolder)
     if dtype is not None:
         model_kwargs["dtype"] = dtype
-    return tokenizer, _from_pretrained(AutoModel if head == "encoder" else AutoModelForSequenceClassification, name, role, **model_kwargs)
+    if subfolder:
+        model_kwargs["subfolder"] = subfolder
+    auto = {"encoder": AutoModel, "sequence_classification": AutoModelForSequenceClassification, "causal_lm": AutoModelForCausalLM}[head]
+    return tokenizer, _from_pretrained(auto, name, role, **model_kwargs)
 
 
 def effective_max_length(requested: int, tokenizer: Any, config: Any, *, what: str) -> int:

@@ -24,9 +24,10 @@ import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Collection, Coroutine, Mapping, Optional, Sequence, TypeVar
 
-from serve_app.config import CrossEncoderConfig, FunnelLimits, FusionConfig
+from serve_app.config import CascadeStage, CrossEncoderConfig, FunnelLimits, FusionConfig
 from serve_app.errors import FunnelError
 from serve_app.funnel import (
+    CascadeDepths,
     KNOWN_RETRIEVERS,
     Funnel,
     FunnelRequest,
@@ -102,10 +103,12 @@ class LocalStages:
         threads: bool = False,
         rerank_queries_per_call: Optional[int] = None,
         show_progress: bool = False,
+        cascade: Optional[Mapping[str, Any]] = None,
     ) -> None:
         self._documents = documents
         self.retrievers = dict(retrievers)
         self.reranker = reranker
+        self.cascade = dict(cascade or {})
         self.threads = threads
         self.rerank_queries_per_call = rerank_queries_per_call
         self.show_progress = show_progress
@@ -121,15 +124,16 @@ class LocalStages:
     async def retrieve(self, name: str, queries: Sequence[str], k: int) -> list[list[Hit]]:
         return await self._call(self.retrievers[name].search_batch, list(queries), k)
 
-    async def rerank(self, requests: Sequence[RerankRequest]) -> list[RerankOutcome]:
+    async def rerank(self, requests: Sequence[RerankRequest], stage: Optional[str] = None) -> list[RerankOutcome]:
         from tqdm.auto import tqdm
 
+        reranker = self.reranker if stage is None else self.cascade[stage]
         step = self.rerank_queries_per_call or len(requests)
         out: list[RerankOutcome] = []
-        with tqdm(total=len(requests), desc="rerank", unit="query", disable=not self.show_progress) as bar:
+        with tqdm(total=len(requests), desc="rerank" if stage is None else f"rerank.{stage}", unit="query", disable=not self.show_progress) as bar:
             for start in range(0, len(requests), step):
                 chunk = list(requests[start : start + step])
-                scores = await self._call(self.reranker.rerank_many, chunk)
+                scores = await self._call(reranker.rerank_many, chunk)
                 pairs = sum(len(r.documents) for r in chunk)
                 out.extend(RerankOutcome([float(x) for x in s], len(chunk), pairs) for s in scores)
                 bar.update(len(chunk))
@@ -144,6 +148,8 @@ class SearchPipeline:
     may be None (no reranking). ``corpus`` provides the document texts for the reranker and for
     ``return_documents`` (anything with ``get(doc_id)``). ``timeouts`` (default: none) bounds
     each stage as the service does; with any timeout set the stages run in worker threads.
+    ``cascade``: cheaper rerank stages run before ``reranker``, each a (:class:`CascadeStage`,
+    reranker object) pair in order (see :mod:`serve_app.funnel`).
     """
 
     def __init__(
@@ -154,6 +160,7 @@ class SearchPipeline:
         fusion: FusionConfig | None = None,
         limits: FunnelLimits | None = None,
         timeouts: FunnelTimeouts | None = None,
+        cascade: Sequence[tuple[CascadeStage, Any]] = (),
     ) -> None:
         if not retrievers:
             raise ValueError("SearchPipeline needs at least one retriever")
@@ -166,6 +173,7 @@ class SearchPipeline:
         self.fusion = fusion or FusionConfig()
         self.limits = limits or FunnelLimits()
         self.timeouts = timeouts or FunnelTimeouts()
+        self.cascade = list(cascade)
 
     @property
     def available_retrievers(self) -> list[str]:
@@ -175,12 +183,18 @@ class SearchPipeline:
     def funnel(self, **stage_options: Any) -> Funnel:
         """The :class:`~serve_app.funnel.Funnel` over this pipeline's objects."""
         threaded = any(t is not None for t in (self.timeouts.retriever_s, self.timeouts.rerank_s, self.timeouts.request_s))
-        stages = LocalStages(self.corpus, self.retrievers, self.reranker, threads=threaded, **stage_options)
-        return Funnel(stages, retrievers=self.available_retrievers, rerank_available=self.reranker is not None, limits=self.limits, fusion=self.fusion, timeouts=self.timeouts)
+        stages = LocalStages(self.corpus, self.retrievers, self.reranker, threads=threaded, cascade={c.name: r for c, r in self.cascade}, **stage_options)
+        return Funnel(
+            stages, retrievers=self.available_retrievers, rerank_available=self.reranker is not None, limits=self.limits, fusion=self.fusion, timeouts=self.timeouts, cascade=self.cascade_depths()
+        )
+
+    def cascade_depths(self) -> list[CascadeDepths]:
+        """The cascade's stages as the funnel sees them."""
+        return [CascadeDepths(c.name, c.default_top_m, c.max_top_m) for c, _ in self.cascade]
 
     def resolve(self, request: FunnelRequest) -> ResolvedFunnel:
-        """Validate ``request`` against this pipeline's limits, retrievers and reranker."""
-        return resolve_funnel(request, self.limits, self.available_retrievers, rerank_available=self.reranker is not None)
+        """Validate ``request`` against this pipeline's limits, retrievers, reranker and cascade."""
+        return resolve_funnel(request, self.limits, self.available_retrievers, rerank_available=self.reranker is not None, cascade=self.cascade_depths())
 
     def search(
         self,
@@ -190,9 +204,13 @@ class SearchPipeline:
         top_n: int | None = None,
         retrievers: Sequence[str] | None = None,
         return_documents: bool = False,
+        instruction: str | None = None,
+        cascade: Mapping[str, int] | None = None,
     ) -> SearchResult:
-        """Run the funnel for one query (see :mod:`serve_app.funnel` for what a failing stage does)."""
-        return run_sync(self.funnel().search(FunnelRequest(query, top_k, rerank_top_m, top_n, retrievers, return_documents)))
+        """Run the funnel for one query (see :mod:`serve_app.funnel` for what a failing stage does);
+        ``instruction``: a decoder reranker's prompt instruction for this query; ``cascade``: the
+        depth of cascade stages by name (absent: their defaults)."""
+        return run_sync(self.funnel().search(FunnelRequest(query, top_k, rerank_top_m, top_n, retrievers, return_documents, instruction=instruction, cascade=cascade)))
 
     def search_batch(
         self,
@@ -204,6 +222,8 @@ class SearchPipeline:
         return_documents: bool = False,
         rerank_queries_per_call: int = 8,
         show_progress: bool = False,
+        instruction: str | None = None,
+        cascade: Mapping[str, int] | None = None,
     ) -> list[SearchResult]:
         """Run the funnel for many queries (evaluation): each retriever answers them all in one
         ``search_batch`` call, the reranker ``rerank_queries_per_call`` queries per
@@ -211,7 +231,7 @@ class SearchPipeline:
         by the number of queries (amortised per query)."""
         if rerank_queries_per_call < 1:
             raise ValueError(f"rerank_queries_per_call must be >= 1, got {rerank_queries_per_call}")
-        requests = [FunnelRequest(q, top_k, rerank_top_m, top_n, retrievers, return_documents) for q in queries]
+        requests = [FunnelRequest(q, top_k, rerank_top_m, top_n, retrievers, return_documents, instruction=instruction, cascade=cascade) for q in queries]
         if not requests:
             return []
         return run_sync(self.funnel(rerank_queries_per_call=rerank_queries_per_call, show_progress=show_progress).search_many(requests))

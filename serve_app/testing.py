@@ -14,6 +14,7 @@ test suite never needs the network.
 from __future__ import annotations
 
 import string
+from typing import Any
 from pathlib import Path
 
 # Small vocabulary: specials, letters and digits (so every word can be spelled
@@ -110,4 +111,90 @@ def build_tiny_bi_encoder(out_dir: str | Path, *, seed: int = 0, max_position_em
     model.eval()
     model.save_pretrained(str(out))
     _save_tokenizer(out, max_position_embeddings)
+    return out
+
+
+#: Added tokens of the tiny decoder tokenizer: the chat markers of the Qwen3-Reranker prompt.
+DECODER_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+DECODER_ADDED_TOKENS = ["<think>", "</think>"]
+
+
+def _decoder_training_text() -> list[str]:
+    """What the tiny byte-level BPE is trained on: the words alone and with a leading space,
+    the answer tokens on their own, and the default prompt's fixed text."""
+    from serve_app.config import PromptConfig
+
+    prompt = PromptConfig()
+    words = _WORDS + ["yes", "no", "Instruct", "Query", "Document", "Judge", "whether", "meets", "requirements", "based", "provided", "Note", "answer", "only", "system", "user", "assistant", "Given", "web", "passages", "answer"]
+    lines = []
+    for _ in range(3):  # repeated so that every word becomes one token
+        lines += words + [" " + w for w in words] + [" ".join(words)]
+    return lines + [prompt.prefix, prompt.template, prompt.suffix, prompt.instruction]
+
+
+def _save_decoder_tokenizer(out: Path, max_length: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=DECODER_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_decoder_training_text(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=max_length)
+    fast.add_tokens(DECODER_ADDED_TOKENS)
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def build_tiny_decoder_reranker(
+    out_dir: str | Path,
+    *,
+    architecture: str = "qwen3",
+    seed: int = 0,
+    max_position_embeddings: int = 1024,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    dtype: Any = None,
+    **config: Any,
+) -> Path:
+    """Write a random-weight decoder LM (``architecture`` ``qwen3`` or ``llama``) with a byte-level
+    BPE tokenizer in which ``yes`` and ``no`` are single tokens and the Qwen3-Reranker prompt's
+    chat markers are added tokens, to ``out_dir``: a ``kind: causal_lm`` reranker for tests.
+
+    ``config`` overrides the model config (e.g. a real model's ``intermediate_size``,
+    ``num_attention_heads``, ``vocab_size``: a random model of that shape costs what the real
+    one costs; ids past the small tokenizer's are simply never used); ``dtype`` is the dtype
+    the weights are saved in (default float32)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _save_decoder_tokenizer(out, max_position_embeddings)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.2,  # as for the tiny BERTs: clearly different scores for different inputs
+    )
+    common.update(config)
+    torch.manual_seed(seed)
+    if architecture == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**{"head_dim": hidden_size // common["num_attention_heads"], **common}))
+    elif architecture == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        raise ValueError(f"architecture must be qwen3 or llama, got {architecture!r}")
+    model.eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(str(out))
     return out

@@ -59,7 +59,9 @@ class RerankRequest:
       configured ``long_documents`` handling;
     * ``truncate``: False refuses a pair longer than the model reads instead of cutting it (TEI's
       ``truncate: false``); ``truncation_direction``: which end of a document is kept when it
-      is cut (``right`` keeps the start, ``left`` the end).
+      is cut (``right`` keeps the start, ``left`` the end);
+    * ``instruction``: decoder rerankers only, the task instruction of their prompt for this
+      request (None: the configured ``prompt.instruction``).
     """
 
     query: str
@@ -69,6 +71,7 @@ class RerankRequest:
     max_chunks: int | None = None
     truncate: bool = True
     truncation_direction: Literal["right", "left"] = "right"
+    instruction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,3 +83,4 @@ class RerankOutcome:
     batch_pairs: int = 0  # pairs scored by that call
     pairs: int = 0  # pairs scored for this request (windows of long documents count)
     tokens: int = 0  # tokens the model read for this request
+    cached: int = 0  # documents answered from the score cache (not scored again)

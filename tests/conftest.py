@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Rerankers with dtype auto compute in float32 on every CPU here (bfloat16 is the choice on CPUs
+# with native bf16, serve_app.rerank.loading): the parity tests compare against float32
+# references. tests/test_rerank_runtimes.py checks the CPU choice itself.
+os.environ.setdefault("SERVE_APP_RERANKER_CPU_DTYPE", "float32")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -98,13 +98,13 @@ def test_profile_summary_buckets(tmp_path):
 
     f = tmp_path / "p.txt"
     f.write_text(
-        "Thread.run (t.py:1);Reranker.rerank_many (r.py:1);CrossEncoderScorer.score (c.py:1);CrossEncoderScorer._forward (c.py:2);Module._call_impl (m.py:1);Linear.forward (l.py:1) 30\n"
-        "Thread.run (t.py:1);Reranker.rerank_many (r.py:1);CrossEncoderScorer.score (c.py:1);PairTokenizer.features (c.py:3) 10\n"
+        "Thread.run (t.py:1);Reranker.rerank_many (r.py:1);PairScorer.score (c.py:1);PairScorer._forward (c.py:2);TorchRuntime.__call__ (rt.py:1);Module._call_impl (m.py:1);Linear.forward (l.py:1) 30\n"
+        "Thread.run (t.py:1);Reranker.rerank_many (r.py:1);PairScorer.score (c.py:1);PairTokenizer.features (c.py:3) 10\n"
         "Worker.main_loop (ray/_private/worker.py:1) 10\n"
     )
     s = summarize_profile(f)
     assert s["samples"] == 50
-    assert s["buckets"]["model forward (torch)"] == pytest.approx(0.6)
+    assert s["buckets"]["model forward (torch / ONNX Runtime / OpenVINO)"] == pytest.approx(0.6)
     assert s["buckets"]["tokenize pairs"] == pytest.approx(0.2)
     assert s["top_leaves"][0][0].startswith("Linear.forward")
 
@@ -183,16 +183,36 @@ def test_cpu_runtimes_tiny(tmp_path, scifact_dir, tiny_cross_encoder_dir):
     out = tmp_path / "rt"
     cpu_runtimes.main(["--scifact", str(scifact_dir), "--model", str(tiny_cross_encoder_dir), "--queries", "2", "--depth", "6",
                        "--max-length", "64", "--repeats", "1", "--threads", "1", "--out", str(out)])
-    rt = _load(out, "cpu_runtimes")["results"]["runtimes"]
-    assert {"torch-fp32", "torch-bf16", "torch-int8-dynamic", "onnxruntime-fp32", "onnxruntime-fp32-fused"} <= set(rt)
-    ref = rt["torch-fp32"]
+    results = _load(out, "cpu_runtimes")["results"]
+    rt = results["runtimes"]
+    assert set(rt) == {"torch-float32", "torch-bfloat16", "onnx-float32", "onnx-int8", "openvino-float32", "openvino-bfloat16", "torch-int8-dynamic"}, results["notes"]
+    ref = rt["torch-float32"]
     assert ref["max_abs_score_diff"] == 0 and ref["mean_kendall_tau"] == pytest.approx(1.0) and ref["same_top1_share"] == 1.0
-    # The ONNX export computes the same function in float32; the lower precisions only approximate it.
-    for name in ("onnxruntime-fp32", "onnxruntime-fp32-fused"):
+    assert ref["load_time_probe_drift"] is None  # the reference is not checked against itself
+    # The exports compute the same function in float32; the lower precisions only approximate it.
+    for name in ("onnx-float32", "openvino-float32"):
         assert rt[name]["max_abs_score_diff"] < 1e-4, name
-    for name in ("torch-bf16", "torch-int8-dynamic"):
+        assert rt[name]["load_time_probe_drift"]["max_abs_diff"] < 1e-4
+    for name in ("torch-bfloat16", "onnx-int8", "openvino-bfloat16", "torch-int8-dynamic"):
         assert 0 < rt[name]["max_abs_score_diff"] < 1.0, name
+    for name in ("torch-bfloat16", "onnx-int8", "openvino-bfloat16"):
+        assert rt[name]["load_time_probe_drift"]["max_abs_diff"] > 0, name
     assert all(r["pairs_per_s"]["median"] > 0 for r in rt.values())
+
+
+@pytest.mark.slow
+@pytest.mark.scifact
+def test_cpu_runtimes_decoder(tmp_path, scifact_dir):
+    from benchmarks import cpu_runtimes
+    from benchmarks.common import decoder_model_dir
+
+    model = decoder_model_dir(tmp_path / "dec", shape="tiny")
+    out = tmp_path / "rt"
+    cpu_runtimes.main(["--scifact", str(scifact_dir), "--model", str(model), "--queries", "2", "--depth", "3", "--runtimes", "torch-float32,onnx-float32,torch-bfloat16",
+                       "--repeats", "1", "--threads", "1", "--out", str(out)])
+    results = _load(out, "cpu_runtimes")["results"]
+    assert results["kind"] == "causal_lm" and set(results["runtimes"]) == {"torch-float32", "onnx-float32", "torch-bfloat16"}
+    assert results["runtimes"]["onnx-float32"]["max_abs_score_diff"] < 1e-4
 
 
 @pytest.mark.slow
@@ -215,10 +235,47 @@ def test_gpu_script_runs_on_cpu(tmp_path):
     from benchmarks import gpu_rerank
 
     out = tmp_path / "gpu"
-    gpu_rerank.main(["--device", "cpu", "--tiny", "--random-init", "--out", str(out)])
+    gpu_rerank.main(["--device", "cpu", "--tiny", "--random-init", "--decoder", "--out", str(out)])
     data = _load(out, "gpu_rerank")
     assert data["results"]["device"] == "cpu"
     assert set(data["results"]["model_only"]) == {"16", "32"}
     assert all(r["median"] > 0 for per in data["results"]["model_only"].values() for r in per.values())
+    decoder = data["results"]["decoder"]["model_only"]
+    assert set(decoder) == {"16", "32"} and all(set(per) == {"2", "4"} for per in decoder.values())
+    assert all(r["median"] > 0 for per in decoder.values() for r in per.values())
     assert data["targets"] == []  # no 256-token figure in a tiny CPU check
     assert "not the GPU figure" in (out / "summary.md").read_text()
+
+
+def test_zipf_query_stream_is_seeded_and_skewed():
+    from benchmarks.score_cache import zipf_stream
+
+    a, b = zipf_stream(300, 2000, 1.1, seed=0), zipf_stream(300, 2000, 1.1, seed=0)
+    assert a == b and zipf_stream(300, 2000, 1.1, seed=1) != a
+    counts = sorted((a.count(i) for i in set(a)), reverse=True)
+    assert counts[0] > 10 * counts[len(counts) // 2] and all(0 <= i < 300 for i in a)
+
+
+def test_adaptive_depth_reads_quality_by_depth_and_interpolates(tmp_path):
+    import json
+
+    from benchmarks.adaptive_depth import interpolate, quality_by_depth
+
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"results": {"hybrid+rerank@50": {"nDCG@10": 0.7}, "hybrid+rerank@10": {"nDCG@10": 0.6}, "hybrid+rerank@10 (rrf blend)": {"nDCG@10": 0.9}, "hybrid": {"nDCG@10": 0.5}}}))
+    q = quality_by_depth(str(path))
+    assert q == {10: 0.6, 50: 0.7}
+    assert interpolate(q, 30) == pytest.approx(0.65) and interpolate(q, 5) == 0.6 and interpolate(q, 80) == 0.7
+    assert quality_by_depth(None) == {} and interpolate({}, 10) is None
+
+
+@pytest.mark.slow
+def test_docstore_memory_tiny(tmp_path):
+    import json
+
+    from benchmarks import docstore_memory
+
+    assert docstore_memory.main(["--documents", "2000", "--doc-bytes", "200", "--lookups", "500", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out")]) == 0
+    payload = json.loads((tmp_path / "out" / "docstore_memory.json").read_text())["results"]
+    assert payload["documents"] == 2000 and payload["sqlite"]["bytes"] > 2000 * 150
+    assert payload["sqlite"]["p50_us"] > 0 and payload["jsonl"]["peak_rss_mib"] > 0

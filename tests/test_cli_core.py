@@ -259,3 +259,31 @@ def test_eval_refuses_to_report_a_degraded_run(beir_dir, tmp_path, capsys, monke
     assert cli.main(["eval", "--dataset", str(beir_dir), "--pipeline", "bm25", "--work-dir", str(tmp_path / "w"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "every requested retriever failed (bm25: OSError: index file vanished)" in err
+
+
+@pytest.mark.slow
+def test_eval_depths_and_a_cascade(beir_dir, tmp_path, tiny_bi_encoder_dir, tiny_cross_encoder_dir, capsys):
+    from serve_app.testing import build_tiny_cross_encoder
+
+    small = build_tiny_cross_encoder(tmp_path / "small", seed=9)
+    common = ["--dataset", str(beir_dir), "--pipeline", "hybrid+rerank", "--work-dir", str(tmp_path / "w"), "--dense-model", str(tiny_bi_encoder_dir),
+              "--reranker", str(tiny_cross_encoder_dir), "--device", "cpu", "--top-k", "5", "-q"]
+    # several depths: one row each, the pairs they share scored once
+    assert cli.main(["eval", *common, "--rerank-top-m", "4,2", "--out", str(tmp_path / "d")]) == 0
+    payload = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert list(payload["results"]) == ["hybrid+rerank@4", "hybrid+rerank@2"] and payload["meta"]["rerank_top_m"] == [4, 2]
+    cost = payload["meta"]["rerank_cost"]
+    assert cost["hybrid+rerank@4"]["rerank"]["pairs_per_query"] == 4 and cost["hybrid+rerank@2"]["rerank"]["pairs_per_query"] == 2
+    single = tmp_path / "s"
+    assert cli.main(["eval", *common, "--rerank-top-m", "2", "--out", str(single)]) == 0
+    assert json.loads((single / "metrics.json").read_text())["results"]["hybrid+rerank"] == payload["results"]["hybrid+rerank@2"]
+    # a cascade: the small model on the fused top 4, the reranker on its top 2
+    out = tmp_path / "c"
+    assert cli.main(["eval", *common, "--cascade", f"{small}=4", "--rerank-top-m", "2", "--out", str(out)]) == 0
+    meta = json.loads((out / "metrics.json").read_text())["meta"]
+    assert meta["cascade"] == [{"name": "stage1", "model": str(small), "top_m": 4}]
+    assert meta["rerank_cost"]["hybrid+rerank"]["rerank.stage1"]["pairs_per_query"] == 4
+    assert meta["rerank_cost"]["hybrid+rerank"]["rerank"]["pairs_per_query"] == 2
+    assert "rerank.stage1 4.0 pairs/query" in capsys.readouterr().out
+    for bad in (f"{small}=1", f"{small}", "=3"):
+        assert cli.main(["eval", *common, "--cascade", bad, "--rerank-top-m", "2", "--out", str(out)]) == 2

@@ -118,3 +118,26 @@ def test_distill_cli_with_fixed_scale(tiny_beir, tiny_cross_encoder_dir, tiny_bi
     assert json.loads(capsys.readouterr().out)["status"] == "completed"
     assert json.loads((out / "training_config.json").read_text())["student_scale"] == 12.5
     assert (out / "modules.json").is_file() and (out / "1_Pooling" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_decoder_reranker_can_be_the_teacher(tmp_path):
+    """teacher_margins scores with any reranker family: a decoder teacher's margins are its own
+    score differences (logit(yes) - logit(no)), as load_scorer computes them."""
+    from serve_app.config import CrossEncoderConfig
+    from serve_app.rerank import load_scorer
+    from serve_app.testing import build_tiny_decoder_reranker
+    from serve_app.training.data import PreparedData, QueryRecord
+    from serve_app.training.distill import teacher_margins
+
+    teacher = str(build_tiny_decoder_reranker(tmp_path / "dec", seed=4))
+    data = PreparedData(train=[QueryRecord("q1", "what powers the sun", ["d1"]), QueryRecord("q2", "football match", ["d2"])], dev=[], docs={"d1": "the sun fuses hydrogen", "d2": "the team won the cup", "d3": "ocean water"})
+    triples = [(0, "d1", "d3"), (1, "d2", "d3"), (1, "d2", "d1")]
+    margins = teacher_margins(data, triples, teacher, max_length=256, batch_tokens=4096, device="cpu")
+    scorer = load_scorer(CrossEncoderConfig(model=teacher, max_length=256, device="cpu", dtype="float32"))
+    assert scorer.kind == "causal_lm"
+    for (r, p, n), m in zip(triples, margins):
+        q = data.train[r].text
+        want = scorer.score([(q, data.docs[p]), (q, data.docs[n])])
+        assert m == pytest.approx(float(want[0] - want[1]), abs=1e-5)
+    assert len({round(m, 6) for m in margins}) == 3

@@ -101,6 +101,20 @@ ROWS: tuple[Row, ...] = (
             Panel("Pairs scored per second", "Cross-encoder throughput over all reranker replicas, per reranker model.", (Query(rate("ray_serve_app_rerank_pairs_total", "model"), "{{model}}"),), "short", 8),
         ),
     ),
+    Row(
+        "serve_app: reranking fewer pairs (score cache, SLO-aware depth)",
+        (
+            Panel(
+                "Score cache hit rate",
+                "Share of reranked documents answered from the replicas' pair-score caches, per model (or cascade stage).",
+                (Query(f'sum by (model) (rate(ray_serve_app_score_cache_total{{{APP}, result="hit"}}[{RATE}])) / sum by (model) (rate(ray_serve_app_score_cache_total{{{APP}}}[{RATE}]))', "{{model}}"),),
+                "percentunit",
+                8,
+            ),
+            Panel("Requests reranked at a lowered depth", "/search requests per second whose rerank_top_m the ingress lowered to meet slo.search_p95_ms.", (Query(f'sum (rate(ray_serve_app_rerank_depth_decisions_total{{{APP}, decision="reduced"}}[{RATE}]))', "depth reduced"),), "reqps", 8),
+            Panel("Rerank depth", "rerank_top_m used per /search request, after any SLO-aware reduction.", (Query(mean("ray_serve_app_rerank_depth"), "mean"), Query(quantile(0.05, "ray_serve_app_rerank_depth_bucket"), "p5")), "short", 8),
+        ),
+    ),
 )
 
 

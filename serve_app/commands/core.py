@@ -184,6 +184,55 @@ class _MemoReranker:
         return [self._memo[k] for k in keys]
 
 
+class _Metered:
+    """Counts the documents a reranker scores and the process CPU and wall seconds it takes
+    (eval runs its stages one after another, so the process's CPU time is the stage's)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.documents = 0
+        self.cpu_s = 0.0
+        self.wall_s = 0.0
+
+    def rerank_many(self, requests: Sequence[Any]) -> list[Any]:
+        c0, w0 = time.process_time(), time.perf_counter()
+        try:
+            return self.inner.rerank_many(requests)
+        finally:
+            self.cpu_s += time.process_time() - c0
+            self.wall_s += time.perf_counter() - w0
+            self.documents += sum(len(r.documents) for r in requests)
+
+    def snapshot(self) -> tuple[int, float, float]:
+        return self.documents, self.cpu_s, self.wall_s
+
+
+def _cascade_stages(values: Sequence[str], runtime: dict[str, Any], device: Any) -> list[tuple[Any, CrossEncoderConfig]]:
+    """``--cascade MODEL=TOP_M`` values as (CascadeStage, model config), named stage1, stage2, ..."""
+    from serve_app.config import CascadeStage
+
+    out = []
+    for i, value in enumerate(values, start=1):
+        model, sep, depth = value.rpartition("=")
+        if not sep or not model or not depth.isdigit() or int(depth) < 1:
+            raise UsageError(f"--cascade {value!r}: expected MODEL=TOP_M with TOP_M >= 1 (e.g. /models/ce-2l=100)")
+        cfg = _config(CrossEncoderConfig, f"cascade stage {i}", model=model, device=device, **{k: v for k, v in runtime.items() if k != "kind"})
+        out.append((_config(CascadeStage, f"cascade stage {i}", name=f"stage{i}", reranker=cfg, default_top_m=int(depth), max_top_m=int(depth)), cfg))
+    return out
+
+
+def _depths(value: str) -> list[int]:
+    """``--rerank-top-m`` values: one depth or several, comma-separated (each >= 1), in order."""
+    out: list[int] = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if not part.lstrip("-").isdigit() or int(part) < 1:
+            raise UsageError(f"--rerank-top-m must be >= 1 (or several, comma-separated), got {value!r}")
+        if int(part) not in out:
+            out.append(int(part))
+    return out
+
+
 def _blends(value: str) -> list[str]:
     out: list[str] = []
     for name in (v.strip() for v in value.split(",")):
@@ -240,8 +289,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--measures: {exc}") from None
     if args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.rerank_top_m < 1:
-        raise UsageError(f"--rerank-top-m must be >= 1, got {args.rerank_top_m}")
+    depths = _depths(args.rerank_top_m)
     blends = _blends(args.rerank_blend)
     fusion_kwargs: dict[str, Any] = {"method": args.fusion}
     if args.rrf_k is not None:
@@ -256,8 +304,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dense_cfg = _dense_config(args)
     reranker_cfg = None
     if any(PIPELINES[p][1] for p in pipelines):
-        reranker_cfg = _config(CrossEncoderConfig, "reranker", model=args.reranker, device=args.device)
+        runtime = {k: v for k, v in (("kind", args.reranker_kind), ("backend", args.reranker_backend), ("dtype", args.reranker_dtype), ("quantize", args.reranker_quantize), ("max_length", args.reranker_max_length)) if v is not None}
+        if args.no_reranker_drift_check:
+            runtime["drift_check"] = False
+        reranker_cfg = _config(CrossEncoderConfig, "reranker", model=args.reranker, device=args.device, **runtime)
     needed = {r for p in pipelines for r in PIPELINES[p][0]}
+    cascade_cfgs = _cascade_stages(args.cascade or [], runtime if reranker_cfg is not None else {}, args.device) if reranker_cfg is not None else []
+    if args.cascade and reranker_cfg is None:
+        raise UsageError("--cascade needs a pipeline that reranks (hybrid+rerank)")
+    for stage, _ in cascade_cfgs:
+        if stage.default_top_m < max(depths):
+            raise UsageError(f"--cascade: {stage.reranker.model} keeps {stage.default_top_m} candidates, fewer than --rerank-top-m {max(depths)}")
 
     dataset = load_beir(args.dataset, args.split, on_error="skip" if args.skip_bad_lines else "raise")
     left_out = _left_out(dataset.skipped, dataset.empty_documents)
@@ -269,39 +326,65 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if reranker_cfg is not None:
         from serve_app.rerank import Reranker
 
-        reranker = _MemoReranker(Reranker.from_config(reranker_cfg))
+        from serve_app.rerank.cache import ScoreCache
+
+        # Several depths share their pairs: each is scored once (a cache hit is the stored score).
+        loaded_reranker = Reranker.from_config(reranker_cfg, cache=ScoreCache(1 << 31) if len(depths) > 1 else None)
+        info = loaded_reranker.scorer.runtime_info
+        print(f"reranker: {loaded_reranker.scorer.kind} on {info['backend']} {info['dtype']}{' int8' if info['quantize'] == 'int8' else ''}")
+        reranker = _MemoReranker(_Metered(loaded_reranker))
+    cascade = []
+    for stage, cfg in cascade_cfgs:
+        from serve_app.rerank import Reranker
+
+        r = Reranker.from_config(cfg)
+        print(f"cascade {stage.name}: {cfg.model}, top {stage.default_top_m}, {r.scorer.kind} on {r.scorer.runtime_info['backend']} {r.scorer.runtime_info['dtype']}")
+        cascade.append((stage, _MemoReranker(_Metered(r))))
+    meters = {**{f"rerank.{st.name}": m.inner for st, m in cascade}, **({"rerank": reranker.inner} if reranker is not None else {})}
     pool = args.top_k * 2
     limits = _config(
         FunnelLimits, "funnel", default_top_k=args.top_k, max_top_k=args.top_k, default_rerank_top_m=0,
-        max_rerank_top_m=max(args.rerank_top_m, 0), default_top_n=args.top_k, max_top_n=max(args.top_k, pool),
+        max_rerank_top_m=max(depths), default_top_n=args.top_k, max_top_n=max(args.top_k, pool),
     )
     qids, texts = list(dataset.queries), list(dataset.queries.values())
     out_dir = Path(args.out) if args.out else (Path(args.work_dir) if args.work_dir else default_work_dir()) / "results" / f"{Path(args.dataset).resolve().name}-{args.split}"
 
     results: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
-    for pipeline in pipelines:
+    cost: dict[str, dict[str, dict[str, float]]] = {}
+    runs = [(p, blend, m) for p in pipelines for m in (depths if PIPELINES[p][1] else [0]) for blend in (blends if PIPELINES[p][1] else ["none"])]
+    for pipeline, blend, depth in runs:
         names, rerank = PIPELINES[pipeline]
-        for blend in blends if rerank else ["none"]:
-            name = pipeline if blend == "none" else f"{pipeline} ({blend} blend)"
-            pipe = SearchPipeline(loaded.corpus, retrievers, reranker, fusion.model_copy(update={"rerank_blend": blend}), limits)
-            start = time.perf_counter()
-            out = pipe.search_batch(texts, top_k=args.top_k, rerank_top_m=min(args.rerank_top_m, pool) if rerank else 0, top_n=args.top_k, retrievers=list(names), show_progress=not args.quiet)
-            seconds[name] = round(time.perf_counter() - start, 3)
-            degraded = sorted({stage for r in out for stage in r.degraded})
-            if degraded:
-                problems = "; ".join(sorted({f"{stage}: {r.stages[stage].error}" for r in out for stage in r.degraded}))
-                raise UsageError(f"{name}: the {', '.join(degraded)} stage failed, so the run would not measure the pipeline ({problems})")
-            run = run_from_results(dict(zip(qids, out)))
-            results[name] = evaluate(run, dataset.qrels, measures)
-            write_trec_run(run, out_dir / "runs" / (f"{pipeline}.trec" if blend == "none" else f"{pipeline}-{blend}-blend.trec"), name)
-            logger.info("%s: %s (%.1f s)", name, results[name], seconds[name])
+        tag = pipeline if len(depths) == 1 or not rerank else f"{pipeline}@{depth}"
+        name = tag if blend == "none" else f"{tag} ({blend} blend)"
+        pipe = SearchPipeline(loaded.corpus, retrievers, reranker, fusion.model_copy(update={"rerank_blend": blend}), limits, cascade=cascade if rerank else ())
+        start = time.perf_counter()
+        before = {k: m.snapshot() for k, m in meters.items()}
+        out = pipe.search_batch(texts, top_k=args.top_k, rerank_top_m=min(depth, pool) if rerank else 0, top_n=args.top_k, retrievers=list(names), show_progress=not args.quiet)
+        seconds[name] = round(time.perf_counter() - start, 3)
+        if rerank:
+            cost[name] = {}
+            for k, m in meters.items():
+                d, c, w = (a - b for a, b in zip(m.snapshot(), before[k]))
+                cost[name][k] = {"pairs_per_query": round(d / max(1, len(texts)), 2), "cpu_s": round(c, 2), "wall_s": round(w, 2)}
+            print(f"{name}: " + "; ".join(f"{k} {v['pairs_per_query']} pairs/query, {v['cpu_s']} CPU-s" for k, v in cost[name].items()))
+        degraded = sorted({stage for r in out for stage in r.degraded})
+        if degraded:
+            problems = "; ".join(sorted({f"{stage}: {r.stages[stage].error}" for r in out for stage in r.degraded}))
+            raise UsageError(f"{name}: the {', '.join(degraded)} stage failed, so the run would not measure the pipeline ({problems})")
+        run = run_from_results(dict(zip(qids, out)))
+        results[name] = evaluate(run, dataset.qrels, measures)
+        write_trec_run(run, out_dir / "runs" / (f"{tag}.trec" if blend == "none" else f"{tag}-{blend}-blend.trec"), name)
+        logger.info("%s: %s (%.1f s)", name, results[name], seconds[name])
 
     meta = {
         "dataset": str(Path(args.dataset).resolve()), "split": args.split, "queries": len(qids), "documents": len(dataset.corpus),
         "top_k": args.top_k, "fusion": fusion.model_dump(), "dense_model": dense_cfg.model if "dense" in needed else None,
-        "rerank_top_m": args.rerank_top_m if reranker_cfg else None, "reranker": reranker_cfg.model if reranker_cfg else None,
+        "rerank_top_m": (depths[0] if len(depths) == 1 else depths) if reranker_cfg else None, "reranker": reranker_cfg.model if reranker_cfg else None,
+        "reranker_runtime": reranker.inner.inner.scorer.describe() if reranker is not None else None,
         "rerank_blends": blends if reranker_cfg else None,
+        "cascade": [{"name": st.name, "model": cfg.model, "top_m": st.default_top_m} for st, cfg in cascade_cfgs],
+        "rerank_cost": cost,
         "skipped_corpus_lines": len(dataset.skipped),
         "empty_documents_left_out": dataset.empty_documents,
         "seconds": seconds,
@@ -343,12 +426,20 @@ def register(subparsers: Any) -> None:
     e.add_argument("--index", default=None, help="index directory (built there when missing; default: WORK_DIR/indexes/DATASET_NAME)")
     e.add_argument("--work-dir", default=None, help=f"cache of indexes and results (default: {default_work_dir()})")
     e.add_argument("--top-k", type=int, default=100, help="candidates per retriever, also the evaluated ranking depth (default: 100)")
-    e.add_argument("--rerank-top-m", type=int, default=100, help="fused candidates reranked by hybrid+rerank (default: 100)")
-    e.add_argument("--reranker", default=CrossEncoderConfig().model, help="cross-encoder for hybrid+rerank: Hub id or local directory")
+    e.add_argument("--rerank-top-m", default="100", metavar="M[,M]", help="fused candidates reranked by hybrid+rerank (default: 100); several depths (e.g. 50,100,20,10) give one row each, named hybrid+rerank@M, and score each pair once, so the first depth's rerank cost is the only one measured whole")
+    ce = CrossEncoderConfig()
+    e.add_argument("--reranker", default=ce.model, help="reranker for hybrid+rerank: Hub id or local directory (any kind: cross-encoder, pooling, decoder)")
+    e.add_argument("--reranker-kind", choices=["auto", "sequence_classification", "pooling", "causal_lm"], default=None, help=f"reranker model family (default: {ce.kind}, read from the checkpoint)")
+    e.add_argument("--reranker-backend", choices=["torch", "onnx", "openvino"], default=None, help=f"reranker runtime (default: {ce.backend})")
+    e.add_argument("--reranker-dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None, help=f"reranker dtype (default: {ce.dtype}: bfloat16 on CPUs with native bf16, see docs/RERANKERS.md)")
+    e.add_argument("--reranker-quantize", choices=["none", "int8"], default=None, help="onnx: int8 dynamic quantisation (default: none)")
+    e.add_argument("--reranker-max-length", type=int, default=None, help=f"tokens per reranked pair (default: {ce.max_length})")
+    e.add_argument("--no-reranker-drift-check", action="store_true", help="load the reranker's runtime without the drift check against torch float32 (to evaluate a runtime the default tolerance refuses)")
     e.add_argument("--fusion", choices=["rrf", "weighted"], default=fu.method, help=f"fusion method (default: {fu.method})")
     e.add_argument("--rrf-k", type=int, default=None, help=f"RRF constant (default: {fu.rrf_k})")
     e.add_argument("--weights", default=None, help="weighted fusion weights, e.g. bm25=0.4,dense=0.6 (default: " + ",".join(f"{k}={v}" for k, v in fu.weights.items()) + ")")
     e.add_argument("--normalization", choices=["minmax", "zscore"], default=None, help=f"weighted fusion score normalisation (default: {fu.normalization})")
+    e.add_argument("--cascade", action="append", metavar="MODEL=TOP_M", help="a cheaper rerank stage before --reranker: it scores the first TOP_M fused candidates and --reranker reads the first --rerank-top-m of its order (repeat for more stages, in order; same runtime flags). Reports the pairs and CPU time of each stage.")
     e.add_argument("--rerank-blend", default="none", metavar="BLEND[,BLEND]", help="order of the reranked candidates, one result row per value: none (cross-encoder score alone), rrf (RRF of the cross-encoder rank and the fused rank); e.g. none,rrf (default: none)")
     e.add_argument("--rerank-weight", type=float, default=None, help=f"rrf blend: weight of the cross-encoder rank (default: {fu.rerank_weight})")
     e.add_argument("--measures", default=None, help="comma-separated ir-measures names (default: nDCG@10,R@100,RR@10)")

@@ -6,7 +6,8 @@
 * :mod:`~serve_app.index.load`: :func:`load_index` (the whole index in process) and the loaders
   of the part one Serve replica needs, consistent under in-place rebuilds
   (:mod:`~serve_app.index.consistency`);
-* :mod:`~serve_app.index.shards`: shard sets (one index directory per shard).
+* :mod:`~serve_app.index.shards`: shard sets (one index directory per shard);
+* :mod:`~serve_app.index.docstore`: the SQLite document store the ingress reads texts from.
 
 Each retriever writes and reads only its own sub-directory (``bm25/``, ``dense/``), its document
 ids included; this package never looks inside them.
@@ -14,12 +15,14 @@ ids included; this package never looks inside them.
 
 from serve_app.index.build import IndexBuildError, build_index, build_shard_set, ensure_index, index_is_current
 from serve_app.index.files import BM25_DIR, DENSE_DIR, DOCUMENTS, FORMAT_VERSION, MANIFEST, Manifest, read_manifest, verify_files
-from serve_app.index.load import LoadedIndex, load_bm25, load_dense, load_documents, load_index, load_shards, open_shard
+from serve_app.index.docstore import DOCSTORE, SqliteDocumentStore, write_document_store
+from serve_app.index.load import LoadedIndex, load_bm25, load_dense, load_document_store, load_documents, load_index, load_shards, open_shard
 from serve_app.index.shards import SHARDS_MANIFEST, ShardSetManifest, read_shards_manifest, shard_dir, shard_set_dir
 
 __all__ = [
     "BM25_DIR",
     "DENSE_DIR",
+    "DOCSTORE",
     "DOCUMENTS",
     "FORMAT_VERSION",
     "IndexBuildError",
@@ -27,6 +30,7 @@ __all__ = [
     "MANIFEST",
     "Manifest",
     "SHARDS_MANIFEST",
+    "SqliteDocumentStore",
     "ShardSetManifest",
     "build_index",
     "build_shard_set",
@@ -34,6 +38,7 @@ __all__ = [
     "index_is_current",
     "load_bm25",
     "load_dense",
+    "load_document_store",
     "load_documents",
     "load_index",
     "load_shards",
@@ -43,4 +48,5 @@ __all__ = [
     "shard_dir",
     "shard_set_dir",
     "verify_files",
+    "write_document_store",
 ]

@@ -5,7 +5,8 @@ Layout (see docs/ARCHITECTURE.md)::
     INDEX_DIR/
       manifest.json     Manifest: format, corpus fingerprint, chunking, retriever sections,
                         library versions, sha256 and size of every file below (shards/ aside)
-      documents.jsonl   the document store (serve_app.corpus.write_documents_jsonl)
+      documents.jsonl   the corpus as written (serve_app.corpus.write_documents_jsonl)
+      documents.sqlite  the document store the ingress looks texts up in (serve_app.index.docstore)
       bm25/             BM25Retriever.save (its own document ids included)
       dense/            DenseRetriever.save (its own document ids included)
       shards/           shard sets, when sharding asks for them (serve_app.index.shards)
@@ -71,10 +72,16 @@ def _write_index(
     encoder: Any,
     show_progress: bool,
     bm25_retriever: Optional[BM25Retriever] = None,
+    docstore: bool = True,
 ) -> Manifest:
     """Write an index of ``corpus`` into the empty ``directory``; ``bm25_retriever`` (cut from a
-    whole-corpus index) is saved instead of building one from ``bm25``."""
+    whole-corpus index) is saved instead of building one from ``bm25``. ``docstore`` also writes
+    the SQLite document store (not in shards: their replicas never look documents up)."""
+    from serve_app.index.docstore import DOCSTORE, write_document_store
+
     write_documents_jsonl(corpus, directory / DOCUMENTS)
+    if docstore:
+        write_document_store(corpus, directory / DOCSTORE)
     sections: dict[str, Optional[dict[str, Any]]] = {"bm25": None, "dense": None}
     if bm25_retriever is not None:
         sections["bm25"] = bm25_retriever.save(directory / BM25_DIR)
@@ -191,7 +198,7 @@ def build_shard_set(
         infos = []
         for i, ((start, end), part) in enumerate(zip(bounds, parts)):
             (tmp / str(i)).mkdir()
-            _write_index(tmp / str(i), corpus[start:end], bm25=bm25, dense=dense, chunking=chunking, encoder=encoder, show_progress=show_progress, bm25_retriever=part)
+            _write_index(tmp / str(i), corpus[start:end], bm25=bm25, dense=dense, chunking=chunking, encoder=encoder, show_progress=show_progress, bm25_retriever=part, docstore=False)
             infos.append(ShardInfo(index=i, directory=str(i), start=start, end=end))
         manifest = ShardSetManifest(
             format_version=SHARDS_FORMAT_VERSION,

@@ -7,7 +7,6 @@ rename it into place (:mod:`serve_app.fsutil`), so a reader never sees a half-wr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import serve_app
 from serve_app.config import ChunkingConfig
-from serve_app.fsutil import fsync_dir, fsync_file, read_json
+from serve_app.fsutil import fsync_dir, fsync_file, read_json, sha256_file
 from serve_app.errors import IndexLoadError
 
 logger = logging.getLogger(__name__)
@@ -95,14 +94,6 @@ def log_version_changes(directory: Path, manifest: Manifest) -> None:
     changed = {k: (v, now.get(k)) for k, v in manifest.libraries.items() if v is not None and now.get(k) not in (None, v)}
     if changed:
         logger.warning("%s was built with other library versions: %s", directory, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_entries(directory: Path) -> dict[str, FileEntry]:

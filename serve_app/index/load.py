@@ -1,7 +1,8 @@
 """Loading index directories: the whole index in process, or only the part one replica needs.
 
 :func:`load_index` opens everything (library use, evaluation, training). The Serve replicas
-load their share only: the ingress the document store (:func:`load_documents`), a BM25 replica
+load their share only: the ingress the on-disk document store (:func:`load_document_store`;
+:func:`load_documents` reads the whole corpus into memory), a BM25 replica
 its ``bm25/`` files (:func:`load_bm25`), a dense replica its ``dense/`` files and the query
 encoder (:func:`load_dense`); a shard replica first finds its shard (:func:`open_shard`). Each
 checks the manifest's sizes and sha256 of the files it reads, so a damaged index fails at
@@ -114,6 +115,26 @@ def load_documents(index_dir: str | os.PathLike[str]) -> tuple[Corpus, Manifest]
     def load(d: Path) -> tuple[Corpus, Manifest]:
         manifest = read_manifest(d)
         return _documents(d, manifest), manifest
+
+    return load_consistent(index_dir, load)
+
+
+def load_document_store(index_dir: str | os.PathLike[str], *, checksums: bool = True) -> tuple[Any, Manifest]:
+    """The index's document store for lookups by id, and its manifest: the SQLite store
+    (``serve_app.index.docstore``, read from disk, not held in memory) when the index has one,
+    else the corpus from ``documents.jsonl`` in memory (indexes built before the store existed).
+    A store whose size or sha256 differs from the manifest is refused naming the file."""
+    from serve_app.index.docstore import DOCSTORE, SqliteDocumentStore
+
+    def load(d: Path) -> tuple[Any, Manifest]:
+        manifest = read_manifest(d)
+        if DOCSTORE not in manifest.files:
+            return _documents(d, manifest, checksums=checksums), manifest
+        verify_files(d, manifest, [DOCSTORE], checksums=checksums)
+        store = SqliteDocumentStore(d / DOCSTORE)
+        if len(store) != manifest.corpus.num_documents:
+            raise IndexLoadError(f"{d / DOCSTORE}: {len(store)} documents, the manifest says {manifest.corpus.num_documents}")
+        return store, manifest
 
     return load_consistent(index_dir, load)
 

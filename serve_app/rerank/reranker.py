@@ -1,4 +1,5 @@
-"""Reranker: scores the documents of one or many queries with a cross-encoder.
+"""Reranker: scores the documents of one or many queries with a reranker model (any family:
+:func:`serve_app.rerank.load_scorer`).
 
 Long documents (``cfg.long_documents``):
 
@@ -20,20 +21,30 @@ only cover the first ``max_tokens_per_doc`` tokens and pairs get the same limit.
 Per request (:class:`serve_app.types.RerankRequest`): ``max_chunks`` scores up to that many
 windows of each document (``max_chunk`` for this request alone, whatever ``long_documents``
 says); ``truncation_direction="left"`` keeps the *end* of a document that does not fit instead
-of its start; ``truncate=False`` refuses (:meth:`Reranker.too_long`) a pair that would be cut.
+of its start; ``truncate=False`` refuses (:meth:`Reranker.too_long`) a pair that would be cut;
+``instruction`` replaces a decoder reranker's configured instruction (:meth:`Reranker.check`
+refuses it for other families, and a query whose prompt leaves no room for a document).
 
 ``rerank_many`` expands all pairs of all requests and scores them in ONE scorer call, so
 concurrent requests gathered by Ray Serve's ``@serve.batch`` share forward passes.
+
+With a :class:`~serve_app.rerank.cache.ScoreCache` (``cache``), a document whose score for the
+query is cached under the same model, effective pair limit and reading (truncation side,
+chunk windows, instruction) is not scored again: :meth:`Reranker.cached` answers those, and
+``rerank_many`` scores only the rest and stores their scores.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
 
 from serve_app.config import CrossEncoderConfig
-from serve_app.rerank.cross_encoder import CrossEncoderScorer
+from serve_app.errors import InputRejected
+from serve_app.rerank.cache import CacheContext, ScoreCache, doc_digest
+from serve_app.rerank.scorer import PairScorer
 from serve_app.types import RerankRequest
 
 __all__ = ["RerankRequest", "Reranker"]
@@ -53,14 +64,19 @@ def _validate(request: RerankRequest, where: str) -> None:
             raise ValueError(f"{where}{name} must be a positive integer or null, got {m!r}")
     if request.truncation_direction not in ("right", "left"):
         raise ValueError(f"{where}truncation_direction must be 'right' or 'left', got {request.truncation_direction!r}")
+    if request.instruction is not None and not isinstance(request.instruction, str):
+        raise TypeError(f"{where}instruction must be a string or null, got {type(request.instruction).__name__}")
 
 
 class Reranker:
-    """Cross-encoder reranking of documents, one request or many in one scorer call."""
+    """Reranking of documents, one request or many in one scorer call."""
 
-    def __init__(self, scorer: CrossEncoderScorer, cfg: CrossEncoderConfig) -> None:
+    def __init__(self, scorer: PairScorer, cfg: CrossEncoderConfig, cache: ScoreCache | None = None, name: str = "default") -> None:
         self.scorer = scorer
         self.cfg = cfg
+        #: Pair scores kept across calls (None: none); ``name`` keys this model's entries.
+        self.cache = cache if cache is not None and cache.enabled else None
+        self.name = name
         if cfg.long_documents == "max_chunk":
             self._need_offsets("reranker.long_documents=max_chunk")
 
@@ -72,9 +88,48 @@ class Reranker:
             )
 
     @classmethod
-    def from_config(cls, cfg: CrossEncoderConfig) -> "Reranker":
-        """Load the model ``cfg`` names and rerank with it."""
-        return cls(CrossEncoderScorer(cfg), cfg)
+    def from_config(cls, cfg: CrossEncoderConfig, cache: ScoreCache | None = None, name: str = "default") -> "Reranker":
+        """Load the model ``cfg`` names (its family, runtime and drift check: ``load_scorer``) and rerank with it."""
+        from serve_app.rerank.loading import load_scorer
+
+        return cls(load_scorer(cfg), cfg, cache, name)
+
+    def pair_limit(self, req: RerankRequest) -> int:
+        """Tokens per pair for ``req``: the model's limit, lowered by ``max_tokens_per_doc``."""
+        limit = self.scorer.max_length
+        if req.max_tokens_per_doc is not None:
+            wanted = self.scorer.query_overhead(req.query, req.instruction) + int(req.max_tokens_per_doc)
+            limit = min(limit, max(wanted, self.scorer.min_pair_length))
+        return limit
+
+    def _reading(self, req: RerankRequest) -> tuple:
+        """How ``req``'s documents are read, besides the pair limit (part of the cache key)."""
+        if req.max_chunks is not None or self.cfg.long_documents == "max_chunk":
+            how: tuple = ("chunks", req.max_tokens_per_doc, req.max_chunks or self.cfg.max_chunks_per_doc, self.cfg.chunk_tokens, self.cfg.chunk_stride)
+        else:
+            how = (req.truncation_direction,)
+        return (*how, req.instruction)
+
+    def _context(self, req: RerankRequest) -> CacheContext:
+        assert self.cache is not None
+        return self.cache.context(self.name, self.pair_limit(req), self._reading(req))
+
+    def cached(self, req: RerankRequest, *, count: bool = True) -> list[float | None]:
+        """Each document's cached score for ``req`` (None: not cached; all None without a cache)."""
+        if self.cache is None:
+            return [None] * len(req.documents)
+        _validate(req, "")
+        return self.cache.get(self._context(req), req.query, req.documents, count=count)
+
+    def check(self, request: RerankRequest) -> None:
+        """:class:`~serve_app.errors.InputRejected` for a request this model cannot take: an
+        instruction sent to a model without a prompt, or (decoder rerankers) a query whose
+        prompt alone leaves no room for a document (``InputTooLong``)."""
+        if request.instruction is None and not self.scorer.accepts_instruction:
+            return
+        if not self.scorer.accepts_instruction:
+            raise InputRejected(f"instruction applies only to decoder rerankers (kind causal_lm); this model ({self.scorer.model_name}) is {self.scorer.kind}: leave instruction out")
+        self.scorer.pairs.check_fits(request.query, request.instruction)
 
     def _offsets(self, document: str) -> list[tuple[int, int]]:
         return self.scorer.tokenizer(document, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
@@ -103,7 +158,7 @@ class Reranker:
     def too_long(self, request: RerankRequest) -> list[int]:
         """Positions of the documents whose pair with the query exceeds the model's ``max_length``
         (what ``truncate=False`` refuses)."""
-        overhead = self.scorer.query_overhead(request.query)
+        overhead = self.scorer.query_overhead(request.query, request.instruction)
         limit = self.scorer.max_length
         return [i for i, doc in enumerate(request.documents) if overhead + len(self.scorer.pairs.token_ids(doc)) > limit]
 
@@ -116,7 +171,7 @@ class Reranker:
             return lambda doc: self.windows(doc, req.max_tokens_per_doc, req.max_chunks)
         if req.truncation_direction == "left":
             self._need_offsets("truncation_direction=left")
-            budget = max(1, limit - self.scorer.query_overhead(req.query))
+            budget = max(1, limit - self.scorer.query_overhead(req.query, req.instruction))
             return lambda doc: [self.tail(doc, budget)]
         return lambda doc: [doc]
 
@@ -129,22 +184,47 @@ class Reranker:
         return [scores for scores, _, _ in self.rerank_many_detailed(requests)]
 
     def rerank_many_detailed(self, requests: Sequence[RerankRequest]) -> list[tuple[np.ndarray, int, int]]:
-        """(document scores, pairs scored, tokens read) of each request, all pairs in one scorer call."""
+        """(document scores, pairs scored, tokens read) of each request, all pairs in one scorer call
+        (only the documents the cache does not answer are scored)."""
+        if self.cache is not None:
+            return self._rerank_many_cached(requests)
+        return self._rerank_many_uncached(requests)
+
+    def _rerank_many_cached(self, requests: Sequence[RerankRequest]) -> list[tuple[np.ndarray, int, int]]:
+        assert self.cache is not None
+        for r, req in enumerate(requests):
+            _validate(req, f"requests[{r}]." if len(requests) > 1 else "")
+        contexts = [self._context(req) for req in requests]
+        digests = [[doc_digest(d) for d in req.documents] for req in requests]
+        found = [self.cache.get(ctx, req.query, req.documents, dg) for ctx, req, dg in zip(contexts, requests, digests)]
+        misses = [[i for i, s in enumerate(f) if s is None] for f in found]
+        todo = [replace(req, documents=[req.documents[i] for i in miss]) for req, miss in zip(requests, misses)]
+        scored = self._rerank_many_uncached(todo)
+        out = []
+        for ctx, req, dg, f, miss, (scores, pairs, tokens) in zip(contexts, requests, digests, found, misses, scored):
+            self.cache.put(ctx, req.query, [req.documents[i] for i in miss], scores.tolist(), [dg[i] for i in miss])
+            full = np.asarray([np.nan if s is None else s for s in f], dtype=np.float32)
+            if miss:
+                full[np.asarray(miss, dtype=np.int64)] = scores
+            out.append((full, pairs, tokens))
+        return out
+
+    def _rerank_many_uncached(self, requests: Sequence[RerankRequest]) -> list[tuple[np.ndarray, int, int]]:
         pairs: list[tuple[str, str]] = []
+        instructions: list[str | None] = []
         limits: list[int] = []
         owner: list[int] = []  # pair -> document position across all requests
         n_docs: list[int] = []
         doc_pos = 0
         for r, req in enumerate(requests):
             _validate(req, f"requests[{r}]." if len(requests) > 1 else "")
-            limit = self.scorer.max_length
-            if req.max_tokens_per_doc is not None:
-                wanted = self.scorer.query_overhead(req.query) + int(req.max_tokens_per_doc)
-                limit = min(limit, max(wanted, self.scorer.min_pair_length))
+            self.check(req)
+            limit = self.pair_limit(req)
             texts_of = self._texts_of(req, limit)
             for doc in req.documents:
                 for text in texts_of(doc):
                     pairs.append((req.query, text))
+                    instructions.append(req.instruction)
                     limits.append(limit)
                     owner.append(doc_pos)
                 doc_pos += 1
@@ -152,7 +232,8 @@ class Reranker:
         doc_scores = np.full(doc_pos, -np.inf, dtype=np.float32)
         lengths: list[int] = []
         if pairs:
-            scores, lengths = self.scorer.score_with_lengths(pairs, max_length=limits)
+            extra = {"instructions": instructions} if any(i is not None for i in instructions) else {}
+            scores, lengths = self.scorer.score_with_lengths(pairs, max_length=limits, **extra)
             np.maximum.at(doc_scores, np.asarray(owner, dtype=np.int64), scores)
         bounds = np.cumsum([0, *n_docs])
         pair_owner = np.searchsorted(bounds, np.asarray(owner, dtype=np.int64), side="right") - 1  # pair -> request

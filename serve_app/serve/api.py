@@ -31,7 +31,7 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
     "method_not_allowed": (405, "The endpoint exists but not for this HTTP method."),
     "payload_too_large": (413, "The body exceeds limits.max_body_bytes."),
     "unsupported_media_type": (415, "The body is not sent as application/json (UTF-8)."),
-    "validation_error": (422, "The JSON does not match the request schema: missing or unknown field, wrong type, empty list, too long string, too many documents, funnel size beyond its maximum."),
+    "validation_error": (422, "The JSON does not match the request schema: missing or unknown field, wrong type, empty list, too long string, too many documents, funnel size beyond its maximum, an instruction sent to a reranker that has no prompt (not kind causal_lm)."),
     "internal_error": (500, "An unexpected failure inside the service (a bug); the message holds no request data."),
     "service_unavailable": (503, "A stage needed for the answer is unavailable: every retriever failed, or the reranker failed for /rerank."),
     "not_ready": (503, "GET /healthz: a stage has not loaded its index or model yet, or does not answer."),
@@ -40,7 +40,7 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
     "overloaded": (503, "A stage needed for the answer is at capacity (its queue, max_queued_requests, is full): the request was shed; retry after the Retry-After header's seconds."),
     "deadline_exceeded": (504, "The request did not complete within timeouts.request_timeout_s; its pending stage calls were cancelled."),
     "model_not_found": (404, "The request names a reranker model (`model`, or `reranker` on /search) that is not configured; the message lists the available names and aliases."),
-    "input_too_long": (413, "TEI shape with truncate=false: a query and document pair is longer than the model reads (its max_length tokens)."),
+    "input_too_long": (413, "TEI shape with truncate=false: a query and document pair is longer than the model reads (its max_length tokens); or, for a decoder reranker, the query with its prompt and instruction leaves no room for a document token (queries are never cut)."),
 }
 
 #: The rerank routes answer a shed request (``overloaded``) with 429, as Cohere, Jina and TEI do;
@@ -109,6 +109,13 @@ class TextDocument(_Request):
 DOCUMENT_TAGS = ("string", "object", "cohere", "tei")
 
 
+def _not_blank_or_none(value: Optional[str]) -> Optional[str]:
+    return None if value is None else _not_blank(value)
+
+
+INSTRUCTION_DOC = "Extension, decoder rerankers (kind causal_lm) only: the task instruction of the prompt for this request (default: reranker.prompt.instruction). Sent to another kind of model it is refused (422)."
+
+
 def _document_kind(value: Any) -> Optional[str]:
     if isinstance(value, str):
         return "string"
@@ -140,7 +147,7 @@ class RerankBody(_Request):
 
     def core(self) -> CoreRerankRequest:
         """The reranker's request (documents as the texts to score)."""
-        return CoreRerankRequest(self.query, self.texts(), getattr(self, "max_tokens_per_doc", None), model=getattr(self, "model", None))  # type: ignore[attr-defined]
+        return CoreRerankRequest(self.query, self.texts(), getattr(self, "max_tokens_per_doc", None), model=getattr(self, "model", None), instruction=getattr(self, "instruction", None))  # type: ignore[attr-defined]
 
 
 class TEIRerankBase(RerankBody):
@@ -163,6 +170,7 @@ class RequestModels:
 def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> RequestModels:
     """Request models whose constraints come from ``limits`` and ``funnel``."""
     Query = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=limits.max_query_chars)]
+    Instruction = Optional[Annotated[str, StringConstraints(strict=True, min_length=1, max_length=limits.max_query_chars)]]
     DocText = Annotated[str, StringConstraints(strict=True, max_length=limits.max_document_chars)]
 
     class LimitedTextDocument(TextDocument):
@@ -188,8 +196,13 @@ def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> Request
         retrievers: Optional[list[Literal["bm25", "dense"]]] = Field(None, min_length=1, max_length=2, description="Retrievers to use (default: all deployed).")
         return_documents: bool = Field(False, strict=True, description="Include each result's title and text.")
         reranker: Optional[Annotated[str, StringConstraints(strict=True, min_length=1, max_length=256)]] = Field(None, description="A configured reranker name or alias (default: the default model).")
+        instruction: Instruction = Field(None, description=INSTRUCTION_DOC)
+        cascade: Optional[dict[Annotated[str, StringConstraints(max_length=32)], Annotated[int, Field(strict=True, ge=0)]]] = Field(
+            None, max_length=16, description="Depth of each rerank cascade stage by name (default: the stage's default_top_m); each at most the stage's max_top_m and the depth of the stage before it; 0 skips a stage. An unknown name is refused (422)."
+        )
 
         _query_not_blank = field_validator("query")(_not_blank)
+        _instruction_not_blank = field_validator("instruction")(_not_blank_or_none)
 
         @field_validator("retrievers")
         @classmethod
@@ -230,8 +243,10 @@ def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> Request
         rank_fields: Optional[list[Annotated[str, StringConstraints(strict=True, min_length=1, max_length=256)]]] = Field(None, min_length=1, max_length=32, description="Object documents: the fields ranked, in this order (one field: its text; several: `field: value` lines).")
         max_chunks_per_doc: Optional[int] = Field(None, strict=True, ge=1, le=256, description="Score up to this many windows of each long document and keep the best (the max_chunk handling for this request).")
         max_tokens_per_doc: MaxTokens = Field(None, description="Document tokens read per document (longer documents are truncated).")
+        instruction: Instruction = Field(None, description=INSTRUCTION_DOC)
 
         _query_not_blank = field_validator("query")(_not_blank)
+        _instruction_not_blank = field_validator("instruction")(_not_blank_or_none)
 
         @model_validator(mode="after")
         def _check(self) -> "CohereRerankRequest":
@@ -265,8 +280,10 @@ def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> Request
         max_tokens_per_doc: MaxTokens = Field(None, description="Document tokens read per document (longer documents are truncated).")
         return_documents: bool = Field(False, strict=True, description="Extension: include each result's document text.")
         priority: Optional[int] = Field(None, strict=True, ge=0, le=1000, description="Accepted for compatibility and ignored: requests are served in arrival order.")
+        instruction: Instruction = Field(None, description=INSTRUCTION_DOC)
 
         _query_not_blank = field_validator("query")(_not_blank)
+        _instruction_not_blank = field_validator("instruction")(_not_blank_or_none)
 
         def texts(self) -> list[str]:
             return [d if isinstance(d, str) else d.text for d in self.documents]
@@ -281,9 +298,11 @@ def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> Request
         truncate: bool = Field(False, strict=True, description="false: a query and text longer than the model reads is refused (413 input_too_long), as TEI does; true: the text is cut to fit.")
         truncation_direction: Literal["Right", "Left", "right", "left"] = Field("Right", description="Which end of a text is cut when it does not fit: Right keeps its start, Left its end.")
         model: ModelName = Field(None, description="Extension: a configured reranker name or alias.")
+        instruction: Instruction = Field(None, description=INSTRUCTION_DOC)
 
         model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
         _query_not_blank = field_validator("query")(_not_blank)
+        _instruction_not_blank = field_validator("instruction")(_not_blank_or_none)
 
         def texts(self) -> list[str]:
             return list(self.texts_)
@@ -324,6 +343,8 @@ class StageReport(BaseModel):
     ms: float = Field(0.0, description="Wall time of the stage in milliseconds, as seen by the ingress.")
     error: Optional[str] = Field(None, description="Why the stage was left out.")
     batch_size: Optional[int] = Field(None, description="rerank: requests that shared the cross-encoder call.")
+    depth_reduced: Optional[bool] = Field(None, description="rerank, with slo set: true when fewer candidates were reranked than asked, to meet the latency objective.")
+    requested_top_m: Optional[int] = Field(None, description="rerank, with slo set: the depth the request asked for (candidates is the depth used).")
 
 
 class FunnelOut(BaseModel):
@@ -332,13 +353,14 @@ class FunnelOut(BaseModel):
     top_n: int
     retrievers: list[str]
     reranker: Optional[str] = Field(None, description="The reranker model that answered, when the request named one.")
+    cascade: Optional[dict[str, int]] = Field(None, description="The depth of each cascade stage, when a cascade is configured.")
 
 
 class SearchResponse(BaseModel):
     query: str
     results: list[SearchHitOut]
     degraded: bool = Field(..., description="True when a stage failed or timed out and was left out (see stages).")
-    stages: dict[str, StageReport] = Field(..., description="Per stage: bm25, dense, fusion, rerank.")
+    stages: dict[str, StageReport] = Field(..., description="Per stage: bm25, dense, fusion, rerank.<name> for each cascade stage, rerank.")
     timings_ms: dict[str, float] = Field(..., description="Wall time per stage and in total (milliseconds).")
     funnel: FunnelOut = Field(..., description="The sizes used (defaults applied).")
 

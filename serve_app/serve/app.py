@@ -16,6 +16,10 @@ argument override them per deployment), bound to typed config objects cut from t
 ``AppConfig``, and with their ``user_config`` (the reranker's batching, fault injection)
 from it, so that ``serve deploy`` with a changed ``user_config`` still reconfigures live.
 
+A rerank cascade (``cascade: [{name: small, ...}]``) adds one reranker deployment per stage,
+``CrossEncoderReranker-<name>``, with the reranker's default options (overridable by that
+name), so that each stage scales on its own (the cheap stage on CPUs, the last on GPUs).
+
 With ``sharding: {bm25: N}`` (N > 1) the BM25 stage is N deployments, ``BM25Retriever-shard0``
 ... ``-shard{N-1}``, each serving one shard of the index, and the ingress merges their results
 (likewise ``dense``; see :mod:`serve_app.serve.shards`). In a Serve config file the shard
@@ -29,7 +33,7 @@ from typing import Any, Mapping, Optional
 from ray import serve
 from ray.serve import Application
 
-from serve_app.serve.config import AppConfig, BM25ServerConfig, DenseServerConfig, RerankerServerConfig, ShardRef, parse_app_config
+from serve_app.serve.config import AppConfig, BM25ServerConfig, DenseServerConfig, RerankerServerConfig, RerankerUserConfig, ShardRef, parse_app_config
 from serve_app.serve.deployments import BM25Server, DenseServer, RerankerServer, SearchIngress
 from serve_app.serve.shards import RETRIEVER_DEPLOYMENTS, deployment_names, shard_deployment_name
 
@@ -66,7 +70,7 @@ def build_application(cfg: AppConfig, options: Optional[Mapping[str, Mapping[str
     Pure wiring: no file is read or written (the index is :func:`build_app`'s business).
     """
     options = dict(options or {})
-    known = ["SearchIngress", *deployment_names(cfg), "CrossEncoderReranker"]
+    known = ["SearchIngress", *deployment_names(cfg), "CrossEncoderReranker", *(c.deployment_name() for c in cfg.cascade)]
     unknown = sorted(set(options) - set(DEPLOYMENT_NAMES) - set(known))
     if unknown:
         raise ValueError(f"unknown deployment name(s) {unknown}; expected among {known}")
@@ -87,8 +91,14 @@ def build_application(cfg: AppConfig, options: Optional[Mapping[str, Mapping[str
     reranker = _deployment(RerankerServer, "CrossEncoderReranker", "CrossEncoderReranker", options, cfg.reranker_user_config()).bind(
         RerankerServerConfig(reranker=cfg.reranker, batching=cfg.batching)
     )
+    cascade = [
+        _deployment(RerankerServer, c.deployment_name(), "CrossEncoderReranker", options, RerankerUserConfig(**c.batching.model_dump()).model_dump()).bind(
+            RerankerServerConfig(reranker=c.reranker_config(), batching=c.batching, stage=c.name)
+        )
+        for c in cfg.cascade
+    ]
     ingress = _deployment(serve.ingress()(SearchIngress), "SearchIngress", "SearchIngress", options)
-    return ingress.bind(cfg, bm25, dense, reranker)
+    return ingress.bind(cfg, bm25, dense, reranker, cascade)
 
 
 def build_app(args: Optional[dict[str, Any]] = None) -> Application:

@@ -1,4 +1,5 @@
-"""``serve-app demo`` and ``serve-app serve``: run the Serve application locally.
+"""``serve-app demo`` and ``serve-app serve``: run the Serve application locally;
+``serve-app export-reranker``: prepare its rerankers' runtimes ahead of time.
 
 ``serve-app demo`` starts Ray (with its dashboard on 127.0.0.1:8265) and Serve on 127.0.0.1 with
 the demo corpus shipped with the package, builds its index under
@@ -9,6 +10,10 @@ serves until Ctrl-C or SIGTERM (``--once``: one query, then exit).
 args), starts a local Ray instance (or joins ``--address``), deploys it and serves until Ctrl-C
 or SIGTERM; ``--once`` waits until it is ready, calls ``/healthz`` and exits (a smoke test of the
 config).
+
+``serve-app export-reranker --config deployments.yaml`` loads each reranker with ``backend: onnx``
+or ``openvino`` as a replica would, so its ONNX export is made (and cached in ``runtime_dir``)
+before deployment, and prints its family, runtime and drift from torch float32.
 
 Stopping: SIGINT (Ctrl-C) and SIGTERM (what ``docker stop``, systemd and Kubernetes send) both
 shut Serve down, stop the local Ray instance and exit with status 0; a second signal during
@@ -35,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from serve_app.serve.config import ENV_API_KEY, ENV_RERANKER_MODEL
+from serve_app.serve.config import ENV_API_KEY, ENV_RERANKER_MODEL, parse_app_config
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +188,6 @@ def _show_dashboard(url: Optional[str]) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     from serve_app.index import ensure_index
-    from serve_app.serve.config import parse_app_config
     from serve_app.serve.runner import deploy_config, load_serve_config, start_ray, wait_for_apps
 
     api_key = demo_api_key()  # a malformed key fails here, before anything starts
@@ -255,8 +259,40 @@ def run_serve(args: argparse.Namespace) -> int:
     return _serve_until_stopped(serve_config)
 
 
+def run_export_reranker(args: argparse.Namespace) -> int:
+    """Load rerankers as a replica would (family, runtime, export, drift check) and report them:
+    makes the ONNX export of ``backend: onnx`` / ``openvino`` models ahead of time (a container
+    image build), and shows the drift of each runtime from torch float32 before any traffic."""
+    import json
+
+    from serve_app.config import CrossEncoderConfig
+    from serve_app.rerank import load_scorer
+
+    targets: dict[str, CrossEncoderConfig] = {}
+    if args.config:
+        from serve_app.serve.runner import load_serve_config
+
+        for app in load_serve_config(args.config).applications:
+            if not str(app.import_path).startswith("serve_app."):
+                continue
+            app_cfg = parse_app_config(dict(app.args or {}))
+            for name, cfg in app_cfg.reranker.catalog().items():
+                if args.all or cfg.backend != "torch":
+                    targets[f"{app.name}/{name}"] = cfg
+        if not targets:
+            print(f"{args.config}: no reranker with backend onnx or openvino (pass --all to load every reranker)")
+            return 0
+    else:
+        settings = {k: v for k, v in (("kind", args.kind), ("backend", args.backend), ("dtype", args.dtype), ("quantize", args.quantize), ("runtime_dir", args.runtime_dir), ("max_length", args.max_length)) if v is not None}
+        targets[args.model] = CrossEncoderConfig(model=args.model, **settings)
+    for name, cfg in targets.items():
+        scorer = load_scorer(cfg)
+        print(json.dumps({"name": name, **scorer.describe()}, indent=None if args.compact else 1, default=str), flush=True)
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    """Add ``demo`` and ``serve`` to the ``serve-app`` command line."""
+    """Add ``demo``, ``serve`` and ``export-reranker`` to the ``serve-app`` command line."""
     p = subparsers.add_parser("demo", help="serve the packaged demo corpus locally and show an example query")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -284,3 +320,17 @@ def register(subparsers: Any) -> None:
     s.add_argument("--timeout", type=float, default=900, help="seconds to wait for the deployment (default 900)")
     s.add_argument("--dashboard-port", type=int, default=None, help=f"start the local Ray instance's dashboard on 127.0.0.1 at this port (e.g. {DASHBOARD_PORT}; default: no dashboard)")
     s.set_defaults(func=run_serve)
+
+    x = subparsers.add_parser("export-reranker", help="load rerankers as a replica would: make ONNX/OpenVINO exports ahead of time and show each runtime's drift", description=run_export_reranker.__doc__)
+    src = x.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", default=None, help="Serve config file: every reranker of its serve_app applications with backend onnx or openvino")
+    src.add_argument("--model", default=None, help="one reranker checkpoint (Hub id or directory)")
+    x.add_argument("--all", action="store_true", help="with --config: load the torch rerankers too (their drift check, if any)")
+    x.add_argument("--kind", choices=["auto", "sequence_classification", "pooling", "causal_lm"], default=None, help="with --model: model family (default auto)")
+    x.add_argument("--backend", choices=["torch", "onnx", "openvino"], default=None, help="with --model: runtime (default torch)")
+    x.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None, help="with --model: dtype (default auto)")
+    x.add_argument("--quantize", choices=["none", "int8"], default=None, help="with --model: onnx int8 (default none)")
+    x.add_argument("--runtime-dir", default=None, help="with --model: where the export goes (default: inside the model directory, else ~/.cache/serve_app/runtimes/)")
+    x.add_argument("--max-length", type=int, default=None, help="with --model: tokens per pair")
+    x.add_argument("--compact", action="store_true", help="one JSON line per model")
+    x.set_defaults(func=run_export_reranker)

@@ -26,7 +26,7 @@ from typing import Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve_app.config import BM25Config, ChunkingConfig, CrossEncoderConfig, DenseConfig, FunnelLimits, FusionConfig
+from serve_app.config import BM25Config, CascadeStage, ChunkingConfig, CrossEncoderConfig, DenseConfig, FunnelLimits, FusionConfig, ScoreCacheConfig, SloConfig
 from serve_app.corpus import BUILTIN_PREFIX
 from serve_app.errors import UserFacingError
 from serve_app.funnel import FunnelTimeouts
@@ -105,6 +105,7 @@ class RerankerConfig(CrossEncoderConfig):
     models: dict[str, CrossEncoderConfig] = Field(default_factory=dict, description="More rerankers by name, each with its own model, max_length, dtype, activation, long-document handling (e.g. {small: {model: /models/ce-small, max_length: 256}}).")
     aliases: dict[str, str] = Field(default_factory=dict, description="Other names for configured models (e.g. {rerank-v3.5: small}), for integrations that hard-code a provider's model name.")
     max_models_per_replica: int = Field(2, ge=1, le=64, description="Named models loaded at once in one reranker replica besides the default one; the least recently used is unloaded past it (Serve routes a request to a replica that holds its model).")
+    score_cache: ScoreCacheConfig = Field(default_factory=ScoreCacheConfig, description="Pair-score cache of each replica, shared by its models (exact: a hit is the score a miss computes; emptied for a model when it is unloaded).")
 
     @model_validator(mode="after")
     def _check_names(self) -> "RerankerConfig":
@@ -145,6 +146,19 @@ class RerankerConfig(CrossEncoderConfig):
         from serve_app.errors import ModelNotFound
 
         raise ModelNotFound(name, [*self.names(), *self.aliases])
+
+
+class ServeCascadeStage(CascadeStage):
+    """A cascade stage of the Serve app: its own deployment, ``CrossEncoderReranker-<name>``."""
+
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="The stage's @serve.batch settings.")
+    score_cache: ScoreCacheConfig = Field(default_factory=ScoreCacheConfig, description="Pair-score cache of each of the stage's replicas.")
+
+    def deployment_name(self) -> str:
+        return f"CrossEncoderReranker-{self.name}"
+
+    def reranker_config(self) -> "RerankerConfig":
+        return RerankerConfig(**self.reranker.model_dump(), score_cache=self.score_cache)
 
 
 class StageTimeouts(_Strict):
@@ -193,6 +207,8 @@ class AppConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API key authentication of the HTTP API (the environment variable holding the key).")
     faults: dict[Literal["bm25", "dense", "reranker"], FaultInjection] = Field(default_factory=dict, description="Fault injection per stage at start-up (tests and drills); deployment user_config overrides it.")
     sharding: ShardingConfig = Field(default_factory=ShardingConfig, description="Shards per retriever ({bm25: N, dense: M}); shard sets are built under index_dir/shards/ and the ingress merges the shards' results exactly.")
+    cascade: tuple[ServeCascadeStage, ...] = Field((), max_length=8, description="Cheaper rerank stages run before the reranker, in order, each its own deployment CrossEncoderReranker-<name> (e.g. [{name: small, reranker: {model: /models/ce-2l}, default_top_m: 100}] with funnel.default_rerank_top_m 20).")
+    slo: SloConfig = Field(default_factory=SloConfig, description="SLO-aware rerank depth: with search_p95_ms set, the ingress lowers a request's rerank_top_m (never below min_rerank_top_m) when its predicted latency would exceed the objective. Off by default.")
 
     @field_validator("index_dir")
     @classmethod
@@ -213,6 +229,9 @@ class AppConfig(_Strict):
                 raise ValueError(f"sharding.{name} is {getattr(self.sharding, name)} but {name} is not in retrievers")
         if self.sharding.bm25 > 1 and self.bm25.engine != "bm25s":
             raise ValueError("sharding.bm25 > 1 needs bm25.engine: bm25s (rank_bm25 cannot share corpus statistics across shards)")
+        names = [c.name for c in self.cascade]
+        if len(set(names)) != len(names):
+            raise ValueError(f"cascade stage names must be unique: {names}")
         return self
 
     def index_build_args(self) -> dict[str, Any]:
@@ -261,6 +280,7 @@ class DenseServerConfig(_Strict):
 
 class RerankerServerConfig(_Strict):
     reranker: RerankerConfig
+    stage: Optional[str] = Field(None, description="The cascade stage this deployment serves (None: the final reranker).")
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Starting batching; user_config reconfigures it live.")
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import math
@@ -286,12 +287,20 @@ class RerankerServer:
     """
 
     def __init__(self, cfg: RerankerServerConfig) -> None:
+        from serve_app.rerank.cache import ScoreCache
         from serve_app.rerank.reranker import Reranker
 
         self.catalog = cfg.reranker.catalog()
-        self.reranker = _load("CrossEncoderReranker", Reranker.from_config, self.catalog[DEFAULT_MODEL], hint=f"For the Serve app, {ENV_RERANKER_MODEL}=/path/to/model also overrides reranker.model.")
+        self.stage = cfg.stage
+        self.metric_model = DEFAULT_MODEL if cfg.stage is None else f"cascade.{cfg.stage}"  # the model label of its metrics
+        #: Pair scores of this replica's models (serve_app.rerank.cache); max_bytes 0: none.
+        self.cache = ScoreCache(cfg.reranker.score_cache.max_bytes)
+        hint = f"For the Serve app, {ENV_RERANKER_MODEL}=/path/to/model also overrides reranker.model." if cfg.stage is None else f"(cascade stage {cfg.stage})"
+        self.reranker = _load("CrossEncoderReranker", Reranker.from_config, self.catalog[DEFAULT_MODEL], self.cache, DEFAULT_MODEL, hint=hint)
         self._named = _serve_multiplexed(self._load_named, cfg.reranker.max_models_per_replica)
         self.loaded: set[str] = set()
+        #: Family, runtime and drift of each loaded model (what /info shows).
+        self.runtimes: dict[str, dict[str, Any]] = {DEFAULT_MODEL: self.reranker.scorer.describe()}
         self.loads: collections.Counter[str] = collections.Counter()
         self.batching = cfg.batching
         self.fault = FaultInjection()
@@ -304,11 +313,17 @@ class RerankerServer:
     async def _load_named(self, name: str) -> _ModelSlot:
         from serve_app.rerank.reranker import Reranker
 
-        reranker = await asyncio.to_thread(_load, "CrossEncoderReranker", Reranker.from_config, self.catalog[name])
+        reranker = await asyncio.to_thread(_load, "CrossEncoderReranker", Reranker.from_config, self.catalog[name], self.cache, name)
         self.loaded.add(name)
         self.loads[name] += 1
+        self.runtimes[name] = reranker.scorer.describe()
         logger.info("reranker model %r loaded (%s)", name, self.catalog[name].model)
-        return _ModelSlot(name, reranker, self.loaded.discard)
+        return _ModelSlot(name, reranker, self._unloaded)
+
+    def _unloaded(self, name: str) -> None:
+        self.loaded.discard(name)
+        self.runtimes.pop(name, None)
+        self.cache.drop_model(name)  # a reload must not answer from the old model's scores
 
     async def reranker_for(self, name: Optional[str]) -> Any:
         """The loaded reranker of the configured model ``name`` (None: the default one)."""
@@ -333,6 +348,7 @@ class RerankerServer:
         """Scores of one request's documents (batched with the concurrent requests of its model)."""
         await _apply_fault(self.fault, "reranker")
         reranker = await self.reranker_for(request.model)
+        reranker.check(request)  # refused on its own, before it joins (and fails) a batch
         if not request.truncate:
             too_long = await asyncio.to_thread(reranker.too_long, request)
             if too_long:
@@ -340,6 +356,15 @@ class RerankerServer:
 
                 shown = ", ".join(str(i) for i in too_long[:10]) + (", ..." if len(too_long) > 10 else "")
                 raise InputTooLong(f"{len(too_long)} document(s) ({shown}) with the query exceed the {reranker.scorer.max_length} tokens the model reads; send truncate: true to cut them")
+        if reranker.cache is not None:
+            found = reranker.cached(request, count=False)
+            hits = sum(1 for x in found if x is not None)
+            metrics.count_score_cache(request.model or self.metric_model, hits, len(found) - hits)
+            if found and hits == len(found):  # every score is known: answer without waiting for the model
+                reranker.cached(request)  # counted as hits
+                return RerankOutcome([float(x) for x in found], 0, 0, 0, 0, cached=hits)  # type: ignore[arg-type]
+            outcome = await self._rerank_batched(request)
+            return dataclasses.replace(outcome, cached=hits)
         return await self._rerank_batched(request)
 
     async def _score_requests(self, requests: list[RerankRequest]) -> list[RerankOutcome]:
@@ -357,14 +382,24 @@ class RerankerServer:
             self._last_scored = time.monotonic()
             pairs = sum(p for _, p, _ in detailed)
             metrics.observe_latency("rerank_batch", (time.perf_counter() - t0) * 1000)
-            metrics.observe_rerank_batch(len(group), pairs, name)
+            metrics.observe_rerank_batch(len(group), pairs, self.metric_model if name == DEFAULT_MODEL else name)
             for i, (scores, n_pairs, tokens) in zip(rows, detailed):
                 out[i] = RerankOutcome([float(x) for x in scores], len(group), pairs, n_pairs, tokens)
         return out
 
     async def ping(self) -> dict[str, Any]:
         await _apply_fault(self.fault, "reranker")
-        return {"stage": "reranker", "model": self.reranker.scorer.model_name, "models": list(self.catalog), "loaded": [DEFAULT_MODEL, *sorted(self.loaded)], "batching": self.batching.model_dump(), "replica": _replica_id()}
+        return {
+            "stage": "reranker",
+            "model": self.reranker.scorer.model_name,
+            "models": list(self.catalog),
+            "loaded": [DEFAULT_MODEL, *sorted(self.loaded)],
+            "runtime": dict(self.runtimes),
+            "batching": self.batching.model_dump(),
+            "replica": _replica_id(),
+            "cascade_stage": self.stage,
+            "score_cache": self.cache.stats(),
+        }
 
     async def stats(self) -> dict[str, Any]:
         """Batch sizes seen by this replica (most recent last), its live batching settings and models."""
@@ -376,6 +411,7 @@ class RerankerServer:
             "serve_batching": not isinstance(self._rerank_batched, _OneByOne),
             "models_loaded": [DEFAULT_MODEL, *sorted(self.loaded)],
             "model_loads": dict(self.loads),
+            "score_cache": self.cache.stats(),
         }
 
     async def check_health(self) -> None:
@@ -384,7 +420,7 @@ class RerankerServer:
             return
         score = (await asyncio.to_thread(self.reranker.scorer.score, [_PROBE_PAIR]))[0]
         if not math.isfinite(float(score)):
-            raise RuntimeError(f"the cross-encoder scored the health probe {score}")
+            raise RuntimeError(f"the reranker scored the health probe {score}")
         self._last_scored = time.monotonic()
 
 
@@ -421,7 +457,10 @@ class HandleBackends:
             return await scatter_gather(name, calls, k, self.shard_deadline_s)
         return await call_stage(name, lambda: handle.search.remote(query, k))
 
-    async def rerank(self, request: RerankRequest) -> RerankOutcome:
+    async def rerank(self, request: RerankRequest, stage: Optional[str] = None) -> RerankOutcome:
+        if stage is not None:  # a cascade stage: its own deployment, its default model
+            h = self._handle(f"reranker.{stage}")
+            return await call_stage(f"reranker.{stage}", lambda: h.rerank.remote(request))
         handle = self._handle("reranker")
         if request.model not in (None, DEFAULT_MODEL):  # route to a replica that holds the model
             handle = handle.options(multiplexed_model_id=request.model)
@@ -444,13 +483,16 @@ class SearchIngress:
     FastAPI app :meth:`__serve_build_asgi_app__` returns.
     """
 
-    def __init__(self, cfg: AppConfig, bm25: Any, dense: Any, reranker: Any) -> None:
-        from serve_app.index import load_documents
+    def __init__(self, cfg: AppConfig, bm25: Any, dense: Any, reranker: Any, cascade: Optional[list[Any]] = None) -> None:
+        from serve_app.index import load_document_store
         from serve_app.serve.service import SearchService
         from serve_app.serve.shards import shard_deadline
 
-        corpus, manifest = _load("SearchIngress", load_documents, cfg.index_dir)
+        # Texts are looked up in the on-disk store (SQLite, memory-mapped), not held here.
+        corpus, manifest = _load("SearchIngress", load_document_store, cfg.index_dir)
         handles = {name: h for name, h in (("bm25", bm25), ("dense", dense), ("reranker", reranker)) if h is not None}
+        for stage, h in zip(cfg.cascade, cascade or []):
+            handles[f"reranker.{stage.name}"] = h
         index_info = {
             "chunks": manifest.corpus.num_chunks,
             "built_at": manifest.created_at,

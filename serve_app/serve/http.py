@@ -40,7 +40,7 @@ from serve_app.serve.api import (
     envelope,
     is_rerank_path,
 )
-from serve_app.errors import DeadlineExceeded, FunnelError, InputTooLong, ModelNotFound, StageError, StageOutputError, StageOverloaded, StageTimeout, StageUnavailable
+from serve_app.errors import DeadlineExceeded, FunnelError, InputRejected, InputTooLong, ModelNotFound, StageError, StageOutputError, StageOverloaded, StageTimeout, StageUnavailable
 from serve_app.serve.auth import install_api_key_auth, load_api_keys
 from serve_app.serve.service import SearchService
 
@@ -176,6 +176,7 @@ CORE_ERROR_TYPES: tuple[tuple[type[Exception], str], ...] = (
     (FunnelError, "validation_error"),
     (ModelNotFound, "model_not_found"),
     (InputTooLong, "input_too_long"),
+    (InputRejected, "validation_error"),  # after its subclasses above
     (StageOverloaded, "overloaded"),
     (DeadlineExceeded, "deadline_exceeded"),
     (StageTimeout, "stage_timeout"),

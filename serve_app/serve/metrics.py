@@ -42,7 +42,10 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec(PREFIX + "rerank_pairs_total", "counter", ("model",), "(query, document) pairs scored by the cross-encoder."),
         MetricSpec(PREFIX + "requests_total", "counter", ("endpoint", "status"), "HTTP requests answered by the ingress, by endpoint (search, rerank, healthz, info, other) and status code."),
         MetricSpec(PREFIX + "errors_total", "counter", ("endpoint", "type"), "Error responses by endpoint and error type (the envelope's error.type)."),
-        MetricSpec(PREFIX + "degraded_total", "counter", ("stage", "reason"), "Stages left out of an answer because they failed (reason: error) or timed out (reason: timeout); stage: bm25, dense, rerank."),
+        MetricSpec(PREFIX + "degraded_total", "counter", ("stage", "reason"), "Stages left out of an answer because they failed (reason: error) or timed out (reason: timeout); stage: bm25, dense, rerank.<name> (a cascade stage), rerank."),
+        MetricSpec(PREFIX + "score_cache_total", "counter", ("model", "result"), "Documents of rerank calls looked up in a reranker replica's score cache (result: hit, answered without scoring; miss, scored). model: the configured model name, or cascade.<stage> for a cascade stage."),
+        MetricSpec(PREFIX + "rerank_depth_decisions_total", "counter", ("decision",), "/search requests that reranked, by the depth they got: decision as_requested, or reduced (the ingress lowered rerank_top_m to meet slo.search_p95_ms)."),
+        MetricSpec(PREFIX + "rerank_depth", "histogram", (), "rerank_top_m used per /search request that reranked, after any SLO-aware reduction.", tuple(COUNT_BOUNDARIES)),
     )
 }
 METRIC_NAMES: tuple[str, ...] = tuple(SPECS)
@@ -96,6 +99,20 @@ def count_request(endpoint: str, status: int) -> None:
 def count_error(endpoint: str, error_type: str) -> None:
     """Count one error response."""
     _metric(PREFIX + "errors_total").inc(tags={"endpoint": endpoint, "type": error_type})
+
+
+def count_score_cache(model: str, hits: int, misses: int) -> None:
+    """Count a rerank call's score-cache hits and misses."""
+    if hits:
+        _metric(PREFIX + "score_cache_total").inc(int(hits), tags={"model": model, "result": "hit"})
+    if misses:
+        _metric(PREFIX + "score_cache_total").inc(int(misses), tags={"model": model, "result": "miss"})
+
+
+def observe_rerank_depth(depth: int, reduced: bool) -> None:
+    """Record the rerank depth one /search request used, and whether the SLO lowered it."""
+    _metric(PREFIX + "rerank_depth").observe(int(depth))
+    _metric(PREFIX + "rerank_depth_decisions_total").inc(tags={"decision": "reduced" if reduced else "as_requested"})
 
 
 def count_degraded(stage: str, reason: str) -> None:

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
 from serve_app.errors import StageError
-from serve_app.funnel import FUSION, RERANK, Funnel, FunnelRequest, StageReport, gather_all, describe_exception
+from serve_app.funnel import FUSION, RERANK, CascadeDepths, Funnel, FunnelRequest, StageReport, gather_all, describe_exception
 from serve_app.serve import metrics
 from serve_app.serve.api import RequestModels, build_request_models
 from serve_app.serve.config import DEFAULT_MODEL, AppConfig
+from serve_app.slo import DepthController
 from serve_app.types import Document, Hit, RerankOutcome, RerankRequest
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ class Backends(Protocol):
         """Top-``k`` hits of retriever ``name``."""
         ...
 
-    async def rerank(self, request: RerankRequest) -> RerankOutcome:
-        """Reranker scores of the request's documents (request order)."""
+    async def rerank(self, request: RerankRequest, stage: Optional[str] = None) -> RerankOutcome:
+        """Scores of the request's documents (request order) by the reranker, or by cascade stage ``stage``."""
         ...
 
     async def ping(self, stage: str) -> Mapping[str, Any]:
@@ -68,8 +69,10 @@ class IngressStages:
     async def retrieve(self, name: str, queries: Sequence[str], k: int) -> list[list[Hit]]:
         return [list(hits) for hits in await gather_all(self.backends.retrieve(name, q, k) for q in queries)]
 
-    async def rerank(self, requests: Sequence[RerankRequest]) -> list[RerankOutcome]:
-        return await gather_all(self.backends.rerank(r) for r in requests)
+    async def rerank(self, requests: Sequence[RerankRequest], stage: Optional[str] = None) -> list[RerankOutcome]:
+        if stage is None:
+            return await gather_all(self.backends.rerank(r) for r in requests)
+        return await gather_all(self.backends.rerank(r, stage) for r in requests)  # type: ignore[call-arg]
 
 
 def record_stages(stages: Mapping[str, StageReport]) -> None:
@@ -99,6 +102,7 @@ class SearchService:
     def __post_init__(self) -> None:
         self.models: RequestModels = build_request_models(self.cfg.limits, self.cfg.funnel)
         self.retrievers: tuple[str, ...] = tuple(n for n in ("bm25", "dense") if n in self.cfg.retrievers)
+        self.depth = DepthController(self.cfg.slo) if self.cfg.slo.search_p95_ms is not None else None
         self.funnel = Funnel(
             IngressStages(self.backends, self.documents),
             retrievers=self.retrievers,
@@ -107,6 +111,8 @@ class SearchService:
             fusion=self.cfg.fusion,
             timeouts=self.cfg.timeouts.funnel(),
             models=self.model_name,
+            cascade=[CascadeDepths(c.name, c.default_top_m, c.max_top_m) for c in self.cfg.cascade],
+            depth=self.depth,
         )
 
     def model_name(self, requested: Optional[str]) -> Optional[str]:
@@ -119,11 +125,14 @@ class SearchService:
     async def search(self, req: Any) -> dict[str, Any]:
         """Answer a validated search request (``self.models.search``)."""
         try:
-            result = await self.funnel.search(FunnelRequest(req.query, req.top_k, req.rerank_top_m, req.top_n, req.retrievers, req.return_documents, req.reranker))
+            result = await self.funnel.search(FunnelRequest(req.query, req.top_k, req.rerank_top_m, req.top_n, req.retrievers, req.return_documents, req.reranker, req.instruction, req.cascade))
         except StageError as exc:
             record_stages(exc.stages)
             raise
         record_stages(result.stages)
+        rerank = result.stages.get(RERANK)
+        if rerank is not None and rerank.status == "ok":
+            metrics.observe_rerank_depth(rerank.candidates, rerank.depth_reduced)
         timings = {name: round(ms, 3) for name, ms in result.timings_ms.items()}
         metrics.observe_latency("total", timings["total"])
         metrics.observe_candidates("returned", len(result.results))
@@ -204,8 +213,8 @@ class SearchService:
     # ------------------------------------------------------------------ /healthz, /info
 
     def stages(self) -> tuple[str, ...]:
-        """The deployed stages."""
-        return (*self.retrievers, "reranker")
+        """The deployed stages (a cascade stage is ``reranker.<name>``)."""
+        return (*self.retrievers, *(f"reranker.{c.name}" for c in self.cfg.cascade), "reranker")
 
     async def health(self) -> tuple[bool, dict[str, str]]:
         """(ready, per-stage state): ready when every stage answers a ping within its timeout."""
@@ -227,9 +236,11 @@ class SearchService:
         """Models, index sizes, limits and funnel defaults; the reranker's live batching when it answers."""
         c = self.cfg
         batching: dict[str, Any] = c.batching.model_dump()
+        runtime: dict[str, Any] = {}
         try:
             live = await asyncio.wait_for(self.backends.ping("reranker"), self.cfg.timeouts.health_timeout_s)
             batching = dict(live.get("batching", batching))
+            runtime = dict(live.get("runtime", {}))
         except Exception:  # noqa: BLE001 - /info still answers with the configured defaults
             pass
         return {
@@ -241,11 +252,19 @@ class SearchService:
             "fusion": c.fusion.model_dump(),
             "batching": batching,
             "timeouts": c.timeouts.model_dump(),
+            "cascade": [{"name": st.name, "model": st.reranker.model, "default_top_m": st.default_top_m, "max_top_m": st.max_top_m, "max_length": st.reranker.max_length} for st in c.cascade],
+            "slo": {**c.slo.model_dump(), **({"live": self.depth.stats()} if self.depth is not None else {})},
             "reranker": {k: v for k, v in c.reranker.default_model().model_dump().items() if k != "model"},
             "rerankers": {
                 "default": DEFAULT_MODEL,
-                "models": {name: {"model": m.model, "max_length": m.max_length, "dtype": m.dtype, "activation": m.activation, "long_documents": m.long_documents} for name, m in c.reranker.catalog().items()},
+                "models": {
+                    name: {"model": m.model, "kind": m.kind, "backend": m.backend, "max_length": m.max_length, "dtype": m.dtype, "quantize": m.quantize, "activation": m.activation, "long_documents": m.long_documents}
+                    for name, m in c.reranker.catalog().items()
+                },
                 "aliases": dict(c.reranker.aliases),
                 "max_models_per_replica": c.reranker.max_models_per_replica,
+                "score_cache": c.reranker.score_cache.model_dump(),
+                # As loaded by the replica that answered: family, runtime, dtype and drift from torch float32.
+                "runtime": runtime,
             },
         }

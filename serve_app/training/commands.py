@@ -1,4 +1,4 @@
-"""``serve-app train-reranker`` and ``serve-app distill``.
+"""``serve-app train-reranker``, ``serve-app distill`` and ``serve-app distill-reranker``.
 
 Every setting of :mod:`serve_app.training.config` is a flag named after its field
 (``hard_negative_depth`` -> ``--hard-negative-depth``) with the field's description as help;
@@ -132,9 +132,16 @@ def _distill(args: argparse.Namespace) -> int:
     return _report(distill(_settings(DistillConfig, args), _options(args)))
 
 
+def _distill_reranker(args: argparse.Namespace) -> int:
+    from serve_app.training.config import DistillRerankerConfig
+    from serve_app.training.jobs import distill_reranker
+
+    return _report(distill_reranker(_settings(DistillRerankerConfig, args), _options(args)))
+
+
 def register(subparsers: Any) -> None:
     """Add ``train-reranker`` and ``distill`` to the ``serve-app`` parser."""
-    from serve_app.training.config import DistillConfig, RerankerTrainingConfig
+    from serve_app.training.config import DistillConfig, DistillRerankerConfig, RerankerTrainingConfig
 
     p = subparsers.add_parser(
         "train-reranker",
@@ -153,3 +160,12 @@ def register(subparsers: Any) -> None:
     _add_fields(d.add_argument_group("job"), DistillConfig, "top__")
     _add_common(d)
     d.set_defaults(func=_distill)
+
+    r = subparsers.add_parser(
+        "distill-reranker",
+        help="distil a cross-encoder into a smaller cross-encoder (the cheap stage of a rerank cascade)",
+        description="Score each training query's retrieved candidates with a large reranker and train a small cross-encoder (the teacher's lower layers, or --student) to match them (listwise KL or Margin-MSE). See docs/TRAINING.md.",
+    )
+    _add_fields(r.add_argument_group("job"), DistillRerankerConfig, "top__")
+    _add_common(r)
+    r.set_defaults(func=_distill_reranker)

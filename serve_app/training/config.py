@@ -92,3 +92,21 @@ class DistillConfig(_Strict):
         if self.mining.hard_negatives_from == "none" and self.mining.random_negatives == 0:
             raise ValueError("distillation needs negatives: set hard_negatives_from or random_negatives")
         return self
+
+
+class DistillRerankerConfig(_Strict):
+    """``serve-app distill-reranker``: a small cross-encoder trained on a large one's scores (the first stage of a cascade)."""
+
+    dataset: str = Field(..., description="BEIR dataset directory (corpus and queries; qrels/<split>.tsv picks the training queries and their positives).")
+    teacher: str = Field(..., description="The large reranker (any family serve_app serves) whose scores are the labels.")
+    out: str = Field(..., description="Output cross-encoder directory (a standard Hugging Face sequence-classification checkpoint).")
+    student: Optional[str] = Field(None, description="Starting checkpoint of the student (Hub id or local directory); null: the teacher's first student_layers layers (a cross-encoder teacher only).")
+    student_layers: int = Field(2, ge=1, le=48, description="Transformer layers kept from the teacher when student is null.")
+    candidates_per_query: int = Field(16, ge=2, le=1000, description="Candidates per training query (positives, then the retrievers' top documents, then random ones), all scored by the teacher.")
+    loss: Literal["listwise_kl", "margin_mse"] = Field("listwise_kl", description="listwise_kl: KL divergence between the teacher's and the student's softmax over a query's candidates. margin_mse: MSE between their score margins to the teacher's best candidate.")
+    temperature: float = Field(1.0, gt=0, le=100, description="listwise_kl: softmax temperature of both score lists.")
+    head_lr_scale: float = Field(1.0, ge=1.0, le=1000.0, description="Learning-rate multiplier of parameters the student checkpoint lacks (a new head).")
+    teacher_max_length: int = Field(512, ge=16, le=8192, description="Tokens per pair when the teacher scores.")
+    teacher_batch_tokens: int = Field(16384, ge=64, description="Token budget per teacher forward pass.")
+    mining: MiningConfig = Field(default_factory=MiningConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)

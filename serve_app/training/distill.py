@@ -2,7 +2,7 @@
 
 Triples (query, positive, negative) are built from the training queries (negatives: hard
 ones from the retrievers plus random ones, as for the reranker) and scored once by the
-teacher with :class:`serve_app.rerank.CrossEncoderScorer` before training. The student is
+teacher (any reranker family, :func:`serve_app.rerank.load_scorer`) before training. The student is
 ``transformers.AutoModel`` with mean pooling over the attention mask and L2 normalisation,
 exactly what :class:`serve_app.retrieval.dense.BiEncoder` computes at serving time, and is
 trained to reproduce the teacher's margins:
@@ -80,12 +80,16 @@ def build_triples(data: PreparedData, triples_per_positive: int, random_negative
 def teacher_margins(data: PreparedData, triples: Sequence[tuple[int, str, str]], teacher: str, *, max_length: int, batch_tokens: int, device: Optional[str] = None) -> list[float]:
     """Teacher score of (q, positive) minus teacher score of (q, negative), per triple.
 
-    Every distinct (query, document) pair is scored once.
+    Every distinct (query, document) pair is scored once, by any reranker family
+    (``load_scorer``: a cross-encoder, a pooling cross-encoder or a decoder reranker), in
+    bfloat16/float16 on a GPU and float32 on a CPU (the labels the student learns from).
     """
     from serve_app.config import CrossEncoderConfig
-    from serve_app.rerank.cross_encoder import CrossEncoderScorer
+    from serve_app.models import pick_device
+    from serve_app.rerank import load_scorer
 
-    scorer = CrossEncoderScorer(CrossEncoderConfig(model=teacher, max_length=max_length, max_batch_tokens=batch_tokens, device=device, dtype="auto"))
+    dtype = "auto" if pick_device(device).startswith("cuda") else "float32"
+    scorer = load_scorer(CrossEncoderConfig(model=teacher, max_length=max_length, max_batch_tokens=batch_tokens, device=device, dtype=dtype))
     keys = sorted({(r, d) for r, p, n in triples for d in (p, n)})
     logger.info("teacher %s scores %d pairs", teacher, len(keys))
     scores = scorer.score([(data.train[r].text, data.docs[d]) for r, d in keys])

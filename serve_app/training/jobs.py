@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from serve_app.errors import UserFacingError
-from serve_app.training.config import DistillConfig, LoopConfig, MiningConfig, RerankerTrainingConfig
+from serve_app.training.config import DistillConfig, DistillRerankerConfig, LoopConfig, MiningConfig, RerankerTrainingConfig
 from serve_app.training.data import PreparedData, prepare_queries
 
 logger = logging.getLogger(__name__)
@@ -195,6 +195,25 @@ def distill(settings: DistillConfig, options: RunOptions = RunOptions()) -> JobO
         return {"data": data.to_json(), "triples": [[r, p, n, t] for (r, p, n), t in zip(triples, margins)], "scale": float(scale)}
 
     return _run("distill", settings, options, student_path, prepare)
+
+
+def distill_reranker(settings: DistillRerankerConfig, options: RunOptions = RunOptions()) -> JobOutcome:
+    """Distil a cross-encoder into a smaller one on its scores over the retrievers' candidates
+    (see ``serve_app.training.distill_reranker``)."""
+    from serve_app.training.distill_reranker import candidate_lists, teacher_scores
+
+    teacher_path = _resolve_model(settings.teacher, "teacher")
+    student_path = _resolve_model(settings.student, "student") if settings.student else teacher_path
+
+    def prepare() -> dict[str, Any]:
+        m, loop = settings.mining, settings.loop
+        data = _prepared_data(settings.dataset, m, loop, random_pool_size=max(8, settings.candidates_per_query))
+        lists = candidate_lists(data, settings.candidates_per_query, loop.seed)
+        scored = teacher_scores(data, lists, teacher_path, max_length=settings.teacher_max_length, batch_tokens=settings.teacher_batch_tokens, device=loop.device)
+        logger.info("%d training queries with %d teacher-scored candidates each", len(scored), settings.candidates_per_query)
+        return {"data": data.to_json(), "lists": [[r, d, s] for r, d, s in scored], "from_teacher": settings.student is None}
+
+    return _run("distill-reranker", settings, options, student_path, prepare)
 
 
 def _fitted_scale(data: PreparedData, triples: list, margins: list[float], student_path: str, max_length: int, seed: int) -> float:

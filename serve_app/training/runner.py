@@ -51,6 +51,13 @@ def build_task(config: dict[str, Any]) -> tuple[Any, Any]:
 
         settings = DistillConfig.model_validate(config["settings"])
         return DistillTask(settings, data, config["triples"], config["scale"], config["model_path"]), settings
+    if config["job"] == "distill-reranker":
+        from serve_app.training.config import DistillRerankerConfig
+        from serve_app.training.distill_reranker import DistillRerankerTask
+
+        settings = DistillRerankerConfig.model_validate(config["settings"])
+        lists = [(int(r), list(docs), [float(x) for x in scores]) for r, docs, scores in config["lists"]]
+        return DistillRerankerTask(settings, data, lists, config["model_path"], bool(config["from_teacher"])), settings
     raise ValueError(f"unknown job {config['job']!r}")
 
 

@@ -70,8 +70,12 @@ class FakeBackends:
         scored.sort(key=lambda h: (-h.score, h.doc_id))
         return scored[:k]
 
-    async def rerank(self, request: RerankRequest) -> RerankOutcome:
+    async def rerank(self, request: RerankRequest, stage: Optional[str] = None) -> RerankOutcome:
         query, documents = request.query, list(request.documents)
+        if stage is not None:  # a cascade stage: its own fake model (another hash)
+            self.calls.append((f"reranker.{stage}", (query, len(documents))))
+            await self._fault(f"reranker.{stage}")
+            return RerankOutcome([fake_rerank_score(f"{stage}:{query}", d) for d in documents], 1, len(documents), len(documents))
         self.calls.append(("reranker", (query, len(documents), request.max_tokens_per_doc)))
         self.requests.append(request)
         await self._fault("reranker")
@@ -85,6 +89,26 @@ class FakeBackends:
     async def ping(self, stage: str) -> dict[str, Any]:
         await self._fault(stage)
         return {"stage": stage}
+
+
+class ServerBackends(FakeBackends):
+    """Fake retrievers in front of a real :class:`~serve_app.serve.deployments.RerankerServer`
+    (``server``, in process); ``faults["reranker"] = "overloaded"`` makes its queue full."""
+
+    server: Any = None
+
+    async def rerank(self, request: RerankRequest) -> RerankOutcome:
+        self.requests.append(request)
+        if self.faults.get("reranker") == "overloaded":
+            from serve_app.errors import StageOverloaded
+
+            raise StageOverloaded("reranker", 2.0)
+        return await self.server.rerank(request)
+
+    async def ping(self, stage: str) -> dict[str, Any]:
+        if stage == "reranker":
+            return await self.server.ping()
+        return await super().ping(stage)
 
 
 def fake_rerank_score(query: str, document: str) -> float:

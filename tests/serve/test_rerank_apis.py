@@ -16,17 +16,16 @@ from typing import Any, Optional
 import httpx
 import numpy as np
 import pytest
-from serve_fakes import FakeBackends, small_corpus
+from serve_fakes import ServerBackends, small_corpus
 
 from serve_app.config import CrossEncoderConfig
-from serve_app.errors import StageOverloaded
 from serve_app.rerank import Reranker
 from serve_app.serve.config import RerankerServerConfig, parse_app_config
 from serve_app.serve.deployments import RerankerServer
 from serve_app.serve.http import create_app
 from serve_app.serve.service import SearchService
 from serve_app.testing import build_tiny_cross_encoder
-from serve_app.types import RerankOutcome, RerankRequest
+from serve_app.types import RerankRequest
 
 CORPUS = small_corpus(40)
 QUERY = "protein gene study"
@@ -51,18 +50,6 @@ def reranker_args(model_dirs: dict[str, str], max_models: int = 2) -> dict[str, 
         "aliases": {"rerank-v3.5": "large"},
         "max_models_per_replica": max_models,
     }
-
-
-class ServerBackends(FakeBackends):
-    """Fake retrievers, the real reranker server; ``overloaded`` makes the reranker's queue full."""
-
-    server: Optional[RerankerServer] = None
-
-    async def rerank(self, request: RerankRequest) -> RerankOutcome:
-        self.requests.append(request)
-        if self.faults.get("reranker") == "overloaded":
-            raise StageOverloaded("reranker", 2.0)
-        return await self.server.rerank(request)
 
 
 @pytest.fixture(scope="module")

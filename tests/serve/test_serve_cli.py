@@ -7,6 +7,7 @@ documented environment overrides, so no download and no training), and checks wh
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,6 @@ class Running:
         self.lines: list[str] = []
 
     def wait_for(self, pattern: str, timeout_s: float = 600) -> "re.Match[str]":
-        import re
         import time
 
         deadline = time.monotonic() + timeout_s
@@ -141,7 +141,7 @@ def test_demo_with_an_api_key_dashboard_and_sigterm(tmp_path, model_env):
         out = run.output()
         assert url == f"http://127.0.0.1:{dash}" and "ray get-auth-token" in out
         assert "Answer (top 5" in out and "degraded=False" in out
-        assert f'-H "Authorization: Bearer $SERVE_APP_API_KEY"' in out and key not in out
+        assert '-H "Authorization: Bearer $SERVE_APP_API_KEY"' in out and key not in out
         body = {"query": "why does the sun shine", "top_n": 2}
         assert httpx.post(f"http://127.0.0.1:{port}/search", json=body, timeout=60).status_code == 401
         assert httpx.post(f"http://127.0.0.1:{port}/search", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60).status_code == 200

@@ -328,6 +328,53 @@ def test_named_rerankers_are_multiplexed_in_a_replica(serve_stack, tmp_path):
         serve_stack.remove("multi")
 
 
+# --------------------------------------------------------------------------- cascade, cache, query-hash routing
+
+
+def test_a_cascade_stage_deploys_on_its_own_and_repeats_meet_their_cached_scores(serve_stack, tmp_path):
+    """A cascade stage is its own deployment; two final reranker replicas behind the query-hash
+    router: the repeats of a query all land on one replica, which answers them from its cache."""
+    from serve_app.testing import build_tiny_cross_encoder
+
+    small = str(build_tiny_cross_encoder(tmp_path / "small", seed=5, hidden_size=16, num_hidden_layers=1))
+    app = serve_stack.app_config(
+        "cascade",
+        args={
+            "retrievers": ["bm25"],
+            "reranker": {"score_cache": {"max_bytes": 1 << 22}},
+            "cascade": [{"name": "small", "reranker": {"model": small, "device": "cpu"}, "default_top_m": 8}],
+        },
+        deployments={
+            "CrossEncoderReranker": {"num_replicas": 2, "request_router_config": {"request_router_class": "serve_app.serve.routing.QueryHashRouter"}},
+            "CrossEncoderReranker-small": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
+        },
+    )
+    serve_stack.deploy(app)
+    try:
+        assert serve_stack.replicas("cascade", "CrossEncoderReranker-small") == 1
+        assert serve_stack.replicas("cascade", "CrossEncoderReranker") == 2
+        url = serve_stack.url("cascade")
+        body = {"query": "protein gene dna", "top_k": 10, "rerank_top_m": 4, "top_n": 6}
+        answers = [httpx.post(url + "/search", json=body, timeout=120).json() for _ in range(4)]
+        for a in answers:
+            assert a["degraded"] is False and a["stages"]["rerank.small"]["candidates"] == 8 and a["stages"]["rerank"]["candidates"] == 4, a
+            assert a["funnel"]["cascade"] == {"small": 8}
+        assert all([x["id"] for x in a["results"]] == [x["id"] for x in answers[0]["results"]] for a in answers)
+        assert all([x["score"] for x in a["results"]] == [x["score"] for x in answers[0]["results"]] for a in answers)
+        stats = {}
+        for _ in range(12):
+            s = serve_stack.call("cascade", "CrossEncoderReranker", "stats")
+            stats[s["replica"]] = s["score_cache"]
+        assert len(stats) == 2, stats
+        by_hits = sorted(stats.values(), key=lambda c: c["hits"])
+        assert by_hits[0]["hits"] == 0 and by_hits[0]["misses"] == 0  # the other replica never saw the query
+        assert by_hits[1]["misses"] == 4 and by_hits[1]["hits"] == 3 * 4  # scored once, then answered from the cache
+        health = httpx.get(url + "/healthz", timeout=30).json()
+        assert health["stages"]["reranker.small"] == "ok"
+    finally:
+        serve_stack.remove("cascade")
+
+
 # --------------------------------------------------------------------------- model load failure
 
 

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 from serve_fakes import small_corpus
 
-from serve_app.config import BM25Config, ChunkingConfig, CrossEncoderConfig, DenseConfig
+from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
 from serve_app.index import build_index, load_index
 from serve_app.serve.config import BatchingConfig, BM25ServerConfig, DenseServerConfig, RerankerConfig, RerankerServerConfig, ShardRef, parse_app_config
 from serve_app.serve.deployments import BM25Server, DenseServer, InjectedFault, RerankerServer

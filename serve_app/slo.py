@@ -1,0 +1,135 @@
+"""SLO-aware rerank depth: rerank fewer candidates instead of queueing past a latency objective.
+
+The reranker's cost grows with the pairs it is sent. When load rises, a fixed depth makes
+every request wait behind the pairs of the others until the latency objective is missed or
+the queue fills and requests are shed (503). :class:`DepthController` trades a little
+quality for time instead: before the rerank step of each request it predicts the request's
+latency at the depth asked for and, when that would exceed the objective, lowers the depth
+to what fits (never below ``min_rerank_top_m``). Depth recovers by itself as the load falls.
+
+The prediction, from what the ingress sees (no call to the reranker):
+
+* ``ms_per_pair``: the recent rerank stage time divided by the pairs that were ahead of the
+  request plus its own (``pairs_in_flight + depth`` when it was sent), a mean over a sliding
+  window of recent requests; it folds in batching, the number of replicas and their speed;
+* ``other_ms``: the recent mean time of everything else (retrieval, fusion, assembly);
+* predicted latency at depth ``m`` = ``other_ms + ms_per_pair * (pairs_in_flight + m)``.
+
+The depth used is the largest ``m`` whose prediction fits ``headroom * objective``, clamped to
+``[min_rerank_top_m, requested]``. With fewer than ``min_samples`` observations the
+requested depth is used. Each ingress replica has its own controller and sees only the pairs
+it has in flight itself (with several ingress replicas, each one's share of the load).
+
+Example (a fake clock and latencies; no Ray, no model):
+
+>>> from serve_app.config import SloConfig
+>>> c = DepthController(SloConfig(search_p95_ms=1000, min_rerank_top_m=10), clock=lambda: 0.0)
+>>> for _ in range(8):
+...     c.observe(depth=50, pairs_ahead=0, rerank_ms=500.0, total_ms=600.0)
+>>> c.plan(requested=50, pairs_in_flight=0).depth   # 100 + 10 ms/pair * 50 = 600 ms: fits
+50
+>>> plan = c.plan(requested=50, pairs_in_flight=40)  # 100 + 10 * (40 + m) <= 900 -> m = 40
+>>> plan.depth, plan.reduced
+(40, True)
+>>> c.plan(requested=50, pairs_in_flight=1000).depth  # never below the floor
+10
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from serve_app.config import SloConfig
+
+
+@dataclass(frozen=True)
+class DepthPlan:
+    """The depth a request gets: ``depth`` (<= requested), whether it was ``reduced``, and the
+    latency predicted at the requested depth (None before enough observations)."""
+
+    depth: int
+    requested: int
+    reduced: bool
+    predicted_ms: Optional[float] = None
+
+
+class DepthController:
+    """Chooses each request's rerank depth from recent stage latencies (see the module docstring).
+
+    ``clock`` (seconds, monotonic) is injectable for tests; observations older than
+    ``cfg.window_s`` are forgotten, and at most ``cfg.window`` are kept.
+    """
+
+    def __init__(self, cfg: SloConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self._samples: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=cfg.window)  # (t, ms per pair, other ms)
+        self._lock = threading.Lock()
+        self.reduced_total = 0
+        self.planned_total = 0
+        self.last_depth: Optional[int] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.search_p95_ms is not None
+
+    def _fresh(self) -> list[tuple[float, float, float]]:
+        horizon = self.clock() - self.cfg.window_s
+        while self._samples and self._samples[0][0] < horizon:
+            self._samples.popleft()
+        return list(self._samples)
+
+    def observe(self, *, depth: int, pairs_ahead: int, rerank_ms: float, total_ms: float) -> None:
+        """Record one request that reranked ``depth`` candidates with ``pairs_ahead`` pairs in
+        flight when it was sent, its rerank stage time and its whole time."""
+        if depth <= 0 or not (math.isfinite(rerank_ms) and math.isfinite(total_ms)):
+            return
+        with self._lock:
+            self._samples.append((self.clock(), rerank_ms / (pairs_ahead + depth), max(0.0, total_ms - rerank_ms)))
+
+    def estimate(self) -> Optional[tuple[float, float]]:
+        """(ms per pair, other ms) from the recent window; None with too few observations."""
+        with self._lock:
+            fresh = self._fresh()
+        if len(fresh) < self.cfg.min_samples:
+            return None
+        return (sum(s[1] for s in fresh) / len(fresh), sum(s[2] for s in fresh) / len(fresh))
+
+    def plan(self, requested: int, pairs_in_flight: int) -> DepthPlan:
+        """The depth of a request that asks for ``requested`` with ``pairs_in_flight`` pairs
+        already sent to the reranker by this ingress."""
+        if not self.enabled or requested <= 0:
+            return DepthPlan(requested, requested, False)
+        est = self.estimate()
+        if est is None:
+            return DepthPlan(requested, requested, False)
+        per_pair, other = est
+        predicted = other + per_pair * (pairs_in_flight + requested)
+        budget = self.cfg.headroom * float(self.cfg.search_p95_ms)  # type: ignore[arg-type]
+        depth = requested
+        if predicted > budget:
+            fits = math.floor((budget - other) / per_pair - pairs_in_flight) if per_pair > 0 else requested
+            depth = max(min(self.cfg.min_rerank_top_m, requested), min(requested, fits))
+        with self._lock:
+            self.planned_total += 1
+            if depth < requested:
+                self.reduced_total += 1
+            self.last_depth = depth
+        return DepthPlan(depth, requested, depth < requested, predicted)
+
+    def stats(self) -> dict[str, object]:
+        est = self.estimate()
+        return {
+            "objective_ms": self.cfg.search_p95_ms,
+            "min_rerank_top_m": self.cfg.min_rerank_top_m,
+            "ms_per_pair": None if est is None else round(est[0], 3),
+            "other_ms": None if est is None else round(est[1], 3),
+            "planned": self.planned_total,
+            "reduced": self.reduced_total,
+            "last_depth": self.last_depth,
+        }
