@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             same_ids = all(a["ids"] == b["ids"] for a, b in pairs)
             diff = max((abs(x - y) for a, b in pairs for x, y in zip(a["scores"], b["scores"])), default=0.0)
             r["answers_equal"] = {"compared": len(pairs), "same_ids": same_ids, "max_score_diff": diff}
-            same = f"{'yes' if same_ids and diff <= 1e-5 else 'NO'} ({len(pairs)} compared, max |diff| {diff:.1e})"
+            same = f"{'yes' if same_ids and diff <= 1e-5 else 'NO'} ({len(pairs)} compared, max abs diff {diff:.1e})"
         base_rps = results["configs"].get("off-1", {}).get("requests_per_s")
         rows.append((
             name, "on" if r["cache"] else "off", r["replicas"], r["routing"], f"{r['requests_per_s']:.2f}", f"{r['requests_per_s'] / base_rps:.2f}x" if base_rps else "-",

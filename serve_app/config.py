@@ -203,6 +203,8 @@ class CascadeStage(_Strict):
     reranker: CrossEncoderConfig = Field(..., description="The stage's model: any reranker family and runtime, like the final reranker (usually a small cross-encoder: serve-app distill-reranker).")
     default_top_m: int = Field(100, ge=0, description="Candidates the stage scores when a request does not say (0 skips the stage); lowered to the candidate pool.")
     max_top_m: int = Field(1000, ge=0, description="Largest depth a request may ask of this stage.")
+    blend: Literal["none", "rrf"] = Field("none", description="How the stage reorders its candidates. none: by its scores alone. rrf: by blend_weight / (rrf_k + its rank) + 1 / (rrf_k + the rank it received), so the order before it keeps a say (for a small model weaker than the retrievers' fused order).")
+    blend_weight: float = Field(1.0, gt=0, le=100, description="rrf blend: weight of the stage's rank against the rank it received (weight 1).")
 
     @model_validator(mode="after")
     def _default_within_max(self) -> "CascadeStage":

@@ -37,7 +37,9 @@ Decisions (the same for one query and for a batch):
 * past ``request_s`` the request's pending calls are cancelled and :class:`DeadlineExceeded`
   is raised.
 
-Cascades. A stage's depth comes from the request (``cascade: {name: depth}``, at most the
+Cascades. A stage orders its candidates by its scores, or (``blend: rrf``) by the RRF blend of
+its rank and the rank it received, as ``FusionConfig.rerank_blend`` does for the reranker. A
+stage's depth comes from the request (``cascade: {name: depth}``, at most the
 stage's ``max_top_m``) or its ``default_top_m``; depths never grow along the cascade (an explicit
 depth above the previous stage's is an error, a default is lowered to it), and neither does the
 final ``rerank_top_m``. A cascade stage that fails or times out leaves the order it received in
@@ -105,11 +107,14 @@ class FunnelRequest:
 
 @dataclass(frozen=True)
 class CascadeDepths:
-    """A cascade stage as the funnel sees it: its name and depth limits (``CascadeStage``)."""
+    """A cascade stage as the funnel sees it: its name, depth limits and how it reorders
+    (``CascadeStage``: ``blend`` none or rrf, with ``blend_weight``)."""
 
     name: str
     default_top_m: int
     max_top_m: int
+    blend: str = "none"
+    blend_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -660,9 +665,12 @@ class Funnel:
             todo = [(q, q.order[: q.funnel.cascade[i][1]]) for q in queries if q.funnel.cascade and q.funnel.cascade[i][1] > 0 and q.order]
             if not todo:
                 continue
+            blend = FusionConfig(rerank_blend="rrf", rrf_k=self.fusion.rrf_k, rerank_weight=c.blend_weight) if c.blend == "rrf" else None
             for (q, head), scores in zip(todo, await self._rerank_heads(todo, c.name)):
-                if scores is not None:
-                    q.order = order_by_scores(head, scores) + q.order[len(head) :]
+                if scores is None:
+                    continue
+                reordered = [r.hit for r in apply_rerank(head, scores, blend)] if blend is not None else order_by_scores(head, scores)
+                q.order = reordered + q.order[len(head) :]
 
     async def _final(self, todo: list[tuple[_Query, list[FusedHit]]], *, adaptive: bool) -> None:
         """The final reranker over each query's head; with an SLO controller (one request at a
@@ -675,10 +683,13 @@ class Funnel:
                 q.funnel = replace(q.funnel, rerank_top_m=plan.depth)
                 todo = [(q, head[: plan.depth])]
         pairs = sum(len(head) for _, head in todo)
-        ahead = self.pairs_in_flight
+        ahead = others = self.pairs_in_flight
         self.pairs_in_flight += pairs
         try:
             results = await self._rerank_heads(todo)
+            # Requests sent after this one may have joined its batches: what shared the
+            # reranker with it is the larger of what was in flight when it was sent and when it ended.
+            others = max(ahead, self.pairs_in_flight - pairs)
         finally:
             self.pairs_in_flight -= pairs
         for (q, _), scores in zip(todo, results):
@@ -690,7 +701,7 @@ class Funnel:
             q = todo[0][0]
             report = q.reports.get(RERANK)
             if report is not None and report.status == "ok":
-                q.pairs_ahead = ahead
+                q.pairs_ahead = others
 
     async def _rerank_only(self, request: RerankRequest) -> RerankOutcome:
         outcomes, report = await self._stage(RERANK, self.stages.rerank([request]), self.timeouts.rerank_s, "rerank_timeout_s")

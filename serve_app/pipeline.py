@@ -190,7 +190,7 @@ class SearchPipeline:
 
     def cascade_depths(self) -> list[CascadeDepths]:
         """The cascade's stages as the funnel sees them."""
-        return [CascadeDepths(c.name, c.default_top_m, c.max_top_m) for c, _ in self.cascade]
+        return [CascadeDepths(c.name, c.default_top_m, c.max_top_m, c.blend, c.blend_weight) for c, _ in self.cascade]
 
     def resolve(self, request: FunnelRequest) -> ResolvedFunnel:
         """Validate ``request`` against this pipeline's limits, retrievers, reranker and cascade."""

@@ -9,14 +9,18 @@ to what fits (never below ``min_rerank_top_m``). Depth recovers by itself as the
 
 The prediction, from what the ingress sees (no call to the reranker):
 
-* ``ms_per_pair``: the recent rerank stage time divided by the pairs that were ahead of the
-  request plus its own (``pairs_in_flight + depth`` when it was sent), a mean over a sliding
-  window of recent requests; it folds in batching, the number of replicas and their speed;
+* ``ms_per_pair``: the recent rerank stage time divided by the pairs that shared the reranker
+  with the request (the larger of the pairs in flight when it was sent and when it ended, since
+  later requests join its batches) plus its own, a mean over a sliding window of recent
+  requests; it folds in batching, the number of replicas and their speed;
 * ``other_ms``: the recent mean time of everything else (retrieval, fusion, assembly);
 * predicted latency at depth ``m`` = ``other_ms + ms_per_pair * (pairs_in_flight + m)``.
 
-The depth used is the largest ``m`` whose prediction fits ``headroom * objective``, clamped to
-``[min_rerank_top_m, requested]``. With fewer than ``min_samples`` observations the
+The depth used is the largest ``m`` whose prediction fits the budget, clamped to
+``[min_rerank_top_m, requested]``. The budget is ``headroom * objective``, scaled down by
+``objective / observed p95`` while the window's observed 95th percentile of whole-request
+latency exceeds the objective (feedback for what the prediction misses, such as queueing in
+front of the ingress). With fewer than ``min_samples`` observations the
 requested depth is used. Each ingress replica has its own controller and sees only the pairs
 it has in flight itself (with several ingress replicas, each one's share of the load).
 
@@ -68,7 +72,7 @@ class DepthController:
     def __init__(self, cfg: SloConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.clock = clock
-        self._samples: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=cfg.window)  # (t, ms per pair, other ms)
+        self._samples: collections.deque[tuple[float, float, float, float]] = collections.deque(maxlen=cfg.window)  # (t, ms per pair, other ms, total ms)
         self._lock = threading.Lock()
         self.reduced_total = 0
         self.planned_total = 0
@@ -78,7 +82,7 @@ class DepthController:
     def enabled(self) -> bool:
         return self.cfg.search_p95_ms is not None
 
-    def _fresh(self) -> list[tuple[float, float, float]]:
+    def _fresh(self) -> list[tuple[float, float, float, float]]:
         horizon = self.clock() - self.cfg.window_s
         while self._samples and self._samples[0][0] < horizon:
             self._samples.popleft()
@@ -90,27 +94,35 @@ class DepthController:
         if depth <= 0 or not (math.isfinite(rerank_ms) and math.isfinite(total_ms)):
             return
         with self._lock:
-            self._samples.append((self.clock(), rerank_ms / (pairs_ahead + depth), max(0.0, total_ms - rerank_ms)))
+            self._samples.append((self.clock(), rerank_ms / (pairs_ahead + depth), max(0.0, total_ms - rerank_ms), total_ms))
 
     def estimate(self) -> Optional[tuple[float, float]]:
         """(ms per pair, other ms) from the recent window; None with too few observations."""
+        est = self._estimate()
+        return None if est is None else est[:2]
+
+    def _estimate(self) -> Optional[tuple[float, float, float]]:
+        """(ms per pair, other ms, observed p95 of total ms) of the recent window."""
         with self._lock:
             fresh = self._fresh()
         if len(fresh) < self.cfg.min_samples:
             return None
-        return (sum(s[1] for s in fresh) / len(fresh), sum(s[2] for s in fresh) / len(fresh))
+        totals = sorted(s[3] for s in fresh)
+        p95 = totals[min(len(totals) - 1, math.ceil(0.95 * len(totals)) - 1)]
+        return (sum(s[1] for s in fresh) / len(fresh), sum(s[2] for s in fresh) / len(fresh), p95)
 
     def plan(self, requested: int, pairs_in_flight: int) -> DepthPlan:
         """The depth of a request that asks for ``requested`` with ``pairs_in_flight`` pairs
         already sent to the reranker by this ingress."""
         if not self.enabled or requested <= 0:
             return DepthPlan(requested, requested, False)
-        est = self.estimate()
+        est = self._estimate()
         if est is None:
             return DepthPlan(requested, requested, False)
-        per_pair, other = est
+        per_pair, other, observed_p95 = est
+        objective = float(self.cfg.search_p95_ms)  # type: ignore[arg-type]
         predicted = other + per_pair * (pairs_in_flight + requested)
-        budget = self.cfg.headroom * float(self.cfg.search_p95_ms)  # type: ignore[arg-type]
+        budget = self.cfg.headroom * objective * min(1.0, objective / observed_p95 if observed_p95 > 0 else 1.0)
         depth = requested
         if predicted > budget:
             fits = math.floor((budget - other) / per_pair - pairs_in_flight) if per_pair > 0 else requested
@@ -123,12 +135,13 @@ class DepthController:
         return DepthPlan(depth, requested, depth < requested, predicted)
 
     def stats(self) -> dict[str, object]:
-        est = self.estimate()
+        est = self._estimate()
         return {
             "objective_ms": self.cfg.search_p95_ms,
             "min_rerank_top_m": self.cfg.min_rerank_top_m,
             "ms_per_pair": None if est is None else round(est[0], 3),
             "other_ms": None if est is None else round(est[1], 3),
+            "observed_p95_ms": None if est is None else round(est[2], 3),
             "planned": self.planned_total,
             "reduced": self.reduced_total,
             "last_depth": self.last_depth,

@@ -89,6 +89,32 @@ def test_a_cascade_returns_the_large_models_order_on_the_small_models_shortlist(
     assert (small.documents, large.documents) == (12 * len(QUERIES), 4 * len(QUERIES))
 
 
+def test_a_blended_stage_keeps_the_order_it_received_in_the_blend(models):
+    from serve_app.funnel import apply_rerank
+
+    retrievers = {"bm25": FakeRetriever("bm25", 1), "dense": FakeRetriever("dense", 2)}
+    stage = CascadeStage(name="small", reranker=CrossEncoderConfig(model="unused"), default_top_m=12, max_top_m=16, blend="rrf", blend_weight=0.5)
+    pipe = SearchPipeline(CORPUS, retrievers, models["large"], FusionConfig(rrf_k=5), LIMITS, cascade=[(stage, models["small"])])
+    flat = pipeline(models["large"], fusion=FusionConfig(rrf_k=5))
+    texts = {d.id: d.content for d in DOCS}
+    differs = []
+    for q in QUERIES:
+        fused = flat.search(q, rerank_top_m=0, top_n=20).results
+        head = [FusedLike(it.doc_id) for it in fused[:12]]
+        s = models["small"].rerank(q, [texts[h.doc_id] for h in head])
+        blended = [c.hit.doc_id for c in apply_rerank(head, s, FusionConfig(rerank_blend="rrf", rrf_k=5, rerank_weight=0.5))]
+        by_score = [head[i].doc_id for i in sorted(range(12), key=lambda i: -s[i])]
+        res = pipe.search(q, rerank_top_m=0, top_n=12)  # the stage alone decides the order
+        assert [it.doc_id for it in res.results] == blended
+        differs.append(blended != by_score)
+    assert any(differs)  # the received rank changed the order somewhere
+
+
+class FusedLike:
+    def __init__(self, doc_id: str) -> None:
+        self.doc_id = doc_id
+
+
 def test_a_batch_through_a_cascade_equals_one_query_at_a_time(models):
     pipe = pipeline(models["large"], models["small"])
     one = [[it.doc_id for it in pipe.search(q, rerank_top_m=4).results] for q in QUERIES]
@@ -193,6 +219,15 @@ def test_the_depth_controller_lowers_depth_under_load_and_restores_it():
     assert c.estimate() is None and c.plan(50, 0).depth == 50
 
 
+def test_observed_latencies_past_the_objective_tighten_the_budget():
+    c = DepthController(SLO, clock=FakeClock())
+    for _ in range(4):  # 10 ms per pair of 140 pairs that shared the reranker, 100 ms else: 1.5 s seen
+        c.observe(depth=50, pairs_ahead=90, rerank_ms=1400.0, total_ms=1500.0)
+    assert c.plan(50, 0).depth == 50  # 600 ms predicted, within the tightened budget 1000 * 1000 / 1500
+    assert c.plan(50, 10).depth == 46  # 700 ms predicted > 667: (667 - 100) / 10 - 10 -> 46 (50 without the feedback)
+    assert c.stats()["observed_p95_ms"] == 1500.0
+
+
 def test_the_depth_controller_is_off_without_an_objective():
     c = DepthController(SloConfig(), clock=FakeClock())
     for _ in range(10):
@@ -232,10 +267,10 @@ def test_the_funnel_reranks_fewer_under_a_burst_and_reports_it():
 
     async def run():
         for _ in range(4):  # warm-up, one at a time: depth as asked
-            r = await funnel.search(FunnelRequest("q", top_k=16, rerank_top_m=16))
+            r = await funnel.search(FunnelRequest("q", top_k=16, rerank_top_m=16, top_n=16))
             assert r.funnel.rerank_top_m == 16 and not r.stages["rerank"].depth_reduced
-        burst = await asyncio.gather(*(funnel.search(FunnelRequest("q", top_k=16, rerank_top_m=16)) for _ in range(12)))
-        after = await funnel.search(FunnelRequest("q", top_k=16, rerank_top_m=16))
+        burst = await asyncio.gather(*(funnel.search(FunnelRequest("q", top_k=16, rerank_top_m=16, top_n=16)) for _ in range(12)))
+        after = await funnel.search(FunnelRequest("q", top_k=16, rerank_top_m=16, top_n=16))
         return burst, after
 
     burst, after = asyncio.run(run())

@@ -281,7 +281,7 @@ def test_eval_depths_and_a_cascade(beir_dir, tmp_path, tiny_bi_encoder_dir, tiny
     out = tmp_path / "c"
     assert cli.main(["eval", *common, "--cascade", f"{small}=4", "--rerank-top-m", "2", "--out", str(out)]) == 0
     meta = json.loads((out / "metrics.json").read_text())["meta"]
-    assert meta["cascade"] == [{"name": "stage1", "model": str(small), "top_m": 4}]
+    assert meta["cascade"] == [{"name": "stage1", "model": str(small), "top_m": 4, "blend": "none"}]
     assert meta["rerank_cost"]["hybrid+rerank"]["rerank.stage1"]["pairs_per_query"] == 4
     assert meta["rerank_cost"]["hybrid+rerank"]["rerank"]["pairs_per_query"] == 2
     assert "rerank.stage1 4.0 pairs/query" in capsys.readouterr().out

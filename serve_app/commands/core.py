@@ -207,7 +207,7 @@ class _Metered:
         return self.documents, self.cpu_s, self.wall_s
 
 
-def _cascade_stages(values: Sequence[str], runtime: dict[str, Any], device: Any) -> list[tuple[Any, CrossEncoderConfig]]:
+def _cascade_stages(values: Sequence[str], runtime: dict[str, Any], device: Any, blend: str = "none") -> list[tuple[Any, CrossEncoderConfig]]:
     """``--cascade MODEL=TOP_M`` values as (CascadeStage, model config), named stage1, stage2, ..."""
     from serve_app.config import CascadeStage
 
@@ -217,7 +217,7 @@ def _cascade_stages(values: Sequence[str], runtime: dict[str, Any], device: Any)
         if not sep or not model or not depth.isdigit() or int(depth) < 1:
             raise UsageError(f"--cascade {value!r}: expected MODEL=TOP_M with TOP_M >= 1 (e.g. /models/ce-2l=100)")
         cfg = _config(CrossEncoderConfig, f"cascade stage {i}", model=model, device=device, **{k: v for k, v in runtime.items() if k != "kind"})
-        out.append((_config(CascadeStage, f"cascade stage {i}", name=f"stage{i}", reranker=cfg, default_top_m=int(depth), max_top_m=int(depth)), cfg))
+        out.append((_config(CascadeStage, f"cascade stage {i}", name=f"stage{i}", reranker=cfg, default_top_m=int(depth), max_top_m=int(depth), blend=blend), cfg))
     return out
 
 
@@ -309,7 +309,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             runtime["drift_check"] = False
         reranker_cfg = _config(CrossEncoderConfig, "reranker", model=args.reranker, device=args.device, **runtime)
     needed = {r for p in pipelines for r in PIPELINES[p][0]}
-    cascade_cfgs = _cascade_stages(args.cascade or [], runtime if reranker_cfg is not None else {}, args.device) if reranker_cfg is not None else []
+    cascade_cfgs = _cascade_stages(args.cascade or [], runtime if reranker_cfg is not None else {}, args.device, args.cascade_blend) if reranker_cfg is not None else []
     if args.cascade and reranker_cfg is None:
         raise UsageError("--cascade needs a pipeline that reranks (hybrid+rerank)")
     for stage, _ in cascade_cfgs:
@@ -383,7 +383,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "rerank_top_m": (depths[0] if len(depths) == 1 else depths) if reranker_cfg else None, "reranker": reranker_cfg.model if reranker_cfg else None,
         "reranker_runtime": reranker.inner.inner.scorer.describe() if reranker is not None else None,
         "rerank_blends": blends if reranker_cfg else None,
-        "cascade": [{"name": st.name, "model": cfg.model, "top_m": st.default_top_m} for st, cfg in cascade_cfgs],
+        "cascade": [{"name": st.name, "model": cfg.model, "top_m": st.default_top_m, "blend": st.blend} for st, cfg in cascade_cfgs],
         "rerank_cost": cost,
         "skipped_corpus_lines": len(dataset.skipped),
         "empty_documents_left_out": dataset.empty_documents,
@@ -440,6 +440,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--weights", default=None, help="weighted fusion weights, e.g. bm25=0.4,dense=0.6 (default: " + ",".join(f"{k}={v}" for k, v in fu.weights.items()) + ")")
     e.add_argument("--normalization", choices=["minmax", "zscore"], default=None, help=f"weighted fusion score normalisation (default: {fu.normalization})")
     e.add_argument("--cascade", action="append", metavar="MODEL=TOP_M", help="a cheaper rerank stage before --reranker: it scores the first TOP_M fused candidates and --reranker reads the first --rerank-top-m of its order (repeat for more stages, in order; same runtime flags). Reports the pairs and CPU time of each stage.")
+    e.add_argument("--cascade-blend", choices=["none", "rrf"], default="none", help="how each --cascade stage reorders its candidates: by its scores (none) or by RRF of its rank and the rank it received (rrf)")
     e.add_argument("--rerank-blend", default="none", metavar="BLEND[,BLEND]", help="order of the reranked candidates, one result row per value: none (cross-encoder score alone), rrf (RRF of the cross-encoder rank and the fused rank); e.g. none,rrf (default: none)")
     e.add_argument("--rerank-weight", type=float, default=None, help=f"rrf blend: weight of the cross-encoder rank (default: {fu.rerank_weight})")
     e.add_argument("--measures", default=None, help="comma-separated ir-measures names (default: nDCG@10,R@100,RR@10)")

@@ -111,7 +111,7 @@ class SearchService:
             fusion=self.cfg.fusion,
             timeouts=self.cfg.timeouts.funnel(),
             models=self.model_name,
-            cascade=[CascadeDepths(c.name, c.default_top_m, c.max_top_m) for c in self.cfg.cascade],
+            cascade=[CascadeDepths(c.name, c.default_top_m, c.max_top_m, c.blend, c.blend_weight) for c in self.cfg.cascade],
             depth=self.depth,
         )
 

@@ -108,7 +108,7 @@ def test_slo_aware_depth_at_the_http_edge():
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
-            body = {"query": "music song band", "top_k": 20, "rerank_top_m": 20}
+            body = {"query": "music song band", "top_k": 20, "rerank_top_m": 20, "top_n": 20}
             warm = [await c.post("/search", json=body) for _ in range(4)]
             burst = await asyncio.gather(*(c.post("/search", json=body) for _ in range(16)))
             return warm, burst
