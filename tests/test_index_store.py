@@ -94,6 +94,13 @@ def test_no_pickle_in_index(tmp_path):
     for p in (tmp_path / "idx").rglob("*"):
         if p.suffix == ".npy":
             assert np.load(p, allow_pickle=False).dtype != object
+        elif p.suffix == ".sqlite":  # the document store: text and integers only, no blob to unpickle
+            import sqlite3
+
+            con = sqlite3.connect(f"{p.as_uri()}?mode=ro", uri=True)
+            kinds = {k for row in con.execute("SELECT typeof(id), typeof(pos), typeof(title), typeof(text), typeof(metadata) FROM documents") for k in row}
+            con.close()
+            assert kinds <= {"text", "integer", "null"}, kinds
         elif p.is_file():
             assert p.suffix in {".json", ".jsonl"}
             text = p.read_text(encoding="utf-8")

@@ -396,7 +396,7 @@ def test_unloadable_model_fails_the_deployment_with_the_explanation(serve_stack)
 
         dep = serve.status().applications["broken"].deployments["CrossEncoderReranker"]
         assert str(getattr(dep.status, "value", dep.status)) == "DEPLOY_FAILED"  # terminal, not retrying forever
-        assert "ModelLoadError: Could not load the cross-encoder model 'acme/no-such-reranker'" in dep.message
+        assert "ModelLoadError: Could not load the reranker model 'acme/no-such-reranker'" in dep.message
         print(f"\nDEPLOY_FAILED message as the CLI shows it:\n{message}")
     finally:
         serve_stack.remove("broken")
