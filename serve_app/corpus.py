@@ -123,6 +123,10 @@ class Corpus(Sequence[Document]):
         i = self._pos.get(doc_id)
         return None if i is None else self._docs[i]
 
+    def get_many(self, doc_ids: Sequence[str]) -> list[Document | None]:
+        """The documents of ``doc_ids`` in that order (None for an unknown id)."""
+        return [self.get(d) for d in doc_ids]
+
     def position(self, doc_id: str) -> int:
         """Index position of ``doc_id``; raises ``KeyError`` for an unknown id."""
         try:

@@ -107,11 +107,16 @@ class ScoreCache:
                     continue
                 self._entries.move_to_end(key)
                 out.append(found[0])
-            if count:
-                hits = sum(1 for s in out if s is not None)
-                self.hits += hits
-                self.misses += len(out) - hits
+        if count:
+            hits = sum(1 for s in out if s is not None)
+            self.record(hits, len(out) - hits)
         return out
+
+    def record(self, hits: int, misses: int = 0) -> None:
+        """Count lookups made with ``get(..., count=False)`` once their outcome is decided."""
+        with self._lock:
+            self.hits += int(hits)
+            self.misses += int(misses)
 
     def put(self, ctx: CacheContext, query: str, documents: Sequence[str], scores: Iterable[float], digests: Optional[Sequence[bytes]] = None) -> None:
         """Store the scores of ``documents`` (then drop least recently used entries past the bound)."""
@@ -144,14 +149,6 @@ class ScoreCache:
             for k in stale:
                 self.bytes -= self._entries.pop(k)[1]
         return len(stale)
-
-    def clear(self) -> None:
-        """Forget everything (every model's generation moves on)."""
-        with self._lock:
-            for model in {k[0].model for k in self._entries} | set(self._generations):
-                self._generations[model] = self._generations.get(model, 0) + 1
-            self._entries.clear()
-            self.bytes = 0
 
     def stats(self) -> dict[str, Any]:
         """Entries, bytes charged, the bound, hits, misses and evictions since start."""

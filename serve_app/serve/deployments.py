@@ -361,7 +361,7 @@ class RerankerServer:
             hits = sum(1 for x in found if x is not None)
             metrics.count_score_cache(request.model or self.metric_model, hits, len(found) - hits)
             if found and hits == len(found):  # every score is known: answer without waiting for the model
-                reranker.cached(request)  # counted as hits
+                reranker.cache.record(hits)  # the look above was the lookup: count its hits once
                 return RerankOutcome([float(x) for x in found], 0, 0, 0, 0, cached=hits)  # type: ignore[arg-type]
             outcome = await self._rerank_batched(request)
             return dataclasses.replace(outcome, cached=hits)

@@ -52,6 +52,8 @@ class Backends(Protocol):
 class DocumentStore(Protocol):
     def get(self, doc_id: str) -> Optional[Document]: ...
 
+    def get_many(self, doc_ids: Sequence[str]) -> list[Optional[Document]]: ...
+
     def __len__(self) -> int: ...
 
 
@@ -64,7 +66,7 @@ class IngressStages:
         self.store = documents
 
     def documents(self, doc_ids: Sequence[str]) -> list[Optional[Document]]:
-        return [self.store.get(d) for d in doc_ids]
+        return self.store.get_many(doc_ids)  # one SQLite query for a request's candidates, not one per id
 
     async def retrieve(self, name: str, queries: Sequence[str], k: int) -> list[list[Hit]]:
         return [list(hits) for hits in await gather_all(self.backends.retrieve(name, q, k) for q in queries)]
