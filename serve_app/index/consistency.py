@@ -47,8 +47,9 @@ def _identity(directory: Path) -> Optional[tuple[int, int, bytes]]:
 def load_consistent(directory: str | os.PathLike[str], load: Callable[[Path], T], *, attempts: int = ATTEMPTS) -> T:
     """``load(directory)``, retried until it ran entirely on one build of the index.
 
-    A failure is retried only when the directory was absent or replaced around it (a concurrent
-    rebuild); any other ``IndexLoadError`` (a damaged index) is raised at once.
+    A failure (``IndexLoadError``, or an ``OSError`` such as a file that vanished in a swap) is
+    retried only when the directory was absent or replaced around it (a concurrent rebuild);
+    otherwise (a damaged index) it is raised at once.
     """
     d = Path(directory)
     last: Optional[BaseException] = None
@@ -56,7 +57,7 @@ def load_consistent(directory: str | os.PathLike[str], load: Callable[[Path], T]
         before = _identity(d)
         try:
             result = load(d)
-        except IndexLoadError as exc:
+        except (IndexLoadError, OSError) as exc:  # a file vanishing under a swap is an OSError, not yet an IndexLoadError
             if before is not None and _identity(d) == before:
                 raise  # the index did not change: it really is damaged or incomplete
             last = exc
