@@ -305,6 +305,19 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+#: Python source defining ``mem()`` for benchmark child processes: this process's own memory
+#: figures in MiB from /proc/self/status (ru_maxrss would carry the forking parent's peak).
+PROC_MEMORY_SNIPPET = r"""
+def mem():
+    out = {}
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[k] = int(v.split()[0]) / 1024
+    return out
+"""
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     """Argument parser with the options every benchmark has (--out, --repeats, --seed)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)

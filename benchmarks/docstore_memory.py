@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, md_table
+from benchmarks.common import DEFAULT_CACHE, PROC_MEMORY_SNIPPET, BenchRun, base_parser, md_table
 
 WORDS = [w.strip() for w in "protein cell gene virus vaccine cancer tumor heart brain blood water energy music film city food river ocean star planet moon study trial patient dose risk effect model data system method result".split()]
 
@@ -39,14 +39,6 @@ from concurrent.futures import ThreadPoolExecutor
 mode, path, n_docs, lookups = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(0)
 ids = [f"doc{rng.randrange(n_docs):08d}" for _ in range(lookups)]
-def mem():
-    # This process's own figures (ru_maxrss would carry the forking parent's peak across exec).
-    out = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[k] = int(v.split()[0]) / 1024
-    return out
 base = mem()
 t0 = time.perf_counter()
 if mode == "memory":
@@ -122,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")) if x)}
     measured = {}
     for mode, path in (("memory", jsonl), ("sqlite", sqlite)):
-        out = subprocess.run([sys.executable, "-c", CHILD, mode, str(path), str(args.documents), str(args.lookups)], capture_output=True, text=True, env=env, check=True)
+        out = subprocess.run([sys.executable, "-c", PROC_MEMORY_SNIPPET + CHILD, mode, str(path), str(args.documents), str(args.lookups)], capture_output=True, text=True, env=env, check=True)
         measured[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         print(mode, measured[mode])
 

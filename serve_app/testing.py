@@ -198,3 +198,46 @@ def build_tiny_decoder_reranker(
         model = model.to(dtype)
     model.save_pretrained(str(out))
     return out
+
+
+# --------------------------------------------------------------------------- Ray index builds
+
+
+class CrashOnceEncodeBatch:
+    """An encoder actor for :func:`serve_app.index.ray_build.build_index_ray` whose process dies
+    (``os._exit``) in the middle of its first batch of the whole build, then works as the real one.
+
+    ``SERVE_APP_TEST_CRASH_MARKER`` names a file: the first actor to find it absent creates it
+    and dies; Ray restarts the actor and retries the batch. Tests read the marker to know the
+    crash happened.
+    """
+
+    def __init__(self, dense: Any, chunking: Any, threads: int) -> None:
+        from serve_app.index.ray_build import EncodeBatch
+
+        self._inner = EncodeBatch(dense, chunking, threads)
+
+    def __call__(self, batch: Any) -> Any:
+        import os
+
+        marker = os.environ.get("SERVE_APP_TEST_CRASH_MARKER")
+        if marker:
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os._exit(17)
+        return self._inner(batch)
+
+
+class AlwaysFailingEncodeBatch:
+    """An encoder actor whose every batch raises: a build that cannot succeed."""
+
+    def __init__(self, dense: Any, chunking: Any, threads: int) -> None:
+        pass
+
+    def __call__(self, batch: Any) -> Any:
+        raise RuntimeError("this encoder always fails (test)")

@@ -279,3 +279,37 @@ def test_docstore_memory_tiny(tmp_path):
     payload = json.loads((tmp_path / "out" / "docstore_memory.json").read_text())["results"]
     assert payload["documents"] == 2000 and payload["sqlite"]["bytes"] > 2000 * 150
     assert payload["sqlite"]["p50_us"] > 0 and payload["jsonl"]["peak_rss_mib"] > 0
+
+
+@pytest.mark.slow
+def test_sizing_tiny_and_reuse(tmp_path):
+    import json
+
+    from benchmarks import sizing
+
+    args = ["--documents", "3000", "--vocabulary", "4000", "--words", "30", "--queries", "30", "--batch-documents", "512", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out")]
+    assert sizing.main(args) == 0
+    first = json.loads((tmp_path / "out" / "sizing.json").read_text())["results"]
+    per_doc = first["bytes_per_document"]
+    assert first["documents"] == 3000 and per_doc["dense Flat index.faiss"] == pytest.approx(384 * 4, rel=0.01)
+    assert 0 < per_doc["bm25"] and 0 < per_doc["documents.sqlite"] < 3 * first["text_bytes_per_document"]
+    assert set(first["ray_build"]["worker_cpu_s"]) >= {"bm25_tokenize", "bm25_score"}
+    assert first["memory_mib"]["ingress-after"]["anon_added_mib"] < first["memory_mib"]["ingress-before"]["anon_added_mib"] + 50
+    assert first["bm25_latency_ms"]["mean"] > 0 and first["query_encoding_cpu_ms"]["one_at_a_time"] > 0
+    assert sizing.main([*args, "--reuse-index"]) == 0  # measures again on the kept index
+    again = json.loads((tmp_path / "out" / "sizing.json").read_text())["results"]
+    assert again["ray_build"] == first["ray_build"] and again["bytes"] == first["bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.scifact
+def test_index_build_bm25_only(tmp_path, scifact_dir):
+    import json
+
+    from benchmarks import index_build
+
+    assert index_build.main(["--dataset", str(scifact_dir), "--no-dense", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out")]) == 0
+    r = json.loads((tmp_path / "out" / "index_build.json").read_text())["results"]
+    assert r["equality"]["bm25_identical_top100_queries"] == r["equality"]["queries"] == 300
+    assert set(r["builds"]) == {"local (1 process)", "--ray, 2 workers"}
+    assert all(b["documents_per_s"] > 0 for b in r["builds"].values())

@@ -281,9 +281,15 @@ def test_eval_depths_and_a_cascade(beir_dir, tmp_path, tiny_bi_encoder_dir, tiny
     out = tmp_path / "c"
     assert cli.main(["eval", *common, "--cascade", f"{small}=4", "--rerank-top-m", "2", "--out", str(out)]) == 0
     meta = json.loads((out / "metrics.json").read_text())["meta"]
-    assert meta["cascade"] == [{"name": "stage1", "model": str(small), "top_m": 4, "blend": "none"}]
+    from serve_app.config import CrossEncoderConfig
+
+    assert meta["cascade"] == [{"name": "stage1", "model": str(small), "top_m": 4, "blend": "none", "max_length": CrossEncoderConfig().max_length}]
     assert meta["rerank_cost"]["hybrid+rerank"]["rerank.stage1"]["pairs_per_query"] == 4
     assert meta["rerank_cost"]["hybrid+rerank"]["rerank"]["pairs_per_query"] == 2
     assert "rerank.stage1 4.0 pairs/query" in capsys.readouterr().out
+    # the cheap stage may read shorter pairs than the final reranker
+    assert cli.main(["eval", *common, "--cascade", f"{small}=4", "--cascade-max-length", "32", "--rerank-top-m", "2", "--out", str(tmp_path / "c32")]) == 0
+    meta32 = json.loads((tmp_path / "c32" / "metrics.json").read_text())["meta"]
+    assert meta32["cascade"][0]["max_length"] == 32
     for bad in (f"{small}=1", f"{small}", "=3"):
         assert cli.main(["eval", *common, "--cascade", bad, "--rerank-top-m", "2", "--out", str(out)]) == 2

@@ -442,3 +442,106 @@ def test_prometheus_config_reads_rays_service_discovery():
     from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
 
     assert PROMETHEUS_SERVICE_DISCOVERY_FILE == "prom_metrics_service_discovery.json"
+
+
+# --------------------------------------------------------------------------- 100M-document layout
+
+RAYSERVICE_100M = CLUSTER / "kuberay" / "rayservice-100m.yaml"
+RAYJOB_100M = CLUSTER / "kuberay" / "rayjob-index-100m.yaml"
+SIZING = REPO / "benchmarks" / "results" / "sizing" / "sizing.json"
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def big() -> tuple[dict, dict]:
+    (doc,) = _yaml_docs(RAYSERVICE_100M)
+    return doc, yaml.safe_load(doc["spec"]["serveConfigV2"])
+
+
+def _quantity_gib(q: str) -> float:
+    units = {"Gi": 1, "Mi": 1 / 1024, "Ti": 1024}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Gi|Mi|Ti)", str(q))
+    assert m, f"unexpected memory quantity {q!r}"
+    return float(m.group(1)) * units[m.group(2)]
+
+
+def test_expand_shards_lists_every_shard_deployment():
+    config = {"applications": [{"name": "a", "import_path": "x:y", "args": {"sharding": {"bm25": 3}},
+                                "deployments": [{"name": "BM25Retriever", "num_replicas": 2}, {"name": "DenseRetriever"}]}]}
+    out = render.expand_shards(config)
+    assert [d["name"] for d in out["applications"][0]["deployments"]] == ["BM25Retriever-shard0", "BM25Retriever-shard1", "BM25Retriever-shard2", "DenseRetriever"]
+    assert all(d["num_replicas"] == 2 for d in out["applications"][0]["deployments"][:3])
+    assert config["applications"][0]["deployments"][0]["name"] == "BM25Retriever"  # input untouched
+
+
+def test_100m_layout_is_a_valid_app_with_one_deployment_per_shard(big):
+    from serve_app.serve.config import AppConfig
+    from serve_app.serve.shards import deployment_names
+
+    _, embedded = big
+    _serve_schema().model_validate(embedded)
+    (app,) = embedded["applications"]
+    cfg = AppConfig(**app["args"])
+    assert (cfg.sharding.bm25, cfg.sharding.dense) == (20, 10)
+    assert cfg.build_index_if_missing is False and cfg.index_dir.startswith("/mnt/serve-app/")
+    names = [d["name"] for d in app["deployments"]]
+    assert names == ["SearchIngress", *deployment_names(cfg), "CrossEncoderReranker"]
+
+
+def test_100m_node_groups_hold_the_replicas(big):
+    """Every pinned deployment has a group offering its resource, and at max_replicas the
+    groups' pods hold the replicas' CPUs and memory (the sizing's arithmetic, checked)."""
+    doc, embedded = big
+    groups = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    deps = _deployments(embedded)
+    by_resource: dict[str, list[dict]] = {}
+    for name, dep in deps.items():
+        (res,) = dep["ray_actor_options"]["resources"]
+        by_resource.setdefault(res, []).append(dep)
+    for res, members in by_resource.items():
+        (group,) = [g for g in groups if res in _start_resources(g)]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        pod_cpus, pod_gib = int(group["rayStartParams"]["num-cpus"]), _quantity_gib(limits["memory"])
+        assert int(limits["cpu"]) == pod_cpus, group["groupName"]
+        cpus = sum(d["autoscaling_config"]["max_replicas"] * d["ray_actor_options"].get("num_cpus", 1) for d in members)
+        gib = sum(d["autoscaling_config"]["max_replicas"] * d["ray_actor_options"].get("memory", 0) / GIB for d in members)
+        assert group["maxReplicas"] * pod_cpus >= cpus, f"{group['groupName']}: {group['maxReplicas']} pods x {pod_cpus} CPUs < {cpus} CPUs at max_replicas"
+        assert group["maxReplicas"] * pod_gib >= gib, f"{group['groupName']}: pods hold {group['maxReplicas'] * pod_gib} GiB < {gib} GiB at max_replicas"
+        mins = sum(d["autoscaling_config"]["min_replicas"] * d["ray_actor_options"].get("num_cpus", 1) for d in members)
+        assert group["minReplicas"] * pod_cpus >= mins, f"{group['groupName']}: min pods cannot hold min_replicas"
+
+
+def test_100m_shard_memory_follows_the_measured_sizes(big):
+    """The dense replicas' memory covers a shard's measured bytes per document (HNSW32 = Flat
+    vectors + graph), and a BM25 pod's memory covers its shard's postings page cache."""
+    measured = json.loads(SIZING.read_text())["results"]
+    per_doc = measured["bytes_per_document"]
+    doc, embedded = big
+    (app,) = embedded["applications"]
+    deps = _deployments(embedded)
+    docs_total = 100_000_000
+    dense_shard = docs_total / app["args"]["sharding"]["dense"]
+    dense_bytes = dense_shard * (per_doc["dense Flat index.faiss"] + per_doc["dense id map (doc_ids.json + chunk_owner.npy)"])
+    hnsw_graph = dense_shard * 32 * 2 * 4  # HNSW32: up to 2 x 32 neighbour ids (int32) per vector on level 0
+    assert deps["DenseRetriever-shard0"]["ray_actor_options"]["memory"] >= dense_bytes + hnsw_graph
+    bm25_shard = docs_total / app["args"]["sharding"]["bm25"] * per_doc["bm25"]
+    (bm25_group,) = [g for g in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"] if "bm25_node" in _start_resources(g)]
+    pod_gib = _quantity_gib(bm25_group["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"])
+    replicas_per_pod = int(bm25_group["rayStartParams"]["num-cpus"])
+    assert pod_gib * GIB >= bm25_shard + replicas_per_pod * deps["BM25Retriever-shard0"]["ray_actor_options"]["memory"]
+
+
+def test_100m_index_build_job():
+    (job,) = _yaml_docs(RAYJOB_100M)
+    assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    entry = job["spec"]["entrypoint"].split()
+    assert entry[:2] == ["serve-app", "index"] and "--ray" in entry and entry[entry.index("--address") + 1] == "auto"
+    (doc,) = _yaml_docs(RAYSERVICE_100M)
+    (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    shards = dict(part.split("=") for part in entry[entry.index("--shards") + 1].split(","))
+    assert {k: int(v) for k, v in shards.items()} == app["args"]["sharding"], "the job builds the shard sets the service reads"
+    assert entry[entry.index("--out") + 1] == app["args"]["index_dir"]
+    assert entry[entry.index("--faiss-factory") + 1] == app["args"]["dense"]["factory"]
+    from serve_app.cli import build_parser
+
+    build_parser().parse_args(entry[1:])  # the command line is one serve-app accepts

@@ -3,6 +3,7 @@
 Examples::
 
     serve-app index --corpus data/corpus.jsonl.gz --out /tmp/idx
+    serve-app index --corpus data/corpus.jsonl.gz --out /tmp/idx --ray --ray-workers 4 --shards bm25=2
     serve-app eval --dataset shared/datasets/scifact --pipeline bm25,dense,hybrid
 """
 
@@ -114,11 +115,50 @@ def cmd_index(args: argparse.Namespace) -> int:
     bm25 = None if args.no_bm25 else _config(BM25Config, "bm25", **{k: v for k, v in (("engine", args.bm25_engine), ("method", args.method), ("k1", args.k1), ("b", args.b)) if v is not None})
     dense = None if args.no_dense else _dense_config(args)
     chunking = _chunking_config(args)
+    shards = _shards(args.shards)
+    ray_flags = [f for f, v in (("--address", args.address), ("--ray-workers", args.ray_workers), ("--ray-cpus-per-worker", args.ray_cpus_per_worker), ("--ray-gpus-per-worker", args.ray_gpus_per_worker), ("--ray-batch-documents", args.ray_batch_documents)) if v is not None]
+    if ray_flags and not args.ray:
+        raise UsageError(f"{', '.join(ray_flags)} apply to a Ray build: add --ray")
+    if args.ray and bm25 is not None and bm25.engine != "bm25s":
+        raise UsageError("--ray builds BM25 with --bm25-engine bm25s only (rank_bm25 keeps every token of the corpus in one process)")
     loaded = read_corpus_source(args.corpus, on_error="skip" if args.skip_bad_lines else "raise")
     start = time.perf_counter()
-    manifest = build_index(loaded.corpus, args.out, bm25=bm25, dense=dense, chunking=chunking, show_progress=not args.quiet)
+    if args.ray:
+        from serve_app.index.ray_build import RayBuildOptions, build_index_ray
+
+        try:
+            options = RayBuildOptions(
+                address=args.address, workers=2 if args.ray_workers is None else args.ray_workers,
+                cpus_per_worker=1.0 if args.ray_cpus_per_worker is None else args.ray_cpus_per_worker,
+                gpus_per_worker=args.ray_gpus_per_worker, batch_documents=args.ray_batch_documents, show_progress=not args.quiet,
+            )
+        except ValueError as exc:
+            raise UsageError(f"invalid Ray build options: {exc}") from None
+        manifest, report = build_index_ray(loaded.corpus, args.out, bm25=bm25, dense=dense, chunking=chunking, shards=shards, options=options)
+        print(_summary(manifest, Path(args.out).absolute(), time.perf_counter() - start, _left_out(loaded.skipped, loaded.empty)))
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_seconds.items())
+        cpu = ", ".join(f"{k} {v:.1f} CPU-s" for k, v in report.worker_cpu_seconds.items())
+        print(f"  ray: {report.workers} workers; {stages}; workers spent {cpu}")
+        return 0
+    manifest = build_index(loaded.corpus, args.out, bm25=bm25, dense=dense, chunking=chunking, shards=shards, show_progress=not args.quiet)
     print(_summary(manifest, Path(args.out).absolute(), time.perf_counter() - start, _left_out(loaded.skipped, loaded.empty)))
     return 0
+
+
+def _shards(value: str | None) -> dict[str, int]:
+    """``bm25=2,dense=3`` -> {"bm25": 2, "dense": 3}."""
+    out: dict[str, int] = {}
+    for part in (value or "").split(","):
+        if not part.strip():
+            continue
+        name, _, count = part.partition("=")
+        name = name.strip()
+        if name not in ("bm25", "dense") or not count.strip().isdigit() or int(count) < 1:
+            raise UsageError(f"--shards: expected RETRIEVER=N with RETRIEVER bm25 or dense and N >= 1, got {part.strip()!r}")
+        if name in out:
+            raise UsageError(f"--shards: {name} given twice")
+        out[name] = int(count)
+    return out
 
 
 # --------------------------------------------------------------------------- eval
@@ -207,8 +247,11 @@ class _Metered:
         return self.documents, self.cpu_s, self.wall_s
 
 
-def _cascade_stages(values: Sequence[str], runtime: dict[str, Any], device: Any, blend: str = "none") -> list[tuple[Any, CrossEncoderConfig]]:
-    """``--cascade MODEL=TOP_M`` values as (CascadeStage, model config), named stage1, stage2, ..."""
+def _cascade_stages(values: Sequence[str], runtime: dict[str, Any], device: Any, blend: str = "none", max_length: int | None = None) -> list[tuple[Any, CrossEncoderConfig]]:
+    """``--cascade MODEL=TOP_M`` values as (CascadeStage, model config), named stage1, stage2, ...;
+    ``max_length`` (``--cascade-max-length``) replaces the runtime's for these stages."""
+    if max_length is not None:
+        runtime = {**runtime, "max_length": max_length}
     from serve_app.config import CascadeStage
 
     out = []
@@ -309,7 +352,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             runtime["drift_check"] = False
         reranker_cfg = _config(CrossEncoderConfig, "reranker", model=args.reranker, device=args.device, **runtime)
     needed = {r for p in pipelines for r in PIPELINES[p][0]}
-    cascade_cfgs = _cascade_stages(args.cascade or [], runtime if reranker_cfg is not None else {}, args.device, args.cascade_blend) if reranker_cfg is not None else []
+    cascade_cfgs = _cascade_stages(args.cascade or [], runtime if reranker_cfg is not None else {}, args.device, args.cascade_blend, args.cascade_max_length) if reranker_cfg is not None else []
     if args.cascade and reranker_cfg is None:
         raise UsageError("--cascade needs a pipeline that reranks (hybrid+rerank)")
     for stage, _ in cascade_cfgs:
@@ -383,7 +426,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "rerank_top_m": (depths[0] if len(depths) == 1 else depths) if reranker_cfg else None, "reranker": reranker_cfg.model if reranker_cfg else None,
         "reranker_runtime": reranker.inner.inner.scorer.describe() if reranker is not None else None,
         "rerank_blends": blends if reranker_cfg else None,
-        "cascade": [{"name": st.name, "model": cfg.model, "top_m": st.default_top_m, "blend": st.blend} for st, cfg in cascade_cfgs],
+        "cascade": [{"name": st.name, "model": cfg.model, "top_m": st.default_top_m, "blend": st.blend, "max_length": cfg.max_length} for st, cfg in cascade_cfgs],
         "rerank_cost": cost,
         "skipped_corpus_lines": len(dataset.skipped),
         "empty_documents_left_out": dataset.empty_documents,
@@ -414,8 +457,16 @@ def register(subparsers: Any) -> None:
     ch = ChunkingConfig()
     p.add_argument("--chunk-size", type=int, default=None, help=f"split documents into windows of N words (enables chunking; default size {ch.size})")
     p.add_argument("--chunk-stride", type=int, default=None, help=f"words between window starts (enables chunking; default {ch.stride})")
+    p.add_argument("--shards", default=None, metavar="RETRIEVER=N[,...]", help="also write shard sets, e.g. bm25=2,dense=4 (what a deployment's `sharding` asks for; default: none)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed corpus lines (with a warning) instead of stopping at the first")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r = p.add_argument_group("distributed build (Ray Data)", "tokenise, score BM25 postings and encode on a Ray cluster; same index directory as a local build (docs/DEPLOYING.md)")
+    r.add_argument("--ray", action="store_true", help="build on Ray: a local instance on 127.0.0.1, or the cluster at --address")
+    r.add_argument("--address", default=None, help="Ray cluster to build on, e.g. auto or ray://head:10001 (default: a local instance)")
+    r.add_argument("--ray-workers", type=int, default=None, help="encoder actors, and concurrent tokenising tasks (default: 2)")
+    r.add_argument("--ray-cpus-per-worker", type=float, default=None, help="CPUs per encoder actor, also its torch threads (default: 1)")
+    r.add_argument("--ray-gpus-per-worker", type=float, default=None, help="GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)")
+    r.add_argument("--ray-batch-documents", type=int, default=None, help="documents per Ray Data batch (default: 8 x --dense-batch-size)")
     p.set_defaults(func=cmd_index)
 
     fu = FusionConfig()
@@ -440,6 +491,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--weights", default=None, help="weighted fusion weights, e.g. bm25=0.4,dense=0.6 (default: " + ",".join(f"{k}={v}" for k, v in fu.weights.items()) + ")")
     e.add_argument("--normalization", choices=["minmax", "zscore"], default=None, help=f"weighted fusion score normalisation (default: {fu.normalization})")
     e.add_argument("--cascade", action="append", metavar="MODEL=TOP_M", help="a cheaper rerank stage before --reranker: it scores the first TOP_M fused candidates and --reranker reads the first --rerank-top-m of its order (repeat for more stages, in order; same runtime flags). Reports the pairs and CPU time of each stage.")
+    e.add_argument("--cascade-max-length", type=int, default=None, help="tokens per pair for the --cascade stages (default: --reranker-max-length): a cheap stage may read shorter pairs than the final reranker")
     e.add_argument("--cascade-blend", choices=["none", "rrf"], default="none", help="how each --cascade stage reorders its candidates: by its scores (none) or by RRF of its rank and the rank it received (rrf)")
     e.add_argument("--rerank-blend", default="none", metavar="BLEND[,BLEND]", help="order of the reranked candidates, one result row per value: none (cross-encoder score alone), rrf (RRF of the cross-encoder rank and the fused rank); e.g. none,rrf (default: none)")
     e.add_argument("--rerank-weight", type=float, default=None, help=f"rrf blend: weight of the cross-encoder rank (default: {fu.rerank_weight})")

@@ -7,7 +7,10 @@
   of the part one Serve replica needs, consistent under in-place rebuilds
   (:mod:`~serve_app.index.consistency`);
 * :mod:`~serve_app.index.shards`: shard sets (one index directory per shard);
-* :mod:`~serve_app.index.docstore`: the SQLite document store the ingress reads texts from.
+* :mod:`~serve_app.index.docstore`: the SQLite document store the ingress reads texts from;
+* :mod:`~serve_app.index.ray_build`: :func:`~serve_app.index.ray_build.build_index_ray`, the
+  same index built on a Ray cluster with Ray Data (``serve-app index --ray``; imported on use,
+  so that reading an index never imports Ray).
 
 Each retriever writes and reads only its own sub-directory (``bm25/``, ``dense/``), its document
 ids included; this package never looks inside them.

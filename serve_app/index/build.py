@@ -72,11 +72,13 @@ def _write_index(
     encoder: Any,
     show_progress: bool,
     bm25_retriever: Optional[BM25Retriever] = None,
+    dense_retriever: Any = None,
     docstore: bool = True,
 ) -> Manifest:
     """Write an index of ``corpus`` into the empty ``directory``; ``bm25_retriever`` (cut from a
-    whole-corpus index) is saved instead of building one from ``bm25``. ``docstore`` also writes
-    the SQLite document store (not in shards: their replicas never look documents up)."""
+    whole-corpus index, or built on Ray) and ``dense_retriever`` (from vectors encoded elsewhere)
+    are saved instead of building them from ``bm25`` / ``dense``. ``docstore`` also writes the
+    SQLite document store (not in shards: their replicas never look documents up)."""
     from serve_app.index.docstore import DOCSTORE, write_document_store
 
     write_documents_jsonl(corpus, directory / DOCUMENTS)
@@ -87,7 +89,9 @@ def _write_index(
         sections["bm25"] = bm25_retriever.save(directory / BM25_DIR)
     elif bm25 is not None:
         sections["bm25"] = BM25Retriever.build(corpus, bm25, chunking, show_progress=show_progress).save(directory / BM25_DIR)
-    if dense is not None:
+    if dense_retriever is not None:
+        sections["dense"] = dense_retriever.save(directory / DENSE_DIR)
+    elif dense is not None:
         from serve_app.retrieval.dense import BiEncoder, DenseRetriever
 
         enc = encoder if encoder is not None else BiEncoder(dense)
@@ -110,6 +114,65 @@ def _write_index(
     return manifest
 
 
+def check_build_request(
+    corpus: Sequence[Document],
+    out_dir: str | os.PathLike[str],
+    *,
+    bm25: BM25Config | None,
+    dense: DenseConfig | None,
+    shards: Optional[Mapping[str, int]],
+) -> tuple[Corpus, Path, dict[str, int]]:
+    """What every build checks before any work: something to build, a non-empty corpus, shard
+    sets only of built retrievers, a target that is an index directory or absent. Returns the
+    corpus as a :class:`Corpus`, the absolute target and the shard counts above 1."""
+    if bm25 is None and dense is None:
+        raise ValueError("nothing to build: give a BM25 config, a dense config, or both")
+    corpus = corpus if isinstance(corpus, Corpus) else Corpus.from_documents(corpus)
+    if len(corpus) == 0:
+        raise ValueError("cannot index an empty corpus")
+    wanted = {r: n for r, n in (shards or {}).items() if n > 1}
+    for retriever in wanted:
+        if {"bm25": bm25, "dense": dense}.get(retriever) is None:
+            raise ValueError(f"shards: {retriever} is not built in this index")
+    out = Path(out_dir).absolute()
+    _check_target(out, MANIFEST)
+    return corpus, out, wanted
+
+
+def write_index_atomically(
+    out: Path,
+    corpus: Corpus,
+    wanted: Mapping[str, int],
+    *,
+    bm25: BM25Config | None,
+    dense: DenseConfig | None,
+    chunking: ChunkingConfig,
+    encoder: Any,
+    show_progress: bool = False,
+    bm25_retriever: Optional[BM25Retriever] = None,
+    dense_retriever: Any = None,
+    whole_vectors: Optional[tuple[Any, Any]] = None,
+) -> Manifest:
+    """Write the index and its ``wanted`` shard sets into a staging directory and swap it into
+    place (the previous index stays if anything fails). Retrievers built elsewhere
+    (``bm25_retriever``, ``dense_retriever`` with its ``whole_vectors``) are saved and cut into
+    shards instead of being built again."""
+    with staging_dir(out) as tmp:
+        manifest = _write_index(
+            tmp, corpus, bm25=bm25, dense=dense, chunking=chunking, encoder=encoder, show_progress=show_progress,
+            bm25_retriever=bm25_retriever, dense_retriever=dense_retriever,
+        )
+        for retriever, n in wanted.items():
+            build_shard_set(
+                corpus, shard_set_dir(tmp, retriever, n), n, corpus_sha256=manifest.corpus.sha256,
+                bm25=bm25 if retriever == "bm25" else None, dense=dense if retriever == "dense" else None,
+                chunking=chunking, encoder=encoder, show_progress=show_progress,
+                whole_bm25=bm25_retriever if retriever == "bm25" else None, whole_vectors=whole_vectors if retriever == "dense" else None,
+            )
+        swap_into_place(tmp, out)
+    return manifest
+
+
 def build_index(
     corpus: Sequence[Document],
     out_dir: str | os.PathLike[str],
@@ -127,30 +190,12 @@ def build_index(
     ``dense``. ``shards`` maps a retriever to a shard count: each count above 1 also writes that
     shard set under ``shards/`` (inside the same atomic build). Returns the manifest written.
     """
-    if bm25 is None and dense is None:
-        raise ValueError("nothing to build: give a BM25 config, a dense config, or both")
-    corpus = corpus if isinstance(corpus, Corpus) else Corpus.from_documents(corpus)
-    if len(corpus) == 0:
-        raise ValueError("cannot index an empty corpus")
-    wanted = {r: n for r, n in (shards or {}).items() if n > 1}
-    for retriever in wanted:
-        if {"bm25": bm25, "dense": dense}.get(retriever) is None:
-            raise ValueError(f"shards: {retriever} is not built in this index")
-    out = Path(out_dir).absolute()
-    _check_target(out, MANIFEST)
+    corpus, out, wanted = check_build_request(corpus, out_dir, bm25=bm25, dense=dense, shards=shards)
     if dense is not None and encoder is None:
         from serve_app.retrieval.dense import BiEncoder
 
         encoder = BiEncoder(dense)
-    with staging_dir(out) as tmp:
-        manifest = _write_index(tmp, corpus, bm25=bm25, dense=dense, chunking=chunking, encoder=encoder, show_progress=show_progress)
-        for retriever, n in wanted.items():
-            build_shard_set(
-                corpus, shard_set_dir(tmp, retriever, n), n, corpus_sha256=manifest.corpus.sha256,
-                bm25=bm25 if retriever == "bm25" else None, dense=dense if retriever == "dense" else None,
-                chunking=chunking, encoder=encoder, show_progress=show_progress,
-            )
-        swap_into_place(tmp, out)
+    manifest = write_index_atomically(out, corpus, wanted, bm25=bm25, dense=dense, chunking=chunking, encoder=encoder, show_progress=show_progress)
     logger.info("index written to %s (%d documents, %d chunks, %s)", out, manifest.corpus.num_documents, manifest.corpus.num_chunks, ", ".join(k for k in ("bm25", "dense") if getattr(manifest, k)))
     return manifest
 
@@ -166,6 +211,8 @@ def build_shard_set(
     encoder: Any = None,
     show_progress: bool = False,
     corpus_sha256: Optional[str] = None,
+    whole_bm25: Optional[BM25Retriever] = None,
+    whole_vectors: Optional[tuple[Any, Any]] = None,
 ) -> ShardSetManifest:
     """Build a shard set of ``corpus`` at ``out_dir`` (replacing one there atomically).
 
@@ -173,7 +220,9 @@ def build_shard_set(
     whole-corpus index (:meth:`BM25Retriever.split`, whole-corpus statistics), its dense side
     encodes only its documents (``encoder`` is shared by the shards when given).
     ``corpus_sha256`` is the whole corpus's document-store checksum (its index manifest's;
-    computed from ``corpus`` when not given).
+    computed from ``corpus`` when not given). ``whole_bm25`` (a whole-corpus BM25 index) and
+    ``whole_vectors`` (every chunk's vector and document position, corpus order) are cut instead
+    of indexing or encoding again (the Ray build passes what it computed).
     """
     if bm25 is None and dense is None:
         raise ValueError("nothing to build: give a BM25 config, a dense config, or both")
@@ -183,8 +232,19 @@ def build_shard_set(
     bounds = shard_bounds(len(corpus), num_shards)
     parts: list[Optional[BM25Retriever]] = [None] * num_shards
     if bm25 is not None:
-        parts = list(BM25Retriever.build(corpus, bm25, chunking, show_progress=show_progress).split(bounds))
-    if dense is not None and encoder is None:
+        whole = whole_bm25 if whole_bm25 is not None else BM25Retriever.build(corpus, bm25, chunking, show_progress=show_progress)
+        parts = list(whole.split(bounds))
+    dense_parts: list[Any] = [None] * num_shards
+    if dense is not None and whole_vectors is not None:
+        import numpy as np
+
+        from serve_app.retrieval.dense import DenseRetriever
+
+        vectors, owner = whole_vectors
+        for i, (start, end) in enumerate(bounds):
+            c0, c1 = (int(x) for x in np.searchsorted(owner, [start, end], side="left"))
+            dense_parts[i] = DenseRetriever.from_vectors(vectors[c0:c1], corpus.ids[start:end], dense, chunk_owner=owner[c0:c1] - start, encoder=encoder)
+    if dense is not None and encoder is None and whole_vectors is None:
         from serve_app.retrieval.dense import BiEncoder
 
         encoder = BiEncoder(dense)
@@ -196,9 +256,12 @@ def build_shard_set(
             corpus_sha256 = sha256_file(tmp / DOCUMENTS)
             (tmp / DOCUMENTS).unlink()
         infos = []
-        for i, ((start, end), part) in enumerate(zip(bounds, parts)):
+        for i, ((start, end), part, dense_part) in enumerate(zip(bounds, parts, dense_parts)):
             (tmp / str(i)).mkdir()
-            _write_index(tmp / str(i), corpus[start:end], bm25=bm25, dense=dense, chunking=chunking, encoder=encoder, show_progress=show_progress, bm25_retriever=part, docstore=False)
+            _write_index(
+                tmp / str(i), corpus[start:end], bm25=bm25, dense=dense, chunking=chunking, encoder=encoder, show_progress=show_progress,
+                bm25_retriever=part, dense_retriever=dense_part, docstore=False,
+            )
             infos.append(ShardInfo(index=i, directory=str(i), start=start, end=end))
         manifest = ShardSetManifest(
             format_version=SHARDS_FORMAT_VERSION,

@@ -1,0 +1,277 @@
+"""`serve-app index --ray`: the Ray-built index equals the local build.
+
+A local Ray instance with 2 CPUs (2 workers) builds the same corpora as ``build_index``; the two
+directories must hold the same index: BM25 postings and scores bit for bit (whole-corpus
+statistics aggregated across blocks), dense vectors within 1e-5, the same document store and
+shard sets. A worker killed mid-build is restarted and the result is still equal; a build that
+fails leaves the previous index loadable.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+from serve_app.config import BM25Config, ChunkingConfig, DenseConfig, FusionConfig
+from serve_app.corpus import Corpus
+from serve_app.index import build_index, load_index, load_shards, read_manifest, shard_set_dir
+from serve_app.index.ray_build import RayBuildOptions, RayIndexBuildError, build_index_ray
+from serve_app.types import Document
+
+pytestmark = pytest.mark.slow
+
+WORDS = (
+    "protein cell gene dna virus vaccine disease cancer tumor patients clinical trial study result effect risk treatment "
+    "ocean sea river water climate weather rain snow football soccer team player goal music song album band space star planet moon "
+    "the of and a in is"
+).split()
+QUERIES = ["gene cancer", "ocean climate rain", "football goal", "music band album", "the", "planet moon star", "zzz unknown"]
+
+
+def make_corpus(n: int = 97, seed: int = 3) -> Corpus:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 40))]
+        docs.append(Document(id=f"d{i}", title=rng.choice(["", "Title " + rng.choice(WORDS)]), text=" ".join(words)))
+    return Corpus.from_documents(docs)
+
+
+@pytest.fixture(scope="module")
+def ray_instance(tmp_path_factory):
+    """One local Ray instance (127.0.0.1, 2 CPUs) for the module; the crash marker's path is in
+    the environment before Ray starts, so its workers inherit it."""
+    import ray
+
+    from serve_app.serve.runner import start_ray
+
+    marker = tmp_path_factory.mktemp("crash") / "crashed"
+    os.environ["SERVE_APP_TEST_CRASH_MARKER"] = str(marker)
+    assert not ray.is_initialized(), "another test left Ray initialized in this process"
+    start_ray(num_cpus=2, log_to_driver=False)
+    try:
+        yield marker
+    finally:
+        ray.shutdown()
+        os.environ.pop("SERVE_APP_TEST_CRASH_MARKER", None)
+
+
+OPTIONS = RayBuildOptions(workers=2, batch_documents=16, show_progress=False)
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+def assert_same_bm25(a, b) -> None:
+    """Same documents, chunks, vocabulary, and every term's postings with bit-identical scores."""
+    assert a.doc_ids == b.doc_ids
+    np.testing.assert_array_equal(a.chunk_owner, b.chunk_owner)
+    ma, mb = a._engine.model, b._engine.model
+    assert ma.scores["num_docs"] == mb.scores["num_docs"]
+    assert set(ma.vocab_dict) == set(mb.vocab_dict)
+    for name in ("data", "indices", "indptr"):
+        assert np.asarray(ma.scores[name]).dtype == np.asarray(mb.scores[name]).dtype, name
+    pa_, pb = ma.scores["indptr"], mb.scores["indptr"]
+    for term, ia in ma.vocab_dict.items():
+        ib = mb.vocab_dict[term]
+        sa, sb = slice(pa_[ia], pa_[ia + 1]), slice(pb[ib], pb[ib + 1])
+        np.testing.assert_array_equal(ma.scores["indices"][sa], mb.scores["indices"][sb], err_msg=term)
+        np.testing.assert_array_equal(ma.scores["data"][sa], mb.scores["data"][sb], err_msg=term)
+    if ma.nonoccurrence_array is not None or mb.nonoccurrence_array is not None:
+        for term, ia in ma.vocab_dict.items():
+            assert ma.nonoccurrence_array[ia] == mb.nonoccurrence_array[mb.vocab_dict[term]], term
+    for q in QUERIES:
+        tokens = a.tokenizer([q])[0]
+        got, want = a._engine.match(tokens), b._engine.match(tokens)
+        assert (got is None) == (want is None), q
+        if got is not None:
+            np.testing.assert_array_equal(got[0], want[0], err_msg=q)  # every chunk's score, bit for bit
+            np.testing.assert_array_equal(got[1], want[1], err_msg=q)
+        assert a.search(q, 50) == b.search(q, 50), q
+
+
+def assert_same_dense(a, b) -> None:
+    assert a.doc_ids == b.doc_ids
+    np.testing.assert_array_equal(a.chunk_owner, b.chunk_owner)
+    va = a._cpu_index.reconstruct_n(0, a.num_vectors)
+    vb = b._cpu_index.reconstruct_n(0, b.num_vectors)
+    assert va.shape == vb.shape
+    assert float(np.abs(va - vb).max()) <= 1e-5
+
+
+def assert_same_index(ray_dir, local_dir, encoder, shards=()) -> None:
+    mr, ml = read_manifest(ray_dir), read_manifest(local_dir)
+    assert mr.corpus == ml.corpus and mr.chunking == ml.chunking
+    assert mr.files["documents.jsonl"].sha256 == ml.files["documents.jsonl"].sha256
+    assert mr.files["documents.sqlite"].size > 0
+    drop = {"libraries"}
+    if mr.bm25 is not None or ml.bm25 is not None:
+        assert {k: v for k, v in mr.bm25.items() if k not in drop} == {k: v for k, v in ml.bm25.items() if k not in drop}
+    if mr.dense is not None or ml.dense is not None:
+        assert mr.dense == ml.dense
+    r = load_index(ray_dir, encoder=encoder, load_dense_encoder=encoder is not None)
+    lo = load_index(local_dir, encoder=encoder, load_dense_encoder=encoder is not None)
+    assert list(r.corpus) == list(lo.corpus)
+    if lo.bm25 is not None:
+        assert_same_bm25(r.bm25, lo.bm25)
+    if lo.dense is not None:
+        assert_same_dense(r.dense, lo.dense)
+    for retriever, n in shards:
+        sr = load_shards(shard_set_dir(ray_dir, retriever, n), encoder=encoder)[retriever]
+        sl = load_shards(shard_set_dir(local_dir, retriever, n), encoder=encoder)[retriever]
+        assert len(sr.shards) == len(sl.shards) == n
+        for x, y in zip(sr.shards, sl.shards):
+            (assert_same_bm25 if retriever == "bm25" else assert_same_dense)(x, y)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_bi_encoder_dir):
+    from serve_app.retrieval.dense import BiEncoder
+
+    return BiEncoder(DenseConfig(model=str(tiny_bi_encoder_dir), batch_size=8))
+
+
+# --------------------------------------------------------------------------- equality
+
+
+@pytest.mark.parametrize(
+    "method,chunking",
+    [("lucene", ChunkingConfig()), ("bm25+", ChunkingConfig(enabled=True, size=8, stride=6)), ("robertson", ChunkingConfig(enabled=True, size=10, stride=10))],
+    ids=["lucene-docs", "bm25plus-chunks", "robertson-chunks"],
+)
+def test_ray_build_equals_local_build(tmp_path, ray_instance, encoder, method, chunking):
+    corpus = make_corpus()
+    bm25 = BM25Config(method=method)
+    shards = {"bm25": 2, "dense": 3}
+    local = build_index(corpus, tmp_path / "local", bm25=bm25, dense=encoder.cfg, chunking=chunking, encoder=encoder, show_progress=False, shards=shards)
+    manifest, report = build_index_ray(corpus, tmp_path / "ray", bm25=bm25, dense=encoder.cfg, chunking=chunking, shards=shards, options=OPTIONS)
+    assert manifest.corpus == local.corpus
+    assert report.documents == len(corpus) and report.chunks == local.corpus.num_chunks
+    assert {"bm25_tokenize", "bm25_score", "dense_encode"} <= set(report.stage_seconds)
+    assert report.worker_cpu_seconds["dense_encode"] > 0
+    assert_same_index(tmp_path / "ray", tmp_path / "local", encoder, shards=[("bm25", 2), ("dense", 3)])
+
+
+def test_ray_build_of_one_retriever(tmp_path, ray_instance):
+    corpus = make_corpus(n=30, seed=5)
+    build_index(corpus, tmp_path / "local", bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), show_progress=False)
+    manifest, _ = build_index_ray(corpus, tmp_path / "ray", bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), options=OPTIONS)
+    assert manifest.dense is None and not (tmp_path / "ray" / "dense").exists()
+    assert_same_index(tmp_path / "ray", tmp_path / "local", None)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_a_worker_killed_mid_build_is_restarted_and_the_index_is_still_equal(tmp_path, ray_instance, encoder):
+    from serve_app.testing import CrashOnceEncodeBatch
+
+    marker = ray_instance
+    assert not marker.exists()
+    corpus = make_corpus(n=80, seed=11)
+    build_index(corpus, tmp_path / "local", bm25=BM25Config(), dense=encoder.cfg, chunking=ChunkingConfig(), encoder=encoder, show_progress=False)
+    build_index_ray(corpus, tmp_path / "ray", bm25=BM25Config(), dense=encoder.cfg, chunking=ChunkingConfig(), options=OPTIONS, encode_udf=CrashOnceEncodeBatch)
+    assert marker.exists(), "no worker died: the test did not test a crash"
+    assert int(marker.read_text()) != os.getpid()  # it was a worker process, not this one
+    assert_same_index(tmp_path / "ray", tmp_path / "local", encoder)
+
+
+def test_a_failed_build_leaves_the_previous_index_loadable(tmp_path, ray_instance, encoder):
+    from serve_app.testing import AlwaysFailingEncodeBatch
+
+    out = tmp_path / "idx"
+    old = make_corpus(n=20, seed=1)
+    build_index(old, out, bm25=BM25Config(), dense=encoder.cfg, chunking=ChunkingConfig(), encoder=encoder, show_progress=False)
+    before = read_manifest(out)
+    with pytest.raises(RayIndexBuildError, match="failed after retries"):
+        build_index_ray(make_corpus(n=40, seed=2), out, bm25=BM25Config(), dense=encoder.cfg, chunking=ChunkingConfig(), options=RayBuildOptions(workers=2, batch_documents=16, max_retries=1, show_progress=False), encode_udf=AlwaysFailingEncodeBatch)
+    assert read_manifest(out) == before
+    loaded = load_index(out, encoder=encoder)
+    assert [d.id for d in loaded.corpus] == [d.id for d in old]
+    assert loaded.bm25.search("gene cancer", 5) is not None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx.building")]
+
+
+def test_options_and_refusals_before_any_work(tmp_path):
+    for bad in ({"workers": 0}, {"cpus_per_worker": 0}, {"gpus_per_worker": -1}, {"batch_documents": 0}, {"max_retries": -1}):
+        with pytest.raises(ValueError):
+            RayBuildOptions(**bad)
+    with pytest.raises(ValueError, match="bm25s only"):
+        build_index_ray(make_corpus(n=5), tmp_path / "x", bm25=BM25Config(engine="rank_bm25", method="robertson"), dense=None, chunking=ChunkingConfig())
+    with pytest.raises(ValueError, match="empty corpus"):
+        build_index_ray([], tmp_path / "x", bm25=BM25Config(), dense=None, chunking=ChunkingConfig())
+    with pytest.raises(ValueError, match="shards: dense"):
+        build_index_ray(make_corpus(n=5), tmp_path / "x", bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), shards={"dense": 2})
+    assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_index_ray(tmp_path, ray_instance, tiny_bi_encoder_dir, capsys):
+    from serve_app.cli import main
+
+    corpus = make_corpus(n=25, seed=9)
+    src = tmp_path / "corpus.jsonl"
+    from serve_app.corpus import write_documents_jsonl
+
+    write_documents_jsonl(corpus, src)
+    args = ["index", "--corpus", str(src), "--dense-model", str(tiny_bi_encoder_dir), "-q"]
+    assert main([*args, "--out", str(tmp_path / "ray"), "--ray", "--ray-workers", "2", "--ray-batch-documents", "8", "--shards", "bm25=2"]) == 0
+    out = capsys.readouterr().out
+    assert "ray: 2 workers" in out and "dense_encode" in out
+    assert main([*args, "--out", str(tmp_path / "local"), "--shards", "bm25=2"]) == 0
+    from serve_app.retrieval.dense import BiEncoder
+
+    assert_same_index(tmp_path / "ray", tmp_path / "local", BiEncoder(DenseConfig(model=str(tiny_bi_encoder_dir))), shards=[("bm25", 2)])
+    assert main([*args, "--out", str(tmp_path / "y"), "--ray-workers", "2"]) == 2  # a Ray flag without --ray
+    assert "add --ray" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "y"), "--shards", "bm25=x"]) == 2
+    assert main([*args, "--out", str(tmp_path / "y"), "--ray", "--bm25-engine", "rank_bm25"]) == 2
+    assert not (tmp_path / "y").exists()
+
+
+# --------------------------------------------------------------------------- SciFact
+
+
+@pytest.mark.scifact
+def test_scifact_ray_build_gives_the_local_top_100(tmp_path, ray_instance, scifact_dir, tiny_bi_encoder_dir):
+    """SciFact (5,183 documents), BM25 + dense (a tiny random bi-encoder: the build is under
+    test, not the model), unsharded and sharded: the same top 100 for every test query with
+    bm25, dense and hybrid."""
+    from serve_app.corpus import load_beir
+    from serve_app.retrieval.dense import BiEncoder
+    from serve_app.retrieval.fusion import fuse
+
+    data = load_beir(scifact_dir, split="test")
+    enc = BiEncoder(DenseConfig(model=str(tiny_bi_encoder_dir), batch_size=32))
+    shards = {"bm25": 2, "dense": 2}
+    build_index(data.corpus, tmp_path / "local", bm25=BM25Config(), dense=enc.cfg, chunking=ChunkingConfig(), encoder=enc, show_progress=False, shards=shards)
+    build_index_ray(data.corpus, tmp_path / "ray", bm25=BM25Config(), dense=enc.cfg, chunking=ChunkingConfig(), shards=shards, options=RayBuildOptions(workers=2, batch_documents=256, show_progress=False))
+    assert_same_index(tmp_path / "ray", tmp_path / "local", enc, shards=[("bm25", 2), ("dense", 2)])
+    queries = list(data.queries.values())
+    assert len(queries) == 300
+    fusion = FusionConfig()
+
+    def top100(retrievers):
+        b = retrievers["bm25"].search_batch(queries, 100)
+        d = retrievers["dense"].search_batch(queries, 100)
+        h = [[f.doc_id for f in fuse({"bm25": x, "dense": y}, fusion, limit=100)] for x, y in zip(b, d)]
+        return [[x.doc_id for x in r] for r in b], [[x.doc_id for x in r] for r in d], h
+
+    want = top100(load_index(tmp_path / "local", encoder=enc).retrievers)
+    got = top100(load_index(tmp_path / "ray", encoder=enc).retrievers)
+    for name, w, g in zip(("bm25", "dense", "hybrid"), want, got):
+        assert g == w, name
+    # Sharded: the Ray-built shard sets against the locally built ones (a sharded merge may
+    # order near-tied dense scores unlike the whole index: FAISS computes them in other blocks).
+    def shard_sets(root):
+        return {r: load_shards(shard_set_dir(root, r, 2), encoder=enc)[r] for r in ("bm25", "dense")}
+
+    want_sharded, got_sharded = top100(shard_sets(tmp_path / "local")), top100(shard_sets(tmp_path / "ray"))
+    for name, w, g in zip(("bm25", "dense", "hybrid"), want_sharded, got_sharded):
+        assert g == w, f"{name} (2 shards)"
+    assert want_sharded[0] == want[0]  # BM25 shards merge exactly
