@@ -515,6 +515,7 @@ class _Query:
     scores: list[float] = field(default_factory=list)  # the final reranker's, for order[:len(scores)]
     requested_top_m: Optional[int] = None  # set when the SLO controller lowered rerank_top_m
     pairs_ahead: Optional[int] = None  # candidates in flight to the final reranker when this query's were sent
+    unplanned: bool = False  # counted in Funnel.requests_unplanned until its depth is planned
 
 
 def stage_key(stage: Optional[str]) -> str:
@@ -564,6 +565,9 @@ class Funnel:
         #: SLO-aware depth (``serve_app.slo.DepthController``) of the final reranker; None: fixed depth.
         self.depth = depth
         self.pairs_in_flight = 0  # candidates sent to the final reranker and not yet answered
+        #: single requests in the funnel that will rerank and whose depth is not planned yet
+        #: (the SLO controller shares what the objective leaves among them and this one)
+        self.requests_unplanned = 0
 
     def resolve(self, request: FunnelRequest) -> ResolvedFunnel:
         """Validate ``request`` against this funnel's limits, retrievers, rerankers and cascade."""
@@ -677,7 +681,8 @@ class Funnel:
         time, ``adaptive``) the depth is first lowered to what the objective allows."""
         if adaptive and self.depth is not None and self.depth.enabled:
             q, head = todo[0]
-            plan = self.depth.plan(len(head), self.pairs_in_flight)
+            self._planned(q)
+            plan = self.depth.plan(len(head), self.pairs_in_flight, waiting=self.requests_unplanned + 1)
             if plan.reduced:
                 q.requested_top_m = plan.requested
                 q.funnel = replace(q.funnel, rerank_top_m=plan.depth)
@@ -718,9 +723,26 @@ class Funnel:
 
     # ------------------------------------------------------------------ the funnel
 
+    def _planned(self, q: _Query) -> None:
+        if q.unplanned:
+            q.unplanned = False
+            self.requests_unplanned -= 1
+
     async def _run(self, funnels: list[ResolvedFunnel], *, amortize: bool) -> list[SearchResult]:
-        t_start = time.perf_counter()
         queries = [_Query(f) for f in funnels]
+        if not amortize and self.depth is not None and self.depth.enabled:
+            for q in queries:
+                if q.funnel.rerank:
+                    q.unplanned = True
+                    self.requests_unplanned += 1
+        try:
+            return await self._run_queries(queries, amortize=amortize)
+        finally:
+            for q in queries:
+                self._planned(q)  # a request that failed, timed out or reranked nothing
+
+    async def _run_queries(self, queries: list[_Query], *, amortize: bool) -> list[SearchResult]:
+        t_start = time.perf_counter()
         n = len(queries)
 
         # Retrieval: one call per retriever and group of queries sharing retrievers and top_k.

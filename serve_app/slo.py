@@ -14,7 +14,11 @@ The prediction, from what the ingress sees (no call to the reranker):
   later requests join its batches) plus its own, a mean over a sliding window of recent
   requests; it folds in batching, the number of replicas and their speed;
 * ``other_ms``: the recent mean time of everything else (retrieval, fusion, assembly);
-* predicted latency at depth ``m`` = ``other_ms + ms_per_pair * (pairs_in_flight + m)``.
+* predicted latency at depth ``m`` = ``other_ms + ms_per_pair * (pairs_in_flight + waiting * m)``,
+  where ``waiting`` counts this request and the ones already in the ingress (retrieving) whose
+  depth is not planned yet: they will send their pairs right behind, so a burst shares what the
+  objective leaves instead of its first requests taking full depth and the rest queueing
+  behind them at the floor.
 
 The depth used is the largest ``m`` whose prediction fits the budget, clamped to
 ``[min_rerank_top_m, requested]``. The budget is ``headroom * objective``, scaled down by
@@ -37,6 +41,8 @@ Example (a fake clock and latencies; no Ray, no model):
 (40, True)
 >>> c.plan(requested=50, pairs_in_flight=1000).depth  # never below the floor
 10
+>>> c.plan(requested=50, pairs_in_flight=0, waiting=4).depth  # a burst of 4: 100 + 10 * 4m <= 900
+20
 """
 
 from __future__ import annotations
@@ -111,9 +117,10 @@ class DepthController:
         p95 = totals[min(len(totals) - 1, math.ceil(0.95 * len(totals)) - 1)]
         return (sum(s[1] for s in fresh) / len(fresh), sum(s[2] for s in fresh) / len(fresh), p95)
 
-    def plan(self, requested: int, pairs_in_flight: int) -> DepthPlan:
+    def plan(self, requested: int, pairs_in_flight: int, waiting: int = 1) -> DepthPlan:
         """The depth of a request that asks for ``requested`` with ``pairs_in_flight`` pairs
-        already sent to the reranker by this ingress."""
+        already sent to the reranker by this ingress and ``waiting`` requests (itself included)
+        about to send theirs."""
         if not self.enabled or requested <= 0:
             return DepthPlan(requested, requested, False)
         est = self._estimate()
@@ -121,11 +128,12 @@ class DepthController:
             return DepthPlan(requested, requested, False)
         per_pair, other, observed_p95 = est
         objective = float(self.cfg.search_p95_ms)  # type: ignore[arg-type]
-        predicted = other + per_pair * (pairs_in_flight + requested)
+        waiting = max(1, int(waiting))
+        predicted = other + per_pair * (pairs_in_flight + waiting * requested)
         budget = self.cfg.headroom * objective * min(1.0, objective / observed_p95 if observed_p95 > 0 else 1.0)
         depth = requested
         if predicted > budget:
-            fits = math.floor((budget - other) / per_pair - pairs_in_flight) if per_pair > 0 else requested
+            fits = math.floor(((budget - other) / per_pair - pairs_in_flight) / waiting) if per_pair > 0 else requested
             depth = max(min(self.cfg.min_rerank_top_m, requested), min(requested, fits))
         with self._lock:
             self.planned_total += 1
