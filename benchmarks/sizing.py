@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray.shutdown()
     print(f"ray build: {build_s:.0f} s, stages {report.stage_seconds}, worker CPU {report.worker_cpu_seconds}", flush=True)
     del corpus
-    build = {"wall_s": build_s, "stages_s": report.stage_seconds, "worker_cpu_s": report.worker_cpu_seconds, "workers": args.workers, "text_bytes_per_document": text_bytes / n}
+    build = {"wall_s": build_s, "stages_s": report.stage_seconds, "worker_cpu_s": report.worker_cpu_seconds, "workers": args.workers}
     return _measure(args, run, work, n, {"ray_build": build, "text_bytes_per_document": text_bytes / n}, vocab)
 
 

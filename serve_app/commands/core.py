@@ -119,8 +119,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     ray_flags = [f for f, v in (("--address", args.address), ("--ray-workers", args.ray_workers), ("--ray-cpus-per-worker", args.ray_cpus_per_worker), ("--ray-gpus-per-worker", args.ray_gpus_per_worker), ("--ray-batch-documents", args.ray_batch_documents)) if v is not None]
     if ray_flags and not args.ray:
         raise UsageError(f"{', '.join(ray_flags)} apply to a Ray build: add --ray")
-    if args.ray and bm25 is not None and bm25.engine != "bm25s":
-        raise UsageError("--ray builds BM25 with --bm25-engine bm25s only (rank_bm25 keeps every token of the corpus in one process)")
+    if args.ray:
+        from serve_app.index.ray_build import check_ray_buildable
+
+        check_ray_buildable(bm25)  # before the corpus is read
     loaded = read_corpus_source(args.corpus, on_error="skip" if args.skip_bad_lines else "raise")
     start = time.perf_counter()
     if args.ray:

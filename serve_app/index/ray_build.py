@@ -40,7 +40,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from serve_app.chunking import word_windows
+from serve_app.chunking import split_documents
 from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
 from serve_app.corpus import Corpus
 from serve_app.errors import UserFacingError
@@ -48,7 +48,7 @@ from serve_app.types import Document
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RayBuildOptions", "RayBuildReport", "RayIndexBuildError", "build_index_ray"]
+__all__ = ["RayBuildOptions", "RayBuildReport", "RayIndexBuildError", "build_index_ray", "check_ray_buildable"]
 
 
 class RayIndexBuildError(UserFacingError, RuntimeError):
@@ -108,19 +108,12 @@ class RayBuildReport:
 
 
 def _chunk_texts(positions: np.ndarray, contents: Sequence[str], chunking: Mapping[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The texts a local build indexes for these documents (serve_app.chunking.split_documents),
-    with each text's document position and its number within the document."""
-    if not chunking["enabled"]:
-        return [str(c) for c in contents], np.asarray(positions, dtype=np.int64), np.zeros(len(contents), dtype=np.int32)
-    texts: list[str] = []
-    owner: list[int] = []
-    seq: list[int] = []
-    for pos, content in zip(positions.tolist(), contents):
-        for i, window in enumerate(word_windows(str(content), int(chunking["size"]), int(chunking["stride"]))):
-            texts.append(window)
-            owner.append(pos)
-            seq.append(i)
-    return texts, np.asarray(owner, dtype=np.int64), np.asarray(seq, dtype=np.int32)
+    """The texts a local build indexes for these documents (:func:`split_documents` itself), with
+    each text's document position and its number within the document."""
+    docs = [Document(id=str(pos), text=str(content)) for pos, content in zip(positions.tolist(), contents)]  # content = text without a title
+    texts, local = split_documents(docs, ChunkingConfig(**chunking))
+    seq = np.arange(local.size, dtype=np.int64) - np.searchsorted(local, local, side="left")  # chunks come in document order
+    return texts, np.asarray(positions, dtype=np.int64)[local], seq.astype(np.int32)
 
 
 def _tokenize_batch(batch: dict[str, np.ndarray], *, tokenizer: Mapping[str, Any], chunking: Mapping[str, Any]) -> Any:
@@ -237,6 +230,15 @@ class EncodeBatch:
 # --------------------------------------------------------------------------- driver
 
 
+def check_ray_buildable(bm25: BM25Config | None) -> None:
+    """Refuse (:class:`~serve_app.index.build.IndexBuildError`) what the Ray build cannot do,
+    before any work: BM25 with the rank_bm25 engine, which keeps every token in one process."""
+    from serve_app.index.build import IndexBuildError
+
+    if bm25 is not None and bm25.engine != "bm25s":
+        raise IndexBuildError(f"--ray builds BM25 with engine bm25s only (got {bm25.engine!r}): rank_bm25 keeps every token of the corpus in one process")
+
+
 def _ray_session(options: RayBuildOptions) -> bool:
     """Connect (or start a local instance); True when this call started Ray (and must stop it)."""
     import ray
@@ -324,8 +326,6 @@ def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConf
 
     from serve_app.retrieval.bm25 import BM25Retriever, Tokenizer, _Bm25sEngine
 
-    if cfg.engine != "bm25s":
-        raise ValueError(f"--ray builds BM25 with engine bm25s only (got {cfg.engine!r}): rank_bm25 keeps every token of the corpus in one process")
     tokenizer = Tokenizer.from_config(cfg)
     retry = {"ray_remote_args_fn": functools.partial(dict, max_retries=options.max_retries, retry_exceptions=True)}
 
@@ -391,7 +391,7 @@ def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConf
     model.vocab_dict = vocab
     model.unique_token_ids_set = set(vocab.values())
     model.nonoccurrence_array = nonocc
-    chunk_owner = np.sort(owner)  # chunk i's document, in corpus chunk order
+    chunk_owner = owner[order]  # chunk i's document, in corpus chunk order
     report.stage_seconds["bm25_assemble"] = time.perf_counter() - t0
     logger.info("BM25 (ray, %s): %d documents, %d chunks, %d terms", cfg.method, len(corpus), n_chunks, len(vocab))
     return BM25Retriever(_Bm25sEngine(model), tokenizer, cfg, chunking, corpus.ids, chunk_owner)
@@ -399,8 +399,6 @@ def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConf
 
 def _encode(ds: Any, corpus: Corpus, cfg: DenseConfig, chunking: ChunkingConfig, options: RayBuildOptions, batch: int, report: RayBuildReport, udf: type) -> tuple[np.ndarray, np.ndarray]:
     """Every chunk's vector in corpus chunk order, and each vector's document position."""
-    import ray
-
     gpus = _gpus_per_worker(options)
     t0 = time.perf_counter()
     encoded = _map_batches(
@@ -415,7 +413,6 @@ def _encode(ds: Any, corpus: Corpus, cfg: DenseConfig, chunking: ChunkingConfig,
         seqs.append(part["seq"])
         vectors.append(np.asarray(part["vector"], dtype=np.float32))
         cpu += float(np.sum(part["cpu_s"]))
-    del ray
     owner = np.concatenate(owners)
     order, _ = _chunk_order(owner, np.concatenate(seqs), len(corpus))
     report.stage_seconds["dense_encode"] = time.perf_counter() - t0
@@ -452,8 +449,7 @@ def build_index_ray(
     """
     from serve_app.index.build import check_build_request, write_index_atomically
 
-    if bm25 is not None and bm25.engine != "bm25s":
-        raise ValueError(f"--ray builds BM25 with engine bm25s only (got {bm25.engine!r}): rank_bm25 keeps every token of the corpus in one process")
+    check_ray_buildable(bm25)
     corpus, out, wanted = check_build_request(corpus, out_dir, bm25=bm25, dense=dense, shards=shards)
     encoder = None
     if dense is not None:  # fail here, not in every actor, when the model cannot be loaded
