@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, overload
 
+from serve_app.demo import DEMO_DIR, demo_qrels_path
 from serve_app.errors import CorpusError
 from serve_app.types import Document
 
@@ -305,8 +306,6 @@ def corpus_path(source: str | os.PathLike[str]) -> Path:
         name = text[len(BUILTIN_PREFIX) :]
         if name != "demo":
             raise CorpusError(f"corpus: unknown built-in corpus {name!r} (available: builtin:demo)")
-        from serve_app.demo import DEMO_DIR
-
         return _find(Path(DEMO_DIR), "corpus")
     p = Path(source).expanduser()
     if p.is_dir():
@@ -468,3 +467,9 @@ def load_beir(dataset_dir: str | os.PathLike[str], split: str = "test", *, on_er
         logger.warning("%s: %d judged document id(s) not in the corpus, e.g. %s", qrels_path, len(unknown_docs), sorted(unknown_docs)[:3])
     queries = {q: t for q, t in all_queries.items() if q in qrels}
     return BeirDataset(corpus=corpus, queries=queries, qrels=qrels, skipped=loaded.skipped, empty_documents=loaded.empty)
+
+
+def load_demo(split: str = "test") -> BeirDataset:
+    """The demo dataset (:mod:`serve_app.demo`) with the queries and qrels of ``split``."""
+    demo_qrels_path(split)  # validates the split name
+    return load_beir(DEMO_DIR, split)

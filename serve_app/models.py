@@ -143,9 +143,10 @@ def resolve_dtype(requested: str, device: str) -> Any:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
 
 
-def _from_pretrained(auto: Any, name: str, role: str, **kwargs: Any) -> Any:
-    """``auto.from_pretrained`` of ``name`` (resolved); any failure becomes a :class:`ModelLoadError`."""
-    path = resolve_model(name)
+def _from_pretrained(auto: Any, name: str, role: str, source: Optional[str] = None, **kwargs: Any) -> Any:
+    """``auto.from_pretrained`` of ``name`` (from ``source`` when the caller resolved it already,
+    else resolved here); any failure becomes a :class:`ModelLoadError` naming ``name``."""
+    path = source if source is not None else resolve_model(name)
     try:
         return auto.from_pretrained(path, **kwargs)
     except ModelLoadError:
@@ -154,11 +155,11 @@ def _from_pretrained(auto: Any, name: str, role: str, **kwargs: Any) -> Any:
         raise load_error(name, role, exc) from exc
 
 
-def load_tokenizer(name: str, role: str, subfolder: str = "") -> Any:
+def load_tokenizer(name: str, role: str, subfolder: str = "", source: Optional[str] = None) -> Any:
     """The tokenizer of the checkpoint ``name`` (in its ``subfolder`` when given)."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, name, role, **({"subfolder": subfolder} if subfolder else {}))
+    return _from_pretrained(AutoTokenizer, name, role, source, **({"subfolder": subfolder} if subfolder else {}))
 
 
 def load_config(name: str, role: str) -> Any:
@@ -175,6 +176,7 @@ def load_pretrained(
     head: Literal["encoder", "sequence_classification", "causal_lm"],
     dtype: Any = None,
     subfolder: str = "",
+    source: Optional[str] = None,
     **model_kwargs: Any,
 ) -> tuple[Any, Any]:
     """(tokenizer, model) of the checkpoint ``name`` (resolved with :func:`resolve_model`).
@@ -184,17 +186,18 @@ def load_pretrained(
     decoder reranker), from ``subfolder`` of the checkpoint when given; ``model_kwargs`` go to its
     ``from_pretrained`` (with ``output_loading_info=True`` the model is ``(model, info)``). Any
     loading failure becomes a :class:`ModelLoadError` naming the model and how to provide it
-    (``role`` says what it is for).
+    (``role`` says what it is for). ``source``: ``name`` already resolved by the caller (once per load).
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    tokenizer = load_tokenizer(name, role, subfolder)
+    path = source if source is not None else resolve_model(name)
+    tokenizer = load_tokenizer(name, role, subfolder, path)
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     if subfolder:
         model_kwargs["subfolder"] = subfolder
     auto = {"encoder": AutoModel, "sequence_classification": AutoModelForSequenceClassification, "causal_lm": AutoModelForCausalLM}[head]
-    return tokenizer, _from_pretrained(auto, name, role, **model_kwargs)
+    return tokenizer, _from_pretrained(auto, name, role, path, **model_kwargs)
 
 
 def effective_max_length(requested: int, tokenizer: Any, config: Any, *, what: str) -> int:

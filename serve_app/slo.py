@@ -43,16 +43,30 @@ Example (a fake clock and latencies; no Ray, no model):
 10
 >>> c.plan(requested=50, pairs_in_flight=0, waiting=4).depth  # a burst of 4: 100 + 10 * 4m <= 900
 20
+
+The controller also keeps the ingress's accounting that the prediction reads: the pairs in
+flight to the reranker and the requests waiting to plan. A request enters with :meth:`admit`
+(counted as waiting until it plans its depth or leaves), plans with :meth:`Admission.plan`,
+and sends its pairs inside :meth:`DepthController.in_flight`:
+
+>>> with c.admit() as a:
+...     plan = a.plan(50)               # as c.plan(50, c.pairs_in_flight, waiting=c.waiting)
+...     with c.in_flight(plan.depth) as flight:
+...         c.pairs_in_flight
+50
+>>> flight.shared, c.pairs_in_flight, c.waiting   # pairs that shared the reranker with it; all released
+(0, 0, 0)
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from serve_app.config import SloConfig
 
@@ -83,6 +97,10 @@ class DepthController:
         self.reduced_total = 0
         self.planned_total = 0
         self.last_depth: Optional[int] = None
+        #: pairs sent to the reranker by this ingress and not yet answered
+        self.pairs_in_flight = 0
+        #: requests admitted that will rerank and have not planned their depth yet
+        self.waiting = 0
 
     @property
     def enabled(self) -> bool:
@@ -142,6 +160,33 @@ class DepthController:
             self.last_depth = depth
         return DepthPlan(depth, requested, depth < requested, predicted)
 
+    @contextlib.contextmanager
+    def admit(self, reranks: bool = True) -> Iterator["Admission"]:
+        """A single request's passage: while it has not planned (:meth:`Admission.plan`), it counts
+        in :attr:`waiting` (only when it ``reranks`` and the controller is enabled); released
+        however the request ends."""
+        admission = Admission(self, reranks and self.enabled)
+        if admission.waiting:
+            self.waiting += 1
+        try:
+            yield admission
+        finally:
+            admission.planned()
+
+    @contextlib.contextmanager
+    def in_flight(self, pairs: int) -> Iterator["Flight"]:
+        """Count ``pairs`` in :attr:`pairs_in_flight` while they are with the reranker; on a normal
+        exit, ``flight.shared`` is how many other pairs shared the reranker with them: the larger
+        of those in flight when they were sent and when they came back (requests sent later join
+        their batches)."""
+        flight = Flight(ahead=self.pairs_in_flight)
+        self.pairs_in_flight += pairs
+        try:
+            yield flight
+            flight.shared = max(flight.ahead, self.pairs_in_flight - pairs)
+        finally:
+            self.pairs_in_flight -= pairs
+
     def stats(self) -> dict[str, object]:
         est = self._estimate()
         return {
@@ -154,3 +199,32 @@ class DepthController:
             "reduced": self.reduced_total,
             "last_depth": self.last_depth,
         }
+
+
+@dataclass
+class Flight:
+    """Pairs sent to the reranker (:meth:`DepthController.in_flight`)."""
+
+    ahead: int
+    shared: Optional[int] = None
+
+
+class Admission:
+    """One request admitted by :meth:`DepthController.admit`."""
+
+    def __init__(self, controller: DepthController, waiting: bool) -> None:
+        self.controller = controller
+        self.waiting = waiting
+
+    def planned(self) -> None:
+        """Leave the waiting count (once)."""
+        if self.waiting:
+            self.waiting = False
+            self.controller.waiting -= 1
+
+    def plan(self, requested: int) -> DepthPlan:
+        """The depth of this request, sharing the budget with the requests still waiting."""
+        c = self.controller
+        others = c.waiting - (1 if self.waiting else 0)
+        self.planned()
+        return c.plan(requested, c.pairs_in_flight, waiting=others + 1)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.corpus import load_beir, load_corpus, load_qrels, load_queries
+from serve_app.corpus import load_beir, load_corpus, load_demo, load_qrels, load_queries
 from serve_app.demo import (
     DEMO_DIR,
     SPLITS,
@@ -19,7 +19,6 @@ from serve_app.demo import (
     demo_qrels_path,
     demo_queries_path,
     example_queries,
-    load_demo,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

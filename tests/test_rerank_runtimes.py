@@ -13,7 +13,7 @@ import pytest
 from serve_app.config import CrossEncoderConfig, DriftTolerance
 from serve_app.models import ModelLoadError
 from serve_app.rerank import Reranker, load_scorer
-from serve_app.rerank import loading
+from serve_app.rerank import device
 from serve_app.rerank.drift import drift_report, kendall_tau, probe, violations
 from serve_app.rerank.runtimes import EXPORT_META, ONNX_FILE, ONNX_INT8_FILE
 
@@ -100,19 +100,19 @@ def test_cpu_auto_dtype(monkeypatch, models):
 
     monkeypatch.delenv("SERVE_APP_RERANKER_CPU_DTYPE", raising=False)
     for native, want in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda native=native: native)
-        assert loading.target_dtype(cfg("m"), "cpu") == want
-    assert loading.target_dtype(cfg("m", backend="onnx"), "cpu") == torch.float32
-    assert loading.target_dtype(cfg("m", dtype="float32"), "cpu") == torch.float32
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda native=native: native)
+        assert device.target_dtype(cfg("m"), "cpu") == want
+    assert device.target_dtype(cfg("m", backend="onnx"), "cpu") == torch.float32
+    assert device.target_dtype(cfg("m", dtype="float32"), "cpu") == torch.float32
     monkeypatch.setenv("SERVE_APP_RERANKER_CPU_DTYPE", "float32")
-    assert loading.target_dtype(cfg("m"), "cpu") == torch.float32
+    assert device.target_dtype(cfg("m"), "cpu") == torch.float32
     monkeypatch.setenv("SERVE_APP_RERANKER_CPU_DTYPE", "bfloat16")
     scorer = load_scorer(cfg(models["sequence_classification"], drift_tolerance=LOOSE))
     assert scorer.runtime_info["dtype"] == "bfloat16" and scorer.runtime_info["drift"]["runtime"] == "torch-bfloat16"
     assert next(scorer.module.parameters()).dtype == torch.bfloat16
     monkeypatch.setenv("SERVE_APP_RERANKER_CPU_DTYPE", "float64")
     with pytest.raises(ModelLoadError, match="float32 or bfloat16"):
-        loading.cpu_auto_dtype()
+        device.cpu_auto_dtype()
 
 
 def test_export_is_cached_and_rebuilt_when_the_checkpoint_changes(tmp_path, caplog):

@@ -9,16 +9,13 @@ Layout of :data:`DEMO_DIR` (see docs/DEMO_DATASET.md)::
     qrels/test.tsv      judgements of the other 31 queries
 
 Read it with :func:`serve_app.corpus.load_beir` (``load_beir(DEMO_DIR, "test")``) or
-:func:`load_demo`. The data is part of serve_app and licensed like it (Apache-2.0).
+:func:`serve_app.corpus.load_demo`. The data is part of serve_app and licensed like it
+(Apache-2.0). This package only locates the files (it imports nothing of serve_app).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from serve_app.corpus import BeirDataset
 
 __all__ = [
     "DEMO_DIR",
@@ -27,7 +24,6 @@ __all__ = [
     "demo_qrels_path",
     "demo_queries_path",
     "example_queries",
-    "load_demo",
 ]
 
 #: Directory of the demo dataset inside the installed package.
@@ -68,11 +64,3 @@ def demo_qrels_path(split: str = "test") -> Path:
 def example_queries() -> list[str]:
     """A few queries of the demo dataset that make good examples (README, ``serve-app demo``)."""
     return list(_EXAMPLES)
-
-
-def load_demo(split: str = "test") -> BeirDataset:
-    """The demo dataset's corpus with the queries and qrels of ``split``."""
-    from serve_app.corpus import load_beir
-
-    demo_qrels_path(split)  # validates the split name
-    return load_beir(DEMO_DIR, split)

@@ -36,7 +36,10 @@ from typing import Any, Optional, Sequence
 from serve_app.config import CrossEncoderConfig, PromptConfig
 from serve_app.errors import InputTooLong
 from serve_app.models import ModelLoadError, effective_max_length, load_pretrained, pick_device
-from serve_app.rerank.scorer import PairScorer, check_pairs, limits_for
+from serve_app.rerank.checkpoint import Checkpoint
+from serve_app.rerank.device import reranker_dtype, set_threads
+from serve_app.rerank.pairs import check_pairs, limits_for
+from serve_app.rerank.scorer import PairScorer
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ SELF_CHECK_PAIR = ("what powers the sun", "The Sun shines because hydrogen nucle
 class PromptTokenizer:
     """(query, document) pairs -> the token ids of a decoder reranker's prompt.
 
-    Same interface as :class:`serve_app.rerank.cross_encoder.PairTokenizer`, with an optional
+    Same interface as :class:`serve_app.rerank.pairs.PairTokenizer`, with an optional
     instruction per pair (None: ``prompt.instruction``).
     """
 
@@ -200,13 +203,12 @@ class CausalLMScorer(PairScorer):
     kind = "causal_lm"
     accepts_instruction = True
 
-    def __init__(self, cfg: CrossEncoderConfig, *, num_threads: Optional[int] = None, dtype: Any = None) -> None:
-        from serve_app.rerank.loading import reranker_dtype, set_threads
-
+    def __init__(self, cfg: CrossEncoderConfig, *, num_threads: Optional[int] = None, dtype: Any = None, checkpoint: Optional[Checkpoint] = None) -> None:
         device = pick_device(cfg.device)
         dtype = dtype if dtype is not None else reranker_dtype(cfg, device)
         set_threads(num_threads)
-        tokenizer, model = load_pretrained(cfg.model, "decoder reranker", head="causal_lm", dtype=dtype)
+        source = checkpoint.source if checkpoint is not None else None
+        tokenizer, model = load_pretrained(cfg.model, "decoder reranker", head="causal_lm", dtype=dtype, source=source)
         model = model.to(device=device, dtype=dtype).eval()
         max_length = effective_max_length(cfg.max_length, tokenizer, model.config, what="reranker.max_length")
         pairs = PromptTokenizer(tokenizer, cfg.prompt, max_length, cfg.padding_side)

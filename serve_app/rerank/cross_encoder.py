@@ -22,7 +22,7 @@ Score of a pair:
 ``activation="sigmoid"`` maps the score through a sigmoid; for 1-label models this is what
 ``CrossEncoder.predict`` applies by default.
 
-dtype (``cfg.dtype``): see :func:`serve_app.rerank.loading.reranker_dtype`. Scores are always
+dtype (``cfg.dtype``): see :func:`serve_app.rerank.device.reranker_dtype`. Scores are always
 computed from float32 logits and returned as ``np.float32``.
 
 Pairs are tokenised by :class:`PairTokenizer`, which training uses too
@@ -32,68 +32,18 @@ Pairs are tokenised by :class:`PairTokenizer`, which training uses too
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any
 
 from serve_app.config import CrossEncoderConfig
 from serve_app.models import ModelLoadError, effective_max_length, load_pretrained, pick_device
-from serve_app.rerank.scorer import PairScorer, ScoreStats, check_pairs, limits_for
+from serve_app.rerank.checkpoint import Checkpoint
+from serve_app.rerank.device import reranker_dtype, set_threads
+from serve_app.rerank.pairs import PairTokenizer
+from serve_app.rerank.scorer import PairScorer, ScoreStats
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CrossEncoderScorer", "ClassificationScore", "PairTokenizer", "ScoreStats"]
-
-
-class PairTokenizer:
-    """(query, document) pairs -> token ids, with the document side truncated to fit.
-
-    ``max_length`` is the pair limit (special tokens included). A query so long that it leaves
-    no room for a single document token falls back to ``longest_first`` (both sides cut).
-    """
-
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.max_length = int(max_length)
-        self.special_tokens: int = tokenizer.num_special_tokens_to_add(pair=True)
-        # Smallest pair limit: the special tokens plus one query and one document token.
-        self.min_pair_length: int = self.special_tokens + 2
-
-    def token_ids(self, text: str) -> list[int]:
-        """Token ids of ``text`` alone (no special tokens)."""
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-    def query_overhead(self, query: str) -> int:
-        """Tokens a pair spends before its first document token: the query and the special tokens."""
-        return len(self.token_ids(query)) + self.special_tokens
-
-    def limits(self, n: int, max_length: int | Sequence[int] | None) -> list[int]:
-        """Per-pair limits: ``max_length`` (one int or one per pair) capped to :attr:`max_length`."""
-        return limits_for(n, max_length, self.max_length, self.min_pair_length)
-
-    def features(self, pairs: Sequence[tuple[str, str]], limits: Sequence[int]) -> list[dict[str, list[int]]]:
-        """Unpadded features of every pair, in input order."""
-        check_pairs(pairs)
-        query_tokens: dict[str, int] = {}
-        groups: dict[tuple[int, str], list[int]] = {}
-        for i, (q, _) in enumerate(pairs):
-            if q not in query_tokens:
-                query_tokens[q] = len(self.token_ids(q))
-            # only_second must leave at least one document token, else the tokenizer refuses.
-            fits = query_tokens[q] + self.special_tokens < limits[i]
-            groups.setdefault((limits[i], "only_second" if fits else "longest_first"), []).append(i)
-        features: list[dict[str, list[int]]] = [{} for _ in pairs]
-        for (limit, strategy), idx in groups.items():
-            enc = self.tokenizer([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], truncation=strategy, max_length=limit, padding=False)
-            for k, i in enumerate(idx):
-                features[i] = {name: enc[name][k] for name in enc.keys()}
-        return features
-
-    def pad(self, features: Sequence[dict[str, list[int]]]) -> dict[str, Any]:
-        """One padded batch of features, as torch tensors."""
-        return dict(self.tokenizer.pad(list(features), padding=True, return_tensors="pt"))
-
-    def batch(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> dict[str, Any]:
-        """The padded tensors of ``pairs`` in input order (a training batch)."""
-        return self.pad(self.features(pairs, self.limits(len(pairs), max_length)))
 
 
 def _classification_score_class() -> Any:
@@ -131,13 +81,12 @@ class CrossEncoderScorer(PairScorer):
 
     kind = "sequence_classification"
 
-    def __init__(self, cfg: CrossEncoderConfig, *, num_threads: int | None = None, dtype: Any = None) -> None:
-        from serve_app.rerank.loading import reranker_dtype, set_threads
-
+    def __init__(self, cfg: CrossEncoderConfig, *, num_threads: int | None = None, dtype: Any = None, checkpoint: Checkpoint | None = None) -> None:
         device = pick_device(cfg.device)
         dtype = dtype if dtype is not None else reranker_dtype(cfg, device)
         set_threads(num_threads)
-        tokenizer, model = load_pretrained(cfg.model, "cross-encoder", head="sequence_classification", dtype=dtype)
+        source = checkpoint.source if checkpoint is not None else None
+        tokenizer, model = load_pretrained(cfg.model, "cross-encoder", head="sequence_classification", dtype=dtype, source=source)
         # .to(dtype=...) as well: transformers releases before `dtype=` existed ignore that keyword.
         self._init_from(cfg, tokenizer, model.to(device=device, dtype=dtype).eval(), device, dtype)
 

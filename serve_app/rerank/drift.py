@@ -27,8 +27,9 @@ from serve_app.config import DriftTolerance
 
 PROBE_QUERIES = 8
 PROBE_DOCS = 4
-#: Probe pairs are cut to this many tokens (or the model's limit): the check must stay cheap.
-PROBE_MAX_LENGTH = 160
+#: Probe pairs of encoder rerankers are cut to this many tokens (or the model's limit): the
+#: check must stay cheap.
+PROBE_MAX_LENGTH = 256
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ as it is, and scores a pair as the last Dense layer's single output (the raw sco
 (first real token), ``max``, ``mean``, ``mean_sqrt_len_tokens``, ``weightedmean`` (weights
 1, 2, ... from the first real token) and ``lasttoken`` (last real token), all under the
 attention mask. Pairs are tokenised like the classification cross-encoder's
-(:class:`~serve_app.rerank.cross_encoder.PairTokenizer`).
+(:class:`~serve_app.rerank.pairs.PairTokenizer`).
 
 A layout with anything else (a prompt, a Normalize or Router module, a module of another
 library) is refused with the module named, rather than scored differently from the original.
@@ -22,93 +22,16 @@ library) is refused with the module named, rather than scored differently from t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from serve_app.config import CrossEncoderConfig
 from serve_app.models import ModelLoadError, effective_max_length, load_pretrained, pick_device
-from serve_app.rerank.cross_encoder import PairTokenizer
+from serve_app.rerank.checkpoint import Checkpoint, DenseSpec, PoolingLayout
+from serve_app.rerank.device import reranker_dtype, set_threads
+from serve_app.rerank.pairs import PairTokenizer
 from serve_app.rerank.scorer import PairScorer
 
 logger = logging.getLogger(__name__)
-
-POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
-#: torch.nn activations a Dense module may name (Sentence-Transformers saves the class path).
-ACTIVATIONS = ("Identity", "Tanh", "Sigmoid", "ReLU", "GELU", "SiLU", "LeakyReLU", "Softplus")
-
-
-@dataclass(frozen=True)
-class DenseSpec:
-    in_features: int
-    out_features: int
-    bias: bool
-    activation: str
-    weights: Path
-
-
-@dataclass(frozen=True)
-class PoolingLayout:
-    """A Sentence-Transformers modular cross-encoder directory, read."""
-
-    transformer_path: str
-    modes: tuple[str, ...]
-    embedding_dimension: int
-    dense: tuple[DenseSpec, ...] = field(default=())
-
-
-def _module_kind(type_name: str) -> str:
-    return type_name.rsplit(".", 1)[-1]
-
-
-def read_layout(root: Path, modules: list[dict[str, Any]]) -> PoolingLayout:
-    """The pooling layout of the directory ``root`` from its ``modules.json`` entries."""
-    from serve_app.fsutil import read_json
-
-    kinds = [_module_kind(m.get("type", "")) for m in modules]
-    if not kinds or kinds[0] != "Transformer" or "Pooling" not in kinds:
-        raise ModelLoadError(f"{root}: a pooling cross-encoder needs modules Transformer -> Pooling -> Dense...; modules.json lists {kinds}")
-    settings = root / "config_sentence_transformers.json"
-    if settings.is_file():
-        st = read_json(settings, "Sentence-Transformers settings")
-        if st.get("default_prompt_name") or any(st.get("prompts") or {}):
-            raise ModelLoadError(f"{root}: the cross-encoder defines prompts ({sorted(st.get('prompts') or {})}); serve_app does not apply Sentence-Transformers prompts, so it would score differently")
-    transformer_path = modules[0].get("path", "")
-    pool: Optional[dict[str, Any]] = None
-    dense: list[DenseSpec] = []
-    for entry, kind in zip(modules[1:], kinds[1:]):
-        path = root / entry.get("path", "")
-        if kind == "Pooling" and pool is None and not dense:
-            pool = read_json(path / "config.json", "Pooling config")
-        elif kind == "Dense" and pool is not None:
-            cfg = read_json(path / "config.json", "Dense config")
-            activation = str(cfg.get("activation_function", "torch.nn.modules.linear.Identity")).rsplit(".", 1)[-1]
-            if activation not in ACTIVATIONS:
-                raise ModelLoadError(f"{path}: Dense activation {cfg.get('activation_function')!r} is not one of torch.nn's {', '.join(ACTIVATIONS)}")
-            weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
-            if weights is None:
-                raise ModelLoadError(f"{path}: Dense module without weights (model.safetensors or pytorch_model.bin)")
-            dense.append(DenseSpec(int(cfg["in_features"]), int(cfg["out_features"]), bool(cfg.get("bias", True)), activation, weights))
-        else:
-            raise ModelLoadError(f"{root}: module {entry.get('type')!r} at position {entry.get('idx')} is not supported in a pooling cross-encoder (Transformer -> Pooling -> Dense...)")
-    assert pool is not None
-    mode = pool.get("pooling_mode")
-    if mode is None:  # the older boolean keys
-        legacy = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
-        mode = [m for k, m in legacy.items() if pool.get(k)] or ["mean"]
-    modes = (mode,) if isinstance(mode, str) else tuple(mode)
-    bad = [m for m in modes if m not in POOLING_MODES]
-    if bad:
-        raise ModelLoadError(f"{root}: pooling mode(s) {bad} not among {POOLING_MODES}")
-    dim = int(pool.get("embedding_dimension", pool.get("word_embedding_dimension", 0)))
-    width = dim * len(modes)
-    for d in dense:
-        if d.in_features != width:
-            raise ModelLoadError(f"{root}: a Dense module takes {d.in_features} features where {width} arrive")
-        width = d.out_features
-    if width != 1:
-        raise ModelLoadError(f"{root}: the last module gives {width} values per pair; a reranker needs one score (end with Dense(out_features=1))")
-    return PoolingLayout(transformer_path, modes, dim, tuple(dense))
 
 
 def _pooling_score_class() -> Any:
@@ -174,13 +97,12 @@ class PoolingScorer(PairScorer):
 
     kind = "pooling"
 
-    def __init__(self, cfg: CrossEncoderConfig, layout: PoolingLayout, *, num_threads: Optional[int] = None, dtype: Any = None) -> None:
-        from serve_app.rerank.loading import reranker_dtype, set_threads
-
+    def __init__(self, cfg: CrossEncoderConfig, layout: PoolingLayout, *, num_threads: Optional[int] = None, dtype: Any = None, checkpoint: Optional[Checkpoint] = None) -> None:
         device = pick_device(cfg.device)
         dtype = dtype if dtype is not None else reranker_dtype(cfg, device)
         set_threads(num_threads)
-        tokenizer, encoder = load_pretrained(cfg.model, "pooling cross-encoder", head="encoder", dtype=dtype, subfolder=layout.transformer_path)
+        source = checkpoint.source if checkpoint is not None else None
+        tokenizer, encoder = load_pretrained(cfg.model, "pooling cross-encoder", head="encoder", dtype=dtype, subfolder=layout.transformer_path, source=source)
         dense = [_dense_layer(d) for d in layout.dense]
         module = _pooling_score_class()(encoder, layout.modes, dense).to(device=device, dtype=dtype).eval()
         self.layout = layout

@@ -44,6 +44,7 @@ import numpy as np
 from serve_app.config import CrossEncoderConfig
 from serve_app.errors import InputRejected
 from serve_app.rerank.cache import CacheContext, ScoreCache, doc_digest
+from serve_app.rerank.loading import load_scorer
 from serve_app.rerank.scorer import PairScorer
 from serve_app.types import RerankRequest
 
@@ -90,8 +91,6 @@ class Reranker:
     @classmethod
     def from_config(cls, cfg: CrossEncoderConfig, cache: ScoreCache | None = None, name: str = "default") -> "Reranker":
         """Load the model ``cfg`` names (its family, runtime and drift check: ``load_scorer``) and rerank with it."""
-        from serve_app.rerank.loading import load_scorer
-
         return cls(load_scorer(cfg), cfg, cache, name)
 
     def pair_limit(self, req: RerankRequest) -> int:

@@ -120,11 +120,12 @@ class OpenVinoRuntime:
 # ---------------------------------------------------------------------------- the export
 
 
-def source_files(model: str, exclude: Optional[Path] = None) -> dict[str, dict[str, Any]]:
-    """The files of the checkpoint ``model`` (a local directory; resolved like any model name)
-    that define its scores, by relative path: size and mtime (sha256 is added by :func:`fingerprint`).
-    Hidden files, exports and ``exclude`` (the export directory) are left out."""
-    root = Path(resolve_model(model))
+def source_files(model: str, exclude: Optional[Path] = None, root: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """The files of the checkpoint ``model`` (a local directory; resolved like any model name,
+    unless the caller gives it resolved as ``root``) that define its scores, by relative path:
+    size and mtime (sha256 is added by :func:`fingerprint`). Hidden files, exports and
+    ``exclude`` (the export directory) are left out."""
+    root = Path(root if root is not None else resolve_model(model))
     skip = exclude.expanduser().resolve() if exclude is not None else None
     if not root.is_dir():
         raise ModelLoadError(f"an ONNX/OpenVINO export needs the checkpoint on local disk; {model!r} is not a local directory (download it first, or give runtime_dir an existing export)")
@@ -140,22 +141,23 @@ def source_files(model: str, exclude: Optional[Path] = None) -> dict[str, dict[s
     return out
 
 
-def fingerprint(model: str, previous: Optional[dict[str, Any]] = None, exclude: Optional[Path] = None) -> dict[str, dict[str, Any]]:
+def fingerprint(model: str, previous: Optional[dict[str, Any]] = None, exclude: Optional[Path] = None, root: Optional[str] = None) -> dict[str, dict[str, Any]]:
     """:func:`source_files` with each file's sha256; a file whose size and mtime equal those in
     ``previous`` (an earlier fingerprint) keeps its recorded sha256 instead of being read again."""
-    root = Path(resolve_model(model))
-    files = source_files(model, exclude)
+    root = str(root if root is not None else resolve_model(model))
+    files = source_files(model, exclude, root)
+    base = Path(root)
     previous = previous or {}
     for rel, entry in files.items():
         old = previous.get(rel) or {}
         same = old.get("size") == entry["size"] and old.get("mtime_ns") == entry["mtime_ns"] and "sha256" in old
-        entry["sha256"] = old["sha256"] if same else sha256_file(root / rel)
+        entry["sha256"] = old["sha256"] if same else sha256_file(base / rel)
     return files
 
 
-def default_runtime_dir(model: str) -> Path:
-    """Where an export of ``model`` is cached when ``runtime_dir`` is not set."""
-    root = Path(resolve_model(model))
+def default_runtime_dir(model: str, root: Optional[str] = None) -> Path:
+    """Where an export of ``model`` (resolved: ``root``) is cached when ``runtime_dir`` is not set."""
+    root = Path(root if root is not None else resolve_model(model))
     if root.is_dir() and os.access(root, os.W_OK):
         return root / "serve_app-runtime"
     import hashlib
@@ -219,17 +221,19 @@ def quantize_int8(src: Path, dst: Path) -> None:
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
 
 
-def ensure_export(model: str, module: Any, module_key: dict[str, Any], example: dict[str, Any], *, runtime_dir: Optional[str], quantize: str) -> Path:
+def ensure_export(model: str, module: Any, module_key: dict[str, Any], example: dict[str, Any], *, runtime_dir: Optional[str], quantize: str, root: Optional[str] = None) -> Path:
     """The ONNX file to run for ``model`` (exported and, with ``quantize: int8``, quantised now
-    unless ``runtime_dir`` already holds a matching export); see the module docstring."""
-    out = Path(runtime_dir).expanduser() if runtime_dir else default_runtime_dir(model)
+    unless ``runtime_dir`` already holds a matching export); see the module docstring. ``root``:
+    ``model`` already resolved by the caller."""
+    root = str(root if root is not None else resolve_model(model))
+    out = Path(runtime_dir).expanduser() if runtime_dir else default_runtime_dir(model, root)
     wanted = ONNX_INT8_FILE if quantize == "int8" else ONNX_FILE
     with file_lock(out.parent / f".{out.name}.lock"):
         try:
             meta = read_json(out / EXPORT_META, "export metadata") if (out / EXPORT_META).is_file() else None
         except IndexLoadError:  # unreadable: exported again below
             meta = {}
-        files = fingerprint(model, meta.get("source") if isinstance(meta, dict) else None, exclude=out)
+        files = fingerprint(model, meta.get("source") if isinstance(meta, dict) else None, exclude=out, root=root)
         if export_matches(meta, module_key, files) and (out / ONNX_FILE).is_file():
             if (out / wanted).is_file():
                 logger.info("reranker %s: using the export in %s", model, out)

@@ -4,7 +4,7 @@ A scorer turns (query, document) pairs into one float32 relevance score per pair
 order. The families differ only in two pieces, which a subclass supplies:
 
 * an **encoder** (``self.pairs``): pairs -> unpadded token ids, the document cut to fit the
-  pair limit (:class:`~serve_app.rerank.cross_encoder.PairTokenizer` for encoder models,
+  pair limit (:class:`~serve_app.rerank.pairs.PairTokenizer` for encoder models,
   :class:`~serve_app.rerank.causal_lm.PromptTokenizer` for decoder rerankers), and a ``pad``
   that makes one batch of tensors;
 * a **score module** (``self.module``): a ``torch.nn.Module`` mapping a padded batch to one
@@ -51,32 +51,12 @@ class _Counters:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
-def limits_for(n: int, max_length: int | Sequence[int] | None, cap: int, floor: int) -> list[int]:
-    """Per-pair token limits: ``max_length`` (one int or one per pair) capped to ``cap``; a
-    value under ``floor`` (the smallest pair the encoder can build) is refused."""
-    if max_length is None:
-        return [cap] * n
-    values = [max_length] * n if isinstance(max_length, (int, np.integer)) else list(max_length)
-    if len(values) != n:
-        raise ValueError(f"max_length has {len(values)} values for {n} pairs")
-    for v in values:
-        if v < floor:
-            raise ValueError(f"max_length={v} is too small: a pair needs at least {floor} tokens (its fixed tokens plus one query and one document token)")
-    return [min(int(v), cap) for v in values]
-
-
-def check_pairs(pairs: Sequence[tuple[str, str]]) -> None:
-    """TypeError unless every pair is a (query, document) tuple of two strings."""
-    for i, pair in enumerate(pairs):
-        if len(pair) != 2 or not isinstance(pair[0], str) or not isinstance(pair[1], str):
-            raise TypeError(f"pairs[{i}] must be a (query, document) tuple of two strings, got {pair!r}")
-
-
 class PairScorer:
     """Base of the reranker model families (see the module docstring).
 
-    Subclasses build the encoder and the score module and call :meth:`_setup`;
-    :func:`serve_app.rerank.loading.load_scorer` then picks the runtime.
+    Subclasses build the encoder and the score module and call :meth:`_setup` (torch, as
+    loaded); :func:`serve_app.rerank.loading.load_scorer` then asks for the scorer on the
+    configured runtime with :meth:`on_runtime`.
     """
 
     #: The family's ``reranker.kind``.
@@ -100,6 +80,21 @@ class PairScorer:
         self.runtime_info: dict[str, Any] = {"backend": "torch", "dtype": str(dtype).replace("torch.", ""), "quantize": "none", "device": device, "drift": None}
         self._counters = _Counters()
         self.last_stats = ScoreStats()
+
+    def on_runtime(self, module: Any, runtime: Runtime, dtype: Any, info: dict[str, Any]) -> "PairScorer":
+        """A new scorer of the same model and encoder whose batches run on ``runtime`` (``module``:
+        the torch score module it runs, None when an export runs them), ``info`` its runtime
+        description; it starts with fresh counters."""
+        import copy
+
+        other = copy.copy(self)
+        other.module = module
+        other.dtype = dtype
+        other.runtime = runtime
+        other.runtime_info = dict(info)
+        other._counters = _Counters()
+        other.last_stats = ScoreStats()
+        return other
 
     # ------------------------------------------------------------------ info
     @property
@@ -155,13 +150,15 @@ class PairScorer:
         return self.score_with_lengths(pairs, max_length, instructions)[0]
 
     def score_with_lengths(
-        self, pairs: Sequence[tuple[str, str]], max_length: int | Sequence[int] | None = None, instructions: Optional[Sequence[Optional[str]]] = None
+        self, pairs: Sequence[tuple[str, str]], max_length: int | Sequence[int] | None = None, instructions: Optional[Sequence[Optional[str]]] = None, *, record: bool = True
     ) -> tuple[np.ndarray, list[int]]:
-        """:meth:`score`, and the number of tokens the model read for each pair."""
+        """:meth:`score`, and the number of tokens the model read for each pair. ``record=False``
+        leaves the counters and ``last_stats`` alone (a probe is not traffic)."""
         limits = self.pairs.limits(len(pairs), max_length)
         out = np.empty(len(pairs), dtype=np.float32)
         if not pairs:
-            self.last_stats = ScoreStats()
+            if record:
+                self.last_stats = ScoreStats()
             return out, []
         features = self._features(pairs, limits, instructions)
         lengths = [len(f["input_ids"]) for f in features]
@@ -170,6 +167,8 @@ class PairScorer:
         for batch in batches:
             out[batch] = self._forward([features[i] for i in batch])
             padded += lengths[batch[0]] * len(batch) - sum(lengths[i] for i in batch)
+        if not record:
+            return out, lengths
         stats = ScoreStats(len(pairs), len(batches), tuple(len(b) for b in batches), sum(lengths), padded)
         with self._counters.lock:
             self._counters.pairs_scored += stats.pairs

@@ -116,7 +116,7 @@ class DistillRerankerTask(RerankerTask):
 
     def __init__(self, settings: DistillRerankerConfig, data: PreparedData, lists: Sequence[ScoredList], student_path: str, from_teacher: bool) -> None:
         from serve_app.models import effective_max_length, load_config, load_tokenizer
-        from serve_app.rerank.cross_encoder import PairTokenizer
+        from serve_app.rerank.pairs import PairTokenizer
 
         self.settings = settings  # type: ignore[assignment]
         self.data = data

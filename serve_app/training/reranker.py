@@ -8,7 +8,7 @@ An example is one query with one judged positive and ``negatives_per_query`` neg
 * ``bce``: binary cross-entropy with logits on each of its pairs (label 1 for the positive);
 * ``listwise``: softmax cross-entropy over its ``1 + n`` logits, the positive being the target.
 
-Pairs are tokenised by the serving code's :class:`serve_app.rerank.cross_encoder.PairTokenizer`
+Pairs are tokenised by the serving code's :class:`serve_app.rerank.pairs.PairTokenizer`
 (only the document is cut to fit), and the dev evaluation scores through
 :class:`~serve_app.rerank.cross_encoder.CrossEncoderScorer`, so the model is trained and
 evaluated on exactly the inputs it is served. The exported directory is a plain
@@ -61,7 +61,7 @@ class RerankerTask:
 
     def __init__(self, settings: RerankerTrainingConfig, data: PreparedData, base_path: str) -> None:
         from serve_app.models import effective_max_length, load_config, load_tokenizer
-        from serve_app.rerank.cross_encoder import PairTokenizer
+        from serve_app.rerank.pairs import PairTokenizer
 
         self.settings = settings
         self.data = data
