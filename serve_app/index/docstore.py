@@ -25,6 +25,7 @@ Example:
 >>> from serve_app.types import Document
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "documents.sqlite"
 >>> write_document_store([Document("d1", "the sun shines", "Sun")], path)
+1
 >>> store = SqliteDocumentStore(path)
 >>> store.get("d1").content, store.get("nope"), len(store)
 ('Sun the sun shines', None, 1)

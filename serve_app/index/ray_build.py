@@ -43,6 +43,7 @@ import numpy as np
 from serve_app.chunking import split_documents
 from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
 from serve_app.corpus import Corpus
+from serve_app.ray_session import ray_session
 from serve_app.errors import UserFacingError
 from serve_app.types import Document
 
@@ -157,32 +158,22 @@ class _ScoreBatch:
     """Stage 3 (actor): every posting of the batch scored with the whole corpus's statistics,
     by bm25s's own scoring function (the one a local build runs)."""
 
-    def __init__(self, stats_ref: Any, params: Mapping[str, Any]) -> None:
+    def __init__(self, stats_ref: Any) -> None:
         import ray
 
-        stats = ray.get(stats_ref[0])
-        self.vocab: dict[str, int] = stats["vocab"]
-        self.idf: np.ndarray = stats["idf"]
-        self.nonoccurrence: Optional[np.ndarray] = stats["nonoccurrence"]
-        self.chunk_offset: np.ndarray = stats["chunk_offset"]
-        self.avg_doc_len = stats["avg_doc_len"]
-        self.params = dict(params)
+        self.stats: dict[str, Any] = ray.get(stats_ref[0])
+        self.vocab: dict[str, int] = self.stats["vocab"]
+        self.chunk_offset: np.ndarray = self.stats["chunk_offset"]
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
-        from bm25s.scoring import _build_scores_and_indices_for_matrix
+
+        from serve_app.retrieval.bm25s_engine import score_postings
 
         start = time.process_time()
-        p = self.params
         vocab = self.vocab
         ids = [[vocab[t] for t in tokens] for tokens in batch.column("tokens").to_pylist()]
-        total = sum(len(set(x)) for x in ids)
-        scores, rows, cols = _build_scores_and_indices_for_matrix(
-            corpus_token_ids=ids, idf_array=self.idf, avg_doc_len=self.avg_doc_len,
-            doc_frequencies={0: total},  # read for the size of its output arrays only
-            k1=p["k1"], b=p["b"], delta=p["delta"], nonoccurrence_array=self.nonoccurrence,
-            method=p["method"], dtype=p["dtype"], int_dtype=p["int_dtype"], show_progress=False,
-        )
+        scores, rows, cols = score_postings(ids, self.stats)
         owner = batch.column("owner").to_numpy()
         seq = batch.column("seq").to_numpy()
         # One row per chunk: its global position, its terms and their scores (postings in the
@@ -237,18 +228,6 @@ def check_ray_buildable(bm25: BM25Config | None) -> None:
 
     if bm25 is not None and bm25.engine != "bm25s":
         raise IndexBuildError(f"--ray builds BM25 with engine bm25s only (got {bm25.engine!r}): rank_bm25 keeps every token of the corpus in one process")
-
-
-def _ray_session(options: RayBuildOptions) -> bool:
-    """Connect (or start a local instance); True when this call started Ray (and must stop it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    from serve_app.serve.runner import start_ray
-
-    start_ray(options.address, num_cpus=None if options.address else max(os.cpu_count() or 1, math.ceil(options.workers * options.cpus_per_worker)), log_to_driver=False)
-    return True
 
 
 def _input_dataset(corpus: Corpus, batch_documents: int, workers: int) -> Any:
@@ -318,13 +297,12 @@ def _chunk_order(owner: np.ndarray, seq: np.ndarray, num_documents: int) -> tupl
 
 
 def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConfig, options: RayBuildOptions, batch: int, report: RayBuildReport) -> Any:
-    import bm25s
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray
-    from bm25s.scoring import _build_idf_array, _build_nonoccurrence_array, _select_idf_scorer, _select_tfc_scorer
 
-    from serve_app.retrieval.bm25 import BM25Retriever, Tokenizer, _Bm25sEngine
+    from serve_app.retrieval.bm25 import BM25Retriever, Tokenizer
+    from serve_app.retrieval.bm25s_engine import Bm25sEngine, corpus_statistics
 
     tokenizer = Tokenizer.from_config(cfg)
     retry = {"ray_remote_args_fn": functools.partial(dict, max_retries=options.max_retries, retry_exceptions=True)}
@@ -355,25 +333,15 @@ def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConf
     df = merged.column("df_sum").to_numpy().astype(np.int64)
     vocab = {t: i for i, t in enumerate(terms)}
 
-    model = bm25s.BM25(k1=cfg.k1, b=cfg.b, delta=cfg.delta, method=cfg.method, backend="numpy")
     n_chunks = int(lengths.size)
-    avg_doc_len = lengths.mean()  # what bm25s computes: the mean over every chunk, in corpus order
-    df_dict = dict(enumerate(df.tolist()))
-    idf = _build_idf_array(df_dict, n_docs=n_chunks, compute_idf_fn=_select_idf_scorer(model.idf_method), dtype=model.dtype)
-    nonocc = None
-    if model.method in model.methods_requiring_nonoccurrence:
-        nonocc = _build_nonoccurrence_array(
-            df_dict, n_docs=n_chunks, compute_idf_fn=_select_idf_scorer(model.idf_method), calculate_tfc_fn=_select_tfc_scorer(model.method),
-            l_d=avg_doc_len, l_avg=avg_doc_len, k1=model.k1, b=model.b, delta=model.delta, dtype=model.dtype,
-        )
+    stats = corpus_statistics(cfg, vocab, df, lengths)
     report.stage_seconds["bm25_statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    stats_ref = ray.put({"vocab": vocab, "idf": idf, "nonoccurrence": nonocc, "chunk_offset": chunk_offset, "avg_doc_len": avg_doc_len})
-    params = {"k1": model.k1, "b": model.b, "delta": model.delta, "method": model.method, "dtype": model.dtype, "int_dtype": model.int_dtype}
+    stats_ref = ray.put({**stats, "chunk_offset": chunk_offset})
     scored = _map_batches(
         tokens, _ScoreBatch, batch_size=batch, batch_format="pyarrow", compute=_actors(options), num_cpus=1,
-        fn_constructor_args=([stats_ref], params), ray_remote_args_fn=_actor_retries(options),
+        fn_constructor_args=([stats_ref],), ray_remote_args_fn=_actor_retries(options),
     )
     parts = pa.concat_tables(ray.get(scored.to_arrow_refs()))
     report.stage_seconds["bm25_score"] = time.perf_counter() - t0
@@ -386,15 +354,11 @@ def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConf
     cols = pc.list_flatten(parts.column("terms")).to_numpy()
     data = pc.list_flatten(parts.column("scores")).to_numpy()
     del parts
-    data, indices, indptr = model._np_csc(data=data, rows=rows.astype(model.int_dtype), cols=cols, shape=(n_chunks, len(vocab)))
-    model.scores = {"data": data.astype(model.dtype), "indices": indices, "indptr": indptr, "num_docs": n_chunks}
-    model.vocab_dict = vocab
-    model.unique_token_ids_set = set(vocab.values())
-    model.nonoccurrence_array = nonocc
+    engine = Bm25sEngine.from_postings(cfg, stats, data, rows, cols, n_chunks)
     chunk_owner = owner[order]  # chunk i's document, in corpus chunk order
     report.stage_seconds["bm25_assemble"] = time.perf_counter() - t0
     logger.info("BM25 (ray, %s): %d documents, %d chunks, %d terms", cfg.method, len(corpus), n_chunks, len(vocab))
-    return BM25Retriever(_Bm25sEngine(model), tokenizer, cfg, chunking, corpus.ids, chunk_owner)
+    return BM25Retriever(engine, tokenizer, cfg, chunking, corpus.ids, chunk_owner)
 
 
 def _encode(ds: Any, corpus: Corpus, cfg: DenseConfig, chunking: ChunkingConfig, options: RayBuildOptions, batch: int, report: RayBuildReport, udf: type) -> tuple[np.ndarray, np.ndarray]:
@@ -458,8 +422,8 @@ def build_index_ray(
         encoder = BiEncoder(dense.model_copy(update={"device": "cpu"}))
     batch = options.batch_documents or 8 * (dense.batch_size if dense is not None else 64)
     report = RayBuildReport(documents=len(corpus), workers=options.workers)
-    started = _ray_session(options)
-    try:
+    num_cpus = None if options.address else max(os.cpu_count() or 1, math.ceil(options.workers * options.cpus_per_worker))
+    with ray_session(options.address, num_cpus=num_cpus, log_to_driver=False):
         from ray.data import DataContext
 
         ctx = DataContext.get_current()
@@ -474,11 +438,6 @@ def build_index_ray(
             raise
         except Exception as exc:  # RayTaskError, ActorDiedError, ... after Ray's retries
             raise RayIndexBuildError(f"the Ray index build failed after retries: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     t0 = time.perf_counter()
     dense_retriever = None
     if dense is not None:

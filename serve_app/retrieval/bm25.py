@@ -48,6 +48,7 @@ from serve_app.chunking import collapse_to_documents, split_documents
 from serve_app.config import BM25Config, ChunkingConfig
 from serve_app.errors import IndexLoadError
 from serve_app.fsutil import read_json
+from serve_app.retrieval.bm25s_engine import Bm25sEngine
 from serve_app.types import Document, Hit
 
 logger = logging.getLogger(__name__)
@@ -133,46 +134,6 @@ class _Engine(Protocol):
 
     @property
     def num_chunks(self) -> int: ...
-
-
-class _Bm25sEngine:
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.vocab: dict[str, int] = model.vocab_dict
-
-    @classmethod
-    def build(cls, tokens: list[list[str]], cfg: BM25Config, show_progress: bool) -> "_Bm25sEngine":
-        import bm25s
-
-        model = bm25s.BM25(k1=cfg.k1, b=cfg.b, delta=cfg.delta, method=cfg.method, backend="numpy")
-        model.index(tokens, create_empty_token=False, show_progress=show_progress)
-        return cls(model)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    @property
-    def num_chunks(self) -> int:
-        return int(self.model.scores["num_docs"])
-
-    def match(self, tokens: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
-        ids = [self.vocab[t] for t in tokens if t in self.vocab]
-        if not ids:
-            return None
-        scores = self.model.get_scores_from_ids(ids)
-        indptr, indices = self.model.scores["indptr"], self.model.scores["indices"]
-        postings = [indices[indptr[t] : indptr[t + 1]] for t in set(ids)]
-        return scores, np.unique(np.concatenate(postings))
-
-    def save(self, directory: Path) -> None:
-        self.model.save(str(directory), allow_pickle=False, show_progress=False)
-
-    @classmethod
-    def load(cls, directory: Path, mmap: bool) -> "_Bm25sEngine":
-        import bm25s
-
-        return cls(bm25s.BM25.load(str(directory), mmap=mmap, allow_pickle=False, load_corpus=False))
 
 
 class _RankBm25Engine:
@@ -294,7 +255,7 @@ class BM25Retriever:
             raise ValueError("no document has an indexable token (every word is a stopword or shorter than 2 characters)")
         engine: _Engine
         if cfg.engine == "bm25s":
-            engine = _Bm25sEngine.build(tokens, cfg, show_progress)
+            engine = Bm25sEngine.build(tokens, cfg, show_progress)
         else:
             engine = _RankBm25Engine(tokens, cfg)
         logger.info("BM25 (%s, %s): %d documents, %d chunks, %d terms", cfg.engine, cfg.method, len(docs), len(texts), engine.vocab_size)
@@ -377,7 +338,7 @@ class BM25Retriever:
         except ValueError as exc:
             raise IndexLoadError(f"{d / _CHUNK_OWNER}: unreadable ({exc})") from None
         try:
-            engine: _Engine = _Bm25sEngine.load(d, mmap) if cfg.engine == "bm25s" else _RankBm25Engine.load(d, cfg)
+            engine: _Engine = Bm25sEngine.load(d, mmap) if cfg.engine == "bm25s" else _RankBm25Engine.load(d, cfg)
         except IndexLoadError:
             raise
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -402,37 +363,17 @@ class BM25Retriever:
         bm25s engine can be split: rank_bm25 recomputes statistics from its own documents.
         """
         engine = self._engine
-        if not isinstance(engine, _Bm25sEngine):
+        if not isinstance(engine, Bm25sEngine):
             raise ValueError(f"sharded BM25 needs the bm25s engine; {self.config.engine!r} recomputes corpus statistics per shard (use engine: bm25s)")
-        model = engine.model
         owner = self.chunk_owner
         if owner.size and np.any(np.diff(owner) < 0):
             raise ValueError("chunks are not in document order; cannot shard by document range")
-        data = np.asarray(model.scores["data"])
-        indices = np.asarray(model.scores["indices"])
-        indptr = np.asarray(model.scores["indptr"])
-        vocab_size = indptr.size - 1
-        term_of_entry = np.repeat(np.arange(vocab_size, dtype=np.int64), np.diff(indptr).astype(np.int64))
-        out = []
+        chunk_bounds = []
         for start, end in bounds:
             if not 0 <= start < end <= self.num_documents:
                 raise ValueError(f"invalid shard bounds [{start}, {end}) for {self.num_documents} documents")
-            c0, c1 = (int(x) for x in np.searchsorted(owner, [start, end], side="left"))
-            keep = (indices >= c0) & (indices < c1)
-            counts = np.bincount(term_of_entry[keep], minlength=vocab_size)
-            shard_model = type(model)(
-                k1=model.k1, b=model.b, delta=model.delta, method=model.method, idf_method=model.idf_method,
-                dtype=model.dtype, int_dtype=model.int_dtype, backend="numpy",
-            )
-            shard_model.scores = {
-                "data": np.ascontiguousarray(data[keep]),
-                "indices": np.ascontiguousarray((indices[keep] - c0).astype(indices.dtype)),
-                "indptr": np.concatenate([[0], np.cumsum(counts)]).astype(indptr.dtype),
-                "num_docs": int(c1 - c0),
-            }
-            shard_model.vocab_dict = dict(model.vocab_dict)
-            shard_model.unique_token_ids_set = set(shard_model.vocab_dict.values())
-            nonocc = getattr(model, "nonoccurrence_array", None)
-            shard_model.nonoccurrence_array = None if nonocc is None else np.array(nonocc)
-            out.append(BM25Retriever(_Bm25sEngine(shard_model), self.tokenizer, self.config, self.chunking, self.doc_ids[start:end], owner[c0:c1] - start))
+            chunk_bounds.append(tuple(int(x) for x in np.searchsorted(owner, [start, end], side="left")))
+        out = []
+        for (start, end), (c0, c1), shard in zip(bounds, chunk_bounds, engine.split(chunk_bounds)):
+            out.append(BM25Retriever(shard, self.tokenizer, self.config, self.chunking, self.doc_ids[start:end], owner[c0:c1] - start))
         return out

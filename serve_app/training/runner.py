@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from serve_app.ray_session import ray_session
 from serve_app.training.engine import FitResult, LocalSession, Session, fit, install_directory, latest_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,6 @@ def run_with_ray(config: dict[str, Any], *, workers: int, use_gpu: bool = False,
     must be on storage every node reaches. Status: ``completed`` (the final model was
     installed into ``settings.out``) or ``interrupted`` (stopped at ``stop_after_steps``).
     """
-    import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -160,14 +160,7 @@ def run_with_ray(config: dict[str, Any], *, workers: int, use_gpu: bool = False,
     storage = work_dir / "ray"
     if not config.get("resume_from") and storage.exists():
         shutil.rmtree(storage)  # a fresh run must not pick up an older run's checkpoints
-    started_here = False
-    if not ray.is_initialized():
-        if address is None:
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=max(workers * cpus_per_worker, 1), log_to_driver=True)
-        else:
-            ray.init(address=address)
-        started_here = True
-    try:
+    with ray_session(address, num_cpus=None if address else max(workers * cpus_per_worker, 1)):
         trainer = TorchTrainer(
             ray_train_loop,
             train_loop_config=config,
@@ -185,9 +178,6 @@ def run_with_ray(config: dict[str, Any], *, workers: int, use_gpu: bool = False,
                 return "interrupted"
             install_directory(lambda tmp: _copy_into(final, tmp), Path(config["settings"]["out"]), overwrite=bool(config.get("overwrite")))
         return "completed"
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def _copy_into(src: Path, dst: Path) -> None:
