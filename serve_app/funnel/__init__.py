@@ -77,6 +77,7 @@ from serve_app.funnel.request import (
     single_model,
 )
 from serve_app.funnel.results import (
+    DEFAULT_MODEL,
     FUSION,
     RERANK,
     SKIPPED,
@@ -101,6 +102,7 @@ from serve_app.funnel.stages import (
 )
 
 __all__ = [
+    "DEFAULT_MODEL",
     "FUSION",
     "KNOWN_RETRIEVERS",
     "RERANK",

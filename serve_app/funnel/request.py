@@ -11,6 +11,8 @@ from serve_app.config import FunnelLimits
 from serve_app.errors import FunnelError, ModelNotFound
 
 KNOWN_RETRIEVERS: tuple[str, ...] = ("bm25", "dense")
+#: The name of a reranker's default model (its own fields, not one of ``reranker.models``).
+DEFAULT_MODEL = "default"
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,9 @@ ModelResolver = Callable[[Optional[str]], Optional[str]]
 
 def single_model(name: Optional[str]) -> Optional[str]:
     """The model resolver of a funnel with one reranker: only its default name is known."""
-    if name is None or name == "default":
+    if name is None or name == DEFAULT_MODEL:
         return None
-    raise ModelNotFound(name, ["default"])
+    raise ModelNotFound(name, [DEFAULT_MODEL])
 
 
 def resolve_funnel(

@@ -10,15 +10,13 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from serve_app.config import FusionConfig
-from serve_app.funnel.request import ResolvedFunnel
+from serve_app.funnel.request import DEFAULT_MODEL, ResolvedFunnel
 from serve_app.retrieval.fusion import FusedHit
 from serve_app.types import Document
 
 #: Name of the rerank stage in reports, timings and metrics.
 RERANK = "rerank"
 FUSION = "fusion"
-#: The name of a reranker's default model (its own fields, not one of ``reranker.models``).
-DEFAULT_MODEL = "default"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ chunk windows, instruction) is not scored again: :meth:`Reranker.cached` answers
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -48,7 +48,26 @@ from serve_app.rerank.loading import load_scorer
 from serve_app.rerank.scorer import PairScorer
 from serve_app.types import RerankRequest
 
-__all__ = ["RerankRequest", "Reranker"]
+__all__ = ["CacheLookup", "RerankRequest", "Reranker"]
+
+
+@dataclass(frozen=True)
+class CacheLookup:
+    """One request's cache lookup: its key context, its documents' digests and the scores found
+    (None: a miss)."""
+
+    context: CacheContext
+    digests: list[bytes]
+    found: list[float | None]
+
+    @property
+    def hits(self) -> int:
+        return sum(1 for s in self.found if s is not None)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every document's score was found (no model call needed)."""
+        return all(s is not None for s in self.found)
 
 
 def _validate(request: RerankRequest, where: str) -> None:
@@ -120,6 +139,17 @@ class Reranker:
         _validate(req, "")
         return self.cache.get(self._context(req), req.query, req.documents, count=count)
 
+    def lookup(self, req: RerankRequest) -> CacheLookup | None:
+        """The request's one cache lookup (hits and misses counted here), to hand to
+        :meth:`rerank_many_detailed` so that the documents it found are not looked up again;
+        None without a cache."""
+        if self.cache is None:
+            return None
+        _validate(req, "")
+        ctx = self._context(req)
+        digests = [doc_digest(d) for d in req.documents]
+        return CacheLookup(ctx, digests, self.cache.get(ctx, req.query, req.documents, digests))
+
     def check(self, request: RerankRequest) -> None:
         """:class:`~serve_app.errors.InputRejected` for a request this model cannot take: an
         instruction sent to a model without a prompt, or (decoder rerankers) a query whose
@@ -182,20 +212,22 @@ class Reranker:
         """Each request's document scores, all pairs scored in one ``scorer.score`` call."""
         return [scores for scores, _, _ in self.rerank_many_detailed(requests)]
 
-    def rerank_many_detailed(self, requests: Sequence[RerankRequest]) -> list[tuple[np.ndarray, int, int]]:
+    def rerank_many_detailed(self, requests: Sequence[RerankRequest], lookups: Sequence[CacheLookup | None] | None = None) -> list[tuple[np.ndarray, int, int]]:
         """(document scores, pairs scored, tokens read) of each request, all pairs in one scorer call
-        (only the documents the cache does not answer are scored)."""
+        (only the documents the cache does not answer are scored). ``lookups``: each request's
+        :meth:`lookup` when it was made already (None entries are looked up here)."""
         if self.cache is not None:
-            return self._rerank_many_cached(requests)
+            return self._rerank_many_cached(requests, lookups)
         return self._rerank_many_uncached(requests)
 
-    def _rerank_many_cached(self, requests: Sequence[RerankRequest]) -> list[tuple[np.ndarray, int, int]]:
+    def _rerank_many_cached(self, requests: Sequence[RerankRequest], lookups: Sequence[CacheLookup | None] | None) -> list[tuple[np.ndarray, int, int]]:
         assert self.cache is not None
         for r, req in enumerate(requests):
             _validate(req, f"requests[{r}]." if len(requests) > 1 else "")
-        contexts = [self._context(req) for req in requests]
-        digests = [[doc_digest(d) for d in req.documents] for req in requests]
-        found = [self.cache.get(ctx, req.query, req.documents, dg) for ctx, req, dg in zip(contexts, requests, digests)]
+        done = [lk if lk is not None else self.lookup(req) for req, lk in zip(requests, lookups or [None] * len(requests))]
+        contexts = [lk.context for lk in done]  # type: ignore[union-attr]
+        digests = [lk.digests for lk in done]  # type: ignore[union-attr]
+        found = [lk.found for lk in done]  # type: ignore[union-attr]
         misses = [[i for i, s in enumerate(f) if s is None] for f in found]
         todo = [replace(req, documents=[req.documents[i] for i in miss]) for req, miss in zip(requests, misses)]
         scored = self._rerank_many_uncached(todo)

@@ -33,6 +33,7 @@ from typing import Any, Mapping, Optional
 from ray import serve
 from ray.serve import Application
 
+from serve_app.funnel import CascadeNames
 from serve_app.serve.config import AppConfig, BM25ServerConfig, DenseServerConfig, RerankerServerConfig, RerankerUserConfig, ShardRef, parse_app_config
 from serve_app.serve.deployments import BM25Server, DenseServer, RerankerServer, SearchIngress
 from serve_app.serve.shards import RETRIEVER_DEPLOYMENTS, deployment_names, shard_deployment_name
@@ -70,7 +71,7 @@ def build_application(cfg: AppConfig, options: Optional[Mapping[str, Mapping[str
     Pure wiring: no file is read or written (the index is :func:`build_app`'s business).
     """
     options = dict(options or {})
-    known = ["SearchIngress", *deployment_names(cfg), "CrossEncoderReranker", *(c.deployment_name() for c in cfg.cascade)]
+    known = ["SearchIngress", *deployment_names(cfg), CascadeNames(None).deployment, *(c.deployment_name() for c in cfg.cascade)]
     unknown = sorted(set(options) - set(DEPLOYMENT_NAMES) - set(known))
     if unknown:
         raise ValueError(f"unknown deployment name(s) {unknown}; expected among {known}")
@@ -88,7 +89,7 @@ def build_application(cfg: AppConfig, options: Optional[Mapping[str, Mapping[str
         bm25 = retriever("bm25", BM25Server, lambda shard: BM25ServerConfig(index_dir=cfg.index_dir, shard=shard))
     if "dense" in cfg.retrievers:
         dense = retriever("dense", DenseServer, lambda shard: DenseServerConfig(index_dir=cfg.index_dir, dense=cfg.dense, batching=cfg.dense_batching, shard=shard))
-    reranker = _deployment(RerankerServer, "CrossEncoderReranker", "CrossEncoderReranker", options, cfg.reranker_user_config()).bind(
+    reranker = _deployment(RerankerServer, CascadeNames(None).deployment, "CrossEncoderReranker", options, cfg.reranker_user_config()).bind(
         RerankerServerConfig(reranker=cfg.reranker, batching=cfg.batching)
     )
     cascade = [

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from serve_app.config import BM25Config, CascadeStage, ChunkingConfig, CrossEncoderConfig, DenseConfig, FunnelLimits, FusionConfig, ScoreCacheConfig, SloConfig
 from serve_app.corpus import BUILTIN_PREFIX
 from serve_app.errors import UserFacingError
-from serve_app.funnel import FunnelTimeouts
+from serve_app.funnel import DEFAULT_MODEL, CascadeNames, FunnelTimeouts
 
 RetrieverName = Literal["bm25", "dense"]
 
@@ -87,7 +87,12 @@ class RerankerUserConfig(BatchingConfig):
     fault: FaultInjection = Field(default_factory=FaultInjection, description="Fault injection for drills and tests.")
 
 
-DEFAULT_MODEL = "default"
+def model_key(name: Optional[str]) -> str:
+    """The one spelling of a configured model's name inside the reranker: ``default`` for the
+    default model (a request that names none, or names ``default``), the name otherwise."""
+    return DEFAULT_MODEL if name is None or name == DEFAULT_MODEL else name
+
+
 #: Model names a request may use: letters, digits and ``. _ - : /``, up to 128 characters.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
@@ -137,7 +142,7 @@ class RerankerConfig(CrossEncoderConfig):
 
     def resolve(self, name: Optional[str]) -> str:
         """The configured model a request's ``name`` means (None: the default); ``ModelNotFound`` otherwise."""
-        if name is None or name == DEFAULT_MODEL:
+        if model_key(name) == DEFAULT_MODEL:
             return DEFAULT_MODEL
         if name in self.models:
             return name
@@ -155,7 +160,7 @@ class ServeCascadeStage(CascadeStage):
     score_cache: ScoreCacheConfig = Field(default_factory=ScoreCacheConfig, description="Pair-score cache of each of the stage's replicas.")
 
     def deployment_name(self) -> str:
-        return f"CrossEncoderReranker-{self.name}"
+        return CascadeNames(self.name).deployment
 
     def reranker_config(self) -> "RerankerConfig":
         return RerankerConfig(**self.reranker.model_dump(), score_cache=self.score_cache)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
 from serve_app.errors import StageError
-from serve_app.funnel import FUSION, RERANK, CascadeDepths, Funnel, FunnelRequest, StageReport, gather_all, describe_exception
+from serve_app.funnel import FUSION, RERANK, CascadeDepths, CascadeNames, Funnel, FunnelRequest, StageReport, gather_all, describe_exception
 from serve_app.serve import metrics
 from serve_app.serve.api import RequestModels, build_request_models
 from serve_app.serve.config import DEFAULT_MODEL, AppConfig
@@ -216,7 +216,7 @@ class SearchService:
 
     def stages(self) -> tuple[str, ...]:
         """The deployed stages (a cascade stage is ``reranker.<name>``)."""
-        return (*self.retrievers, *(f"reranker.{c.name}" for c in self.cfg.cascade), "reranker")
+        return (*self.retrievers, *(CascadeNames(c.name).handle for c in self.cfg.cascade), CascadeNames(None).handle)
 
     async def health(self) -> tuple[bool, dict[str, str]]:
         """(ready, per-stage state): ready when every stage answers a ping within its timeout."""

@@ -1,0 +1,105 @@
+"""The ingress: :class:`SearchIngress` (the FastAPI app over :class:`~serve_app.serve.service.SearchService`)
+and :class:`HandleBackends`, the stage calls over deployment handles."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+from serve_app.funnel import CascadeNames
+from serve_app.serve.config import DEFAULT_MODEL, AppConfig, model_key
+from serve_app.serve.replica import load_or_explain
+from serve_app.serve.resilience import call_stage
+from serve_app.types import Hit, RerankOutcome, RerankRequest
+
+
+class HandleBackends:
+    """:class:`~serve_app.serve.service.Backends` over deployment handles.
+
+    Each call goes through :func:`~serve_app.serve.resilience.call_stage`: a full queue
+    (``BackPressureError``) becomes ``StageOverloaded``, a replica that died under the call is
+    retried once (all stage calls are idempotent).
+
+    A sharded retriever is a list of handles, one per shard: its calls go to every shard
+    concurrently and the lists are merged (:func:`~serve_app.serve.shards.scatter_gather`);
+    ``shard_deadline_s`` (``ping_deadline_s`` for pings) bounds the wait for the shards so that
+    late ones can be named before the stage's own timeout fires.
+    """
+
+    def __init__(self, handles: dict[str, Any], shard_deadline_s: float = 4.5, ping_deadline_s: float = 1.8) -> None:
+        self.handles = handles
+        self.shard_deadline_s = shard_deadline_s
+        self.ping_deadline_s = ping_deadline_s
+
+    def _handle(self, stage: str) -> Any:
+        h = self.handles.get(stage)
+        if h is None:
+            raise LookupError(f"stage {stage} is not deployed")
+        return h
+
+    async def retrieve(self, name: str, query: str, k: int) -> list[Hit]:
+        handle = self._handle(name)
+        if isinstance(handle, list):
+            from serve_app.serve.shards import scatter_gather
+
+            calls = [functools.partial(call_stage, f"{name} shard {i}", functools.partial(lambda h: h.search.remote(query, k), h)) for i, h in enumerate(handle)]
+            return await scatter_gather(name, calls, k, self.shard_deadline_s)
+        return await call_stage(name, lambda: handle.search.remote(query, k))
+
+    async def rerank(self, request: RerankRequest, stage: Optional[str] = None) -> RerankOutcome:
+        if stage is not None:  # a cascade stage: its own deployment, its default model
+            key = CascadeNames(stage).handle
+            h = self._handle(key)
+            return await call_stage(key, lambda: h.rerank.remote(request))
+        handle = self._handle(CascadeNames(None).handle)
+        if model_key(request.model) != DEFAULT_MODEL:  # route to a replica that holds the model
+            handle = handle.options(multiplexed_model_id=request.model)
+        return await call_stage("reranker", lambda: handle.rerank.remote(request))
+
+    async def ping(self, stage: str) -> dict[str, Any]:
+        handle = self._handle(stage)
+        if isinstance(handle, list):
+            from serve_app.serve.shards import ping_all
+
+            return await ping_all(stage, [functools.partial(call_stage, f"{stage} shard {i}", functools.partial(lambda h: h.ping.remote(), h)) for i, h in enumerate(handle)], self.ping_deadline_s)
+        return await call_stage(stage, lambda: handle.ping.remote())
+
+
+class SearchIngress:
+    """HTTP ingress: validates requests, runs the funnel over the stages' handles, answers.
+
+    ``bm25`` / ``dense``: the retriever's handle, or one handle per shard when sharded (None when
+    not deployed). The builder wraps this class with ``serve.ingress``; Serve then serves the
+    FastAPI app :meth:`__serve_build_asgi_app__` returns.
+    """
+
+    def __init__(self, cfg: AppConfig, bm25: Any, dense: Any, reranker: Any, cascade: Optional[list[Any]] = None) -> None:
+        from serve_app.index import load_document_store
+        from serve_app.serve.service import SearchService
+        from serve_app.serve.shards import shard_deadline
+
+        # Texts are looked up in the on-disk store (SQLite, memory-mapped), not held here.
+        corpus, manifest = load_or_explain("SearchIngress", load_document_store, cfg.index_dir)
+        handles = {name: h for name, h in (("bm25", bm25), ("dense", dense), ("reranker", reranker)) if h is not None}
+        for stage, h in zip(cfg.cascade, cascade or []):
+            handles[CascadeNames(stage.name).handle] = h
+        index_info = {
+            "chunks": manifest.corpus.num_chunks,
+            "built_at": manifest.created_at,
+            "dense_model": (manifest.dense or {}).get("model"),
+            "bm25_engine": (manifest.bm25 or {}).get("engine"),
+        }
+        if cfg.sharding.bm25 > 1 or cfg.sharding.dense > 1:
+            index_info["shards"] = {r: getattr(cfg.sharding, r) for r in cfg.retrievers}
+        backends = HandleBackends(handles, shard_deadline(cfg.timeouts.retriever_timeout_s), shard_deadline(cfg.timeouts.health_timeout_s))
+        self.service = SearchService(cfg, backends, corpus, index_info)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from serve_app.serve.http import create_app
+
+        return create_app(self.service)
+
+    async def check_health(self) -> None:
+        """The document store is loaded and answers a lookup."""
+        if len(self.service.documents) == 0:
+            raise RuntimeError("the document store is empty")
