@@ -168,3 +168,12 @@ def test_docstring_examples_run(name):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0, f"{name} has no docstring example"
     assert result.failed == 0
+
+
+def test_the_core_pieces_import_no_ray():
+    import serve_app.funnel as f
+    import serve_app.rerank.cache as c
+    import serve_app.slo as s
+
+    for mod in (f, c, s):
+        assert "import ray" not in open(mod.__file__).read()

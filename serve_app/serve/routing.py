@@ -72,7 +72,7 @@ class QueryHashRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             return [random.sample(candidates, len(candidates))]  # no query: the lowest queue, ties at random
         by_id = {r.replica_id.unique_id: r for r in candidates}
         ranked = [by_id[i] for i in rendezvous_order(key, list(by_id))]
-        cache = getattr(self, "_replica_queue_len_cache", None)
+        cache = getattr(self, "replica_queue_len_cache", None)  # RequestRouter's public property
         if cache is not None and len(ranked) > 1:
             lens = [cache.get(r.replica_id) for r in ranked]
             known = [n for n in lens if n is not None]
