@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # with native bf16, serve_app.rerank.loading): the parity tests compare against float32
 # references. tests/test_rerank_runtimes.py checks the CPU choice itself.
 os.environ.setdefault("SERVE_APP_RERANKER_CPU_DTYPE", "float32")
+# Where loads record the document stores they hashed (serve_app.index.files.verify_once): one
+# place per test session, not the user's cache.
+os.environ.setdefault("SERVE_APP_VERIFIED_DIR", tempfile.mkdtemp(prefix="serve_app-verified-"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

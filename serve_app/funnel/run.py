@@ -4,6 +4,7 @@ for the steps and every decision it takes)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -257,6 +258,8 @@ class Funnel:
         for q in queries:
             fused = fuse(q.hits, self.fusion)
             stored = self.stages.documents([h.doc_id for h in fused])
+            if inspect.isawaitable(stored):  # the ingress looks documents up off its event loop
+                stored = await stored
             q.docs = {h.doc_id: d for h, d in zip(fused, stored) if d is not None}
             q.fused = [h for h in fused if h.doc_id in q.docs]
         fusion_ms = elapsed_ms(t0) / n

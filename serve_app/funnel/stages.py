@@ -45,8 +45,9 @@ class FunnelStages(Protocol):
     """The stages as the funnel sees them. Every method may raise; :class:`StageOverloaded`
     sheds the request, anything else leaves the stage out (see the module docstring)."""
 
-    def documents(self, doc_ids: Sequence[str]) -> list[Optional[Document]]:
-        """The stored document of each id (None for an id the store does not hold)."""
+    def documents(self, doc_ids: Sequence[str]) -> list[Optional[Document]] | Awaitable[list[Optional[Document]]]:
+        """The stored document of each id (None for an id the store does not hold); a coroutine
+        when the lookup reads from disk (the ingress runs it in a worker thread)."""
         ...
 
     async def retrieve(self, name: str, queries: Sequence[str], k: int) -> list[list[Hit]]:

@@ -7,6 +7,7 @@ rename it into place (:mod:`serve_app.fsutil`), so a reader never sees a half-wr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import serve_app
 from serve_app.config import ChunkingConfig
-from serve_app.fsutil import fsync_dir, fsync_file, read_json, sha256_file
+from serve_app.fsutil import file_lock, fsync_dir, fsync_file, read_json, sha256_file
 from serve_app.errors import IndexLoadError
 
 logger = logging.getLogger(__name__)
@@ -165,3 +166,40 @@ def verify_files(directory: str | os.PathLike[str], manifest: Manifest, prefixes
             raise IndexLoadError(f"{path}: size {size} bytes, the manifest says {entry.size} (truncated or modified); rebuild the index")
         if checksums and sha256_file(path) != entry.sha256:
             raise IndexLoadError(f"{path}: sha256 mismatch (corrupted or modified since the build); rebuild the index")
+
+
+#: Where a node records the files it has hashed (``SERVE_APP_VERIFIED_DIR`` overrides it).
+ENV_VERIFIED_DIR = "SERVE_APP_VERIFIED_DIR"
+
+
+def verified_dir() -> Path:
+    return Path(os.environ.get(ENV_VERIFIED_DIR) or Path.home() / ".cache" / "serve_app" / "verified").expanduser()
+
+
+def verify_once(path: Path, entry: FileEntry) -> bool:
+    """Check ``path`` against its manifest entry, hashing it at most once per file identity on
+    this node; returns whether it was hashed now.
+
+    The size is checked every time. The sha256 (linear in the file's size) is computed the first
+    time a given file (device, inode, size, mtime) is seen with this expected digest, under a
+    lock so that replicas starting together hash it once, and recorded in :func:`verified_dir`;
+    later loads of the same file trust the record. What this catches: a file replaced (new
+    inode), truncated or extended (size), or written in place (mtime), before its first load
+    on a node or afterwards. What it cannot: a change that keeps size and mtime (a write
+    followed by resetting the mtime, or the storage corrupting bytes silently) after the file
+    was verified on that node.
+    """
+    st = path.stat()
+    if st.st_size != entry.size:
+        raise IndexLoadError(f"{path}: size {st.st_size} bytes, the manifest says {entry.size} (truncated or modified); rebuild the index")
+    identity = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{entry.sha256}"
+    record = verified_dir() / hashlib.sha256(identity.encode()).hexdigest()[:32]
+    if record.is_file():
+        return False
+    with file_lock(record.with_suffix(".lock")):
+        if record.is_file():  # another replica hashed it while this one waited
+            return False
+        if sha256_file(path) != entry.sha256:
+            raise IndexLoadError(f"{path}: sha256 mismatch (corrupted or modified since the build); rebuild the index")
+        record.write_text(f"{path}\n{identity}\n", encoding="utf-8")
+    return True

@@ -22,7 +22,7 @@ from serve_app.config import DenseConfig
 from serve_app.corpus import Corpus, load_corpus
 from serve_app.errors import CorpusError, IndexLoadError, UserFacingError
 from serve_app.index.consistency import load_consistent
-from serve_app.index.files import BM25_DIR, DENSE_DIR, DOCUMENTS, Manifest, log_version_changes, read_manifest, verify_files
+from serve_app.index.files import BM25_DIR, DENSE_DIR, DOCUMENTS, Manifest, log_version_changes, read_manifest, verify_files, verify_once
 from serve_app.index.shards import read_shards_manifest, shard_dir, shard_set_dir
 from serve_app.retrieval.bm25 import BM25Retriever
 from serve_app.retrieval.sharding import ShardedRetriever
@@ -123,14 +123,18 @@ def load_document_store(index_dir: str | os.PathLike[str], *, checksums: bool = 
     """The index's document store for lookups by id, and its manifest: the SQLite store
     (``serve_app.index.docstore``, read from disk, not held in memory) when the index has one,
     else the corpus from ``documents.jsonl`` in memory (indexes built before the store existed).
-    A store whose size or sha256 differs from the manifest is refused naming the file."""
+    A store whose size or sha256 differs from the manifest is refused naming the file; the
+    sha256 is computed once per file identity on this node (:func:`~serve_app.index.files.verify_once`:
+    a replica start does not read the whole store again)."""
     from serve_app.index.docstore import DOCSTORE, SqliteDocumentStore
 
     def load(d: Path) -> tuple[Any, Manifest]:
         manifest = read_manifest(d)
         if DOCSTORE not in manifest.files:
             return _documents(d, manifest, checksums=checksums), manifest
-        verify_files(d, manifest, [DOCSTORE], checksums=checksums)
+        verify_files(d, manifest, [DOCSTORE], checksums=False)  # present, in place, its size
+        if checksums:
+            verify_once(d / DOCSTORE, manifest.files[DOCSTORE])
         store = SqliteDocumentStore(d / DOCSTORE)
         if len(store) != manifest.corpus.num_documents:
             raise IndexLoadError(f"{d / DOCSTORE}: {len(store)} documents, the manifest says {manifest.corpus.num_documents}")

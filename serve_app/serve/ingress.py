@@ -3,6 +3,7 @@ and :class:`HandleBackends`, the stage calls over deployment handles."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from typing import Any, Optional
 
@@ -100,6 +101,11 @@ class SearchIngress:
         return create_app(self.service)
 
     async def check_health(self) -> None:
-        """The document store is loaded and answers a lookup."""
-        if len(self.service.documents) == 0:
+        """The document store answers: its file is in place and a real row is read (the SQLite
+        store's ``check``); an in-memory corpus (an index without a store) must not be empty."""
+        store = self.service.documents
+        check = getattr(store, "check", None)
+        if check is not None:
+            await asyncio.to_thread(check)
+        elif len(store) == 0:
             raise RuntimeError("the document store is empty")

@@ -65,8 +65,10 @@ class IngressStages:
         self.backends = backends
         self.store = documents
 
-    def documents(self, doc_ids: Sequence[str]) -> list[Optional[Document]]:
-        return self.store.get_many(doc_ids)  # one SQLite query for a request's candidates, not one per id
+    async def documents(self, doc_ids: Sequence[str]) -> list[Optional[Document]]:
+        # One SQLite query for a request's candidates, not one per id, in a worker thread: the
+        # event loop keeps serving other requests while the store reads from disk.
+        return await asyncio.to_thread(self.store.get_many, doc_ids)
 
     async def retrieve(self, name: str, queries: Sequence[str], k: int) -> list[list[Hit]]:
         return [list(hits) for hits in await gather_all(self.backends.retrieve(name, q, k) for q in queries)]

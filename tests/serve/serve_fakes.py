@@ -111,6 +111,33 @@ class ServerBackends(FakeBackends):
         return await super().ping(stage)
 
 
+def asgi_request(app: Any, method: str, path: str, *, raise_app_exceptions: bool = False, base_url: str = "http://test", **kwargs: Any) -> Any:
+    """One request to an ASGI app in process (no server, no Ray), as ``httpx.Response``."""
+    import httpx
+
+    async def go() -> Any:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions), base_url=base_url) as c:
+            return await c.request(method, path, **kwargs)
+
+    return asyncio.run(go())
+
+
+def service_app(backends: Any = None, store: Any = None, **config: Any) -> tuple[Any, Any, Any]:
+    """(FastAPI app, backends, AppConfig) of a :class:`~serve_app.serve.service.SearchService` over
+    ``backends`` (default: :class:`FakeBackends` over :func:`small_corpus`) and a document
+    ``store`` (default: that corpus); ``config`` overrides the app's arguments."""
+    from serve_app.serve.config import parse_app_config
+    from serve_app.serve.http import create_app
+    from serve_app.serve.service import SearchService
+
+    args = {"index_dir": "/nonexistent/index", **config}
+    cfg = parse_app_config(args, use_env=False)
+    corpus = store if store is not None else small_corpus(60)
+    backends = backends if backends is not None else FakeBackends(corpus if isinstance(corpus, Corpus) else small_corpus(60))
+    service = SearchService(cfg, backends, corpus, {"chunks": len(corpus)})
+    return create_app(service), backends, cfg
+
+
 def fake_rerank_score(query: str, document: str) -> float:
     return round(4.0 * _h(query, document) - 2.0, 6)
 

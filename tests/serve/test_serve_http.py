@@ -11,32 +11,22 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serve_fakes import FakeBackends, fake_rerank_score, small_corpus
+from serve_fakes import FakeBackends, asgi_request, fake_rerank_score, service_app, small_corpus
 
 from serve_app.client import AsyncServeAppClient, ServeAppError
 from serve_app.serve.api import ERROR_TYPES, build_request_models
 from serve_app.serve.config import parse_app_config
-from serve_app.serve.http import create_app, strict_json_loads
-from serve_app.serve.service import SearchService
+from serve_app.serve.http import strict_json_loads
 
 CORPUS = small_corpus(60)
 
 
 def make_app(faults: dict[str, str] | None = None, **overrides: Any):
-    args = {"index_dir": "/nonexistent/index", "timeouts": {"retriever_timeout_s": 0.3, "rerank_timeout_s": 0.3, "health_timeout_s": 0.3}}
-    args.update(overrides)
-    cfg = parse_app_config(args, use_env=False)
-    backends = FakeBackends(CORPUS, dict(faults or {}), hang_s=5.0)
-    service = SearchService(cfg, backends, CORPUS, {"chunks": len(CORPUS)})
-    return create_app(service), backends, cfg
+    args = {"timeouts": {"retriever_timeout_s": 0.3, "rerank_timeout_s": 0.3, "health_timeout_s": 0.3}, **overrides}
+    return service_app(FakeBackends(CORPUS, dict(faults or {}), hang_s=5.0), CORPUS, **args)
 
 
-def call(app, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://test") as c:
-            return await c.request(method, path, **kwargs)
-
-    return asyncio.run(go())
+call = asgi_request
 
 
 def assert_envelope(r: httpx.Response, status: int, error_type: str) -> dict:
@@ -317,3 +307,48 @@ def test_async_client_raises_typed_errors_with_the_envelope():
             assert info.value.envelope["error"]["type"] == "validation_error"
 
     asyncio.run(go())
+
+
+class SlowStore:
+    """A document store whose lookups of one query's candidates block their thread for a while."""
+
+    def __init__(self, corpus, slow_ids, delay_s: float) -> None:
+        self.corpus, self.slow_ids, self.delay_s = corpus, set(slow_ids), delay_s
+
+    def get(self, doc_id):
+        return self.corpus.get(doc_id)
+
+    def get_many(self, doc_ids):
+        if self.slow_ids & set(doc_ids):
+            time.sleep(self.delay_s)  # a slow disk: blocks the calling thread
+        return [self.corpus.get(d) for d in doc_ids]
+
+    def __len__(self):
+        return len(self.corpus)
+
+
+def test_store_lookups_do_not_block_the_event_loop():
+    """A request whose document lookup is slow does not hold up a concurrent request."""
+    football = [d.id for d in CORPUS if "football" in d.content]
+    store = SlowStore(CORPUS, football, delay_s=1.5)
+    app, _, _ = service_app(FakeBackends(CORPUS), store)
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            await c.post("/search", json={"query": "ocean", "retrievers": ["bm25"], "rerank_top_m": 0, "top_k": 5})  # warm-up (first-call imports)
+            start = time.perf_counter()
+
+            async def timed(query):
+                r = await c.post("/search", json={"query": query, "retrievers": ["bm25"], "rerank_top_m": 0, "top_k": 5})
+                return r, time.perf_counter() - start  # when it finished, from the start of both
+
+            slow = asyncio.create_task(timed("football team"))
+            await asyncio.sleep(0.2)  # the slow lookup is running
+            fast, fast_s = await timed("ocean river")
+            slow_r, slow_s = await slow
+            return fast, fast_s, slow_r, slow_s
+
+    fast, fast_s, slow_r, slow_s = asyncio.run(run())
+    assert fast.status_code == 200 and slow_r.status_code == 200
+    assert slow_s >= 1.5
+    assert fast_s < 1.0 and fast_s < slow_s, f"a concurrent request finished after {fast_s:.2f} s, behind a slow lookup ({slow_s:.2f} s)"
