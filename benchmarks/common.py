@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -436,3 +437,112 @@ def set_threads(n: int | None) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- shared by several benchmarks
+
+
+def ensure_scifact_index(path: Path, scifact: str | None) -> Path:
+    """The SciFact index (BM25 + dense Flat, default configs): reused, copied from the eval cache, or built."""
+    from serve_app.index import index_is_current, read_manifest
+
+    if index_is_current(path):
+        return path
+    cached = DEFAULT_CACHE / "indexes" / "scifact"
+    if index_is_current(cached):
+        try:
+            if read_manifest(cached).dense is not None and read_manifest(cached).bm25 is not None:
+                shutil.rmtree(path, ignore_errors=True)  # an index of an older format
+                shutil.copytree(cached, path)
+                return path
+        except Exception:  # noqa: BLE001 - fall back to building
+            pass
+    from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
+    from serve_app.index import build_index
+
+    print(f"building the SciFact index at {path} (dense encoding of 5,183 abstracts: minutes on a small CPU)")
+    build_index(load_scifact(scifact).corpus, path, bm25=BM25Config(), dense=DenseConfig(), chunking=ChunkingConfig(), show_progress=True)
+    return path
+
+
+def pyspy_record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling of ``pid`` (all threads, idle frames excluded) into a collapsed-stack file."""
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "50", "--format", "raw", "--output", str(out), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+PROFILE_BUCKETS: list[tuple[str, Callable[[str], bool]]] = [
+    ("model forward (torch / ONNX Runtime / OpenVINO)", lambda s: "Runtime.__call__" in s and "PairScorer._forward" in s),
+    ("pad batches", lambda s: "PairScorer._forward" in s and ".pad (" in s),
+    ("tokenize pairs", lambda s: "Tokenizer.features" in s or "Reranker.windows" in s or "query_overhead" in s),
+    ("other scorer / reranker work", lambda s: "PairScorer.score" in s or "Reranker.rerank_many" in s),
+    ("Ray worker main loop (waiting in C)", lambda s: s.split(";")[-1].startswith("Worker.main_loop")),
+    ("Serve request handling, asyncio, metrics", lambda s: "ray/serve" in s or "asyncio" in s),
+]
+
+
+def summarize_profile(path: Path, top: int = 12, inclusive: Sequence[str] = ()) -> dict[str, Any]:
+    """Share of samples under each bucket, the top leaf functions of a py-spy raw profile, and the
+    share of samples whose stack contains each substring of ``inclusive``."""
+    stacks: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if n.isdigit():
+            stacks[stack] = stacks.get(stack, 0) + int(n)
+    total = sum(stacks.values()) or 1
+    buckets = {name: 0 for name, _ in PROFILE_BUCKETS}
+    buckets["other"] = 0
+    leaves: dict[str, int] = {}
+    for stack, n in stacks.items():
+        for name, match in PROFILE_BUCKETS:
+            if match(stack):
+                buckets[name] += n
+                break
+        else:
+            buckets["other"] += n
+        leaf = stack.split(";")[-1]
+        leaves[leaf] = leaves.get(leaf, 0) + n
+    return {
+        "samples": total,
+        "inclusive": {sub: sum(n for st, n in stacks.items() if sub in st) / total for sub in inclusive},
+        "buckets": {k: v / total for k, v in buckets.items()},
+        "top_leaves": [(k, v / total) for k, v in sorted(leaves.items(), key=lambda kv: -kv[1])[:top]],
+    }
+
+
+def clustered_vectors(n: int, dim: int, clusters: int, latent_dim: int, noise: float, seed: int, anisotropy: float = 0.0) -> np.ndarray:
+    """``n`` L2-normalised float32 vectors with cluster structure (see the module docstring).
+
+    ``anisotropy`` adds that multiple of one shared unit direction to every (normalised) vector
+    before the final normalisation: sentence embeddings share such a direction (their mean
+    pairwise cosine is well above 0).
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, latent_dim)).astype(np.float32)
+    proj = rng.standard_normal((latent_dim, dim)).astype(np.float32) / np.sqrt(latent_dim)
+    shared = rng.standard_normal(dim).astype(np.float32)
+    shared /= np.linalg.norm(shared)
+    sizes = rng.dirichlet(np.ones(clusters) * 2.0)
+    assign = rng.choice(clusters, size=n, p=sizes)
+    latent = centres[assign] + 0.6 * rng.standard_normal((n, latent_dim)).astype(np.float32)
+    x = latent @ proj + noise * rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    if anisotropy:
+        x += anisotropy * shared
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+WORDS = [w.strip() for w in "protein cell gene virus vaccine cancer tumor heart brain blood water energy music film city food river ocean star planet moon study trial patient dose risk effect model data system method result".split()]
+
+
+def write_corpus(path: Path, n: int, doc_bytes: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    words = np.array(WORDS)
+    per_doc = max(4, doc_bytes // 7)
+    with open(path, "w", encoding="utf-8") as f:
+        for start in range(0, n, 10_000):
+            m = min(10_000, n - start)
+            picks = words[rng.integers(0, len(words), size=(m, per_doc))]
+            for j in range(m):
+                i = start + j
+                f.write(json.dumps({"_id": f"doc{i:08d}", "title": f"{picks[j, 0]} {picks[j, 1]} {i}", "text": " ".join(picks[j])}) + "\n")

@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
+from benchmarks.common import write_corpus  # noqa: F401 - shared with other benchmarks (tests import them from here too)
 from benchmarks.common import DEFAULT_CACHE, PROC_MEMORY_SNIPPET, BenchRun, base_parser, md_table
 
-WORDS = [w.strip() for w in "protein cell gene virus vaccine cancer tumor heart brain blood water energy music film city food river ocean star planet moon study trial patient dose risk effect model data system method result".split()]
 
 CHILD = r"""
 import json, os, random, sys, time
@@ -68,17 +67,6 @@ print(json.dumps({"mode": mode, "open_s": open_s, "peak_rss_mib": end["VmHWM"], 
 """
 
 
-def write_corpus(path: Path, n: int, doc_bytes: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    words = np.array(WORDS)
-    per_doc = max(4, doc_bytes // 7)
-    with open(path, "w", encoding="utf-8") as f:
-        for start in range(0, n, 10_000):
-            m = min(10_000, n - start)
-            picks = words[rng.integers(0, len(words), size=(m, per_doc))]
-            for j in range(m):
-                i = start + j
-                f.write(json.dumps({"_id": f"doc{i:08d}", "title": f"{picks[j, 0]} {picks[j, 1]} {i}", "text": " ".join(picks[j])}) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,16 +44,14 @@ a load balancer in front of direct ingress (Serve's HAProxy mode) takes.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, fmt_spread, load_scifact, md_table, speed_model_dir, summarize, target_line
+from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, ensure_scifact_index, fmt_spread, load_scifact, md_table, pyspy_record, speed_model_dir, summarize, summarize_profile, target_line
 from benchmarks.loadgen import closed_loop
-from benchmarks.rerank_peers import pyspy_record, summarize_profile
 from benchmarks.serving import add_serve_mode_args, cpu_seconds, handle_round_trips, serve_mode, serve_pids, serve_stack
 
 STAGES = ("bm25", "dense", "fusion", "rerank")
@@ -61,27 +59,6 @@ STAGES = ("bm25", "dense", "fusion", "rerank")
 FRONT_FRAMES = ("uvicorn", "h11", "httptools", "starlette", "fastapi", "pydantic", "json", "serve_app/serve", "serve_app/pipeline", "ray/serve/_private/proxy", "ray/serve/_private/router", "ray/serve/_private/replica", "ray/serve/handle", "asyncio", "_raylet", "grpc", "Worker.main_loop")
 
 
-def ensure_scifact_index(path: Path, scifact: str | None) -> Path:
-    """The SciFact index (BM25 + dense Flat, default configs): reused, copied from the eval cache, or built."""
-    from serve_app.index import index_is_current, read_manifest
-
-    if index_is_current(path):
-        return path
-    cached = DEFAULT_CACHE / "indexes" / "scifact"
-    if index_is_current(cached):
-        try:
-            if read_manifest(cached).dense is not None and read_manifest(cached).bm25 is not None:
-                shutil.rmtree(path, ignore_errors=True)  # an index of an older format
-                shutil.copytree(cached, path)
-                return path
-        except Exception:  # noqa: BLE001 - fall back to building
-            pass
-    from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
-    from serve_app.index import build_index
-
-    print(f"building the SciFact index at {path} (dense encoding of 5,183 abstracts: minutes on a small CPU)")
-    build_index(load_scifact(scifact).corpus, path, bm25=BM25Config(), dense=DenseConfig(), chunking=ChunkingConfig(), show_progress=True)
-    return path
 
 
 def critical_path(t: dict[str, float]) -> float:

@@ -31,32 +31,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from benchmarks.common import clustered_vectors  # noqa: F401 - shared with other benchmarks (tests import them from here too)
 from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, fmt_spread, md_table, measure, summarize, target_line
 
 K = 10
 
 
-def clustered_vectors(n: int, dim: int, clusters: int, latent_dim: int, noise: float, seed: int, anisotropy: float = 0.0) -> np.ndarray:
-    """``n`` L2-normalised float32 vectors with cluster structure (see the module docstring).
-
-    ``anisotropy`` adds that multiple of one shared unit direction to every (normalised) vector
-    before the final normalisation: sentence embeddings share such a direction (their mean
-    pairwise cosine is well above 0).
-    """
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, latent_dim)).astype(np.float32)
-    proj = rng.standard_normal((latent_dim, dim)).astype(np.float32) / np.sqrt(latent_dim)
-    shared = rng.standard_normal(dim).astype(np.float32)
-    shared /= np.linalg.norm(shared)
-    sizes = rng.dirichlet(np.ones(clusters) * 2.0)
-    assign = rng.choice(clusters, size=n, p=sizes)
-    latent = centres[assign] + 0.6 * rng.standard_normal((n, latent_dim)).astype(np.float32)
-    x = latent @ proj + noise * rng.standard_normal((n, dim)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    if anisotropy:
-        x += anisotropy * shared
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def neighbour_stats(x: np.ndarray, queries: int = 300, seed: int = 0) -> dict[str, float]:

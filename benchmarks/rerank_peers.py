@@ -48,6 +48,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from benchmarks.common import pyspy_record, summarize_profile  # noqa: F401 - shared with other benchmarks (tests import them from here too)
 from benchmarks.common import DEFAULT_CACHE, NO_DRIFT_TOLERANCE, RERANKER_RUNTIMES, BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, md_table, summarize, target_line
 from benchmarks.loadgen import closed_loop, wait_ready
 from benchmarks.serving import add_serve_mode_args, cpu_seconds, find_replica_pid, free_port, handle_call, proc_stat, serve_mode, serve_pids, serve_stack
@@ -146,48 +147,10 @@ class InfinityServer:
 # --------------------------------------------------------------------------- py-spy
 
 
-def pyspy_record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
-    """py-spy sampling of ``pid`` (all threads, idle frames excluded) into a collapsed-stack file."""
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "50", "--format", "raw", "--output", str(out), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
-PROFILE_BUCKETS: list[tuple[str, Callable[[str], bool]]] = [
-    ("model forward (torch / ONNX Runtime / OpenVINO)", lambda s: "Runtime.__call__" in s and "PairScorer._forward" in s),
-    ("pad batches", lambda s: "PairScorer._forward" in s and ".pad (" in s),
-    ("tokenize pairs", lambda s: "Tokenizer.features" in s or "Reranker.windows" in s or "query_overhead" in s),
-    ("other scorer / reranker work", lambda s: "PairScorer.score" in s or "Reranker.rerank_many" in s),
-    ("Ray worker main loop (waiting in C)", lambda s: s.split(";")[-1].startswith("Worker.main_loop")),
-    ("Serve request handling, asyncio, metrics", lambda s: "ray/serve" in s or "asyncio" in s),
-]
 
 
-def summarize_profile(path: Path, top: int = 12, inclusive: Sequence[str] = ()) -> dict[str, Any]:
-    """Share of samples under each bucket, the top leaf functions of a py-spy raw profile, and the
-    share of samples whose stack contains each substring of ``inclusive``."""
-    stacks: dict[str, int] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, n = line.rpartition(" ")
-        if n.isdigit():
-            stacks[stack] = stacks.get(stack, 0) + int(n)
-    total = sum(stacks.values()) or 1
-    buckets = {name: 0 for name, _ in PROFILE_BUCKETS}
-    buckets["other"] = 0
-    leaves: dict[str, int] = {}
-    for stack, n in stacks.items():
-        for name, match in PROFILE_BUCKETS:
-            if match(stack):
-                buckets[name] += n
-                break
-        else:
-            buckets["other"] += n
-        leaf = stack.split(";")[-1]
-        leaves[leaf] = leaves.get(leaf, 0) + n
-    return {
-        "samples": total,
-        "inclusive": {sub: sum(n for st, n in stacks.items() if sub in st) / total for sub in inclusive},
-        "buckets": {k: v / total for k, v in buckets.items()},
-        "top_leaves": [(k, v / total) for k, v in sorted(leaves.items(), key=lambda kv: -kv[1])[:top]],
-    }
 
 
 # --------------------------------------------------------------------------- systems

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, load_scifact, md_table, speed_model_dir, target_line
-from benchmarks.e2e_load import ensure_scifact_index
+from benchmarks.common import ensure_scifact_index
 from benchmarks.loadgen import closed_loop
 from benchmarks.serving import handle_call, serve_stack
 

@@ -184,7 +184,7 @@ def _measure(args: Any, run: BenchRun, work: Path, n: int, earlier: dict[str, An
     text_bytes = earlier["text_bytes_per_document"] * n
 
     # 2. dense: a Flat index of synthetic vectors, saved as the dense retriever saves it
-    from benchmarks.faiss_indexes import clustered_vectors
+    from benchmarks.common import clustered_vectors
     from serve_app.retrieval.dense import DenseRetriever
 
     t0 = time.perf_counter()

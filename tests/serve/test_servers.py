@@ -106,3 +106,23 @@ def test_builder_applies_the_defaults_then_the_overrides_and_binds_typed_configs
     (dense_cfg,) = deps["DenseRetriever"].init_args
     assert isinstance(dense_cfg, DenseServerConfig) and dense_cfg.batching == cfg.dense_batching and dense_cfg.shard is None
     assert deps["SearchIngress"].init_args[0] is cfg or deps["SearchIngress"].init_args[0] == cfg
+
+
+def test_the_ingress_health_check_reads_the_store_and_fails_without_it(tmp_path):
+    """SearchIngress.check_health does a real read of its document store, and fails once the
+    store's file is gone or is no longer a store."""
+    from serve_app.serve.deployments import SearchIngress
+
+    d = tmp_path / "index"
+    build_index(CORPUS, d, bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), show_progress=False)
+    ingress = SearchIngress(parse_app_config({"index_dir": str(d), "retrievers": ["bm25"]}, use_env=False), object(), None, object())
+    asyncio.run(ingress.check_health())
+    store = d / "documents.sqlite"
+    store.rename(tmp_path / "moved.sqlite")
+    with pytest.raises(Exception, match="cannot be read"):
+        asyncio.run(ingress.check_health())
+    (tmp_path / "moved.sqlite").rename(store)
+    asyncio.run(ingress.check_health())
+    store.write_bytes(b"\0" * 4096)
+    with pytest.raises(Exception, match="no longer an SQLite database"):
+        asyncio.run(ingress.check_health())
