@@ -13,6 +13,9 @@ type a deployment is pinned to, GPUs, paths), written as an *overlay*:
     deployments:  # merged into the entry of that name in every application; it must exist
       CrossEncoderReranker:
         ray_actor_options: {num_gpus: 1, resources: {reranker_node: 0.01}}
+    add_deployments:  # entries appended to every application; none may exist already
+      - name: DenseQueryEncoder   # deployed only with a sharded dense retriever
+        num_replicas: 2
 
 Mappings merge key by key, anything else (scalars, lists) replaces, and ``null`` deletes the
 key. The result is validated with Ray Serve's own ``ServeDeploySchema``.
@@ -53,7 +56,7 @@ REPO_ROOT = CLUSTER_DIR.parent
 BASE_CONFIG = REPO_ROOT / "deployments.yaml"
 TEMPLATE_MARKER = "# @SERVE_CONFIG@"
 
-OVERLAY_KEYS = ("serve", "app_args", "deployments")
+OVERLAY_KEYS = ("serve", "app_args", "deployments", "add_deployments")
 
 
 class RenderError(ValueError):
@@ -116,16 +119,19 @@ def load_yaml(path: Path) -> Any:
 
 
 def load_overlay(path: Path) -> dict[str, Any]:
-    """An overlay file: a mapping with only ``serve``, ``app_args`` and ``deployments``."""
+    """An overlay file: a mapping with only ``serve``, ``app_args``, ``deployments`` (mappings)
+    and ``add_deployments`` (a list)."""
     data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise RenderError(f"{path}: an overlay must be a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - set(OVERLAY_KEYS))
     if unknown:
         raise RenderError(f"{path}: unknown overlay key(s) {unknown}; allowed: {list(OVERLAY_KEYS)}")
-    for key in OVERLAY_KEYS:
+    for key in ("serve", "app_args", "deployments"):
         if not isinstance(data.get(key) or {}, dict):
             raise RenderError(f"{path}: '{key}' must be a mapping")
+    if not isinstance(data.get("add_deployments") or [], list):
+        raise RenderError(f"{path}: 'add_deployments' must be a list of deployments")
     for name, patch in (data.get("deployments") or {}).items():
         if not isinstance(patch, dict):
             raise RenderError(f"{path}: deployments.{name} must be a mapping")
@@ -174,6 +180,15 @@ def apply_overlay(config: Mapping[str, Any], overlay: Mapping[str, Any], *, over
     if missing:
         known = sorted({d.get("name") for a in out["applications"] for d in a.get("deployments") or []})
         raise RenderError(f"{overlay_name}: deployment(s) {missing} not found in the base config (known: {known})")
+    added = overlay.get("add_deployments") or []
+    for app in out["applications"]:
+        names = {d.get("name") for d in app.get("deployments") or []}
+        for dep in added:
+            if not isinstance(dep, Mapping) or not dep.get("name"):
+                raise RenderError(f"{overlay_name}: every entry of add_deployments needs a name")
+            if dep["name"] in names:
+                raise RenderError(f"{overlay_name}: add_deployments: {dep['name']!r} is already in the base config (patch it under deployments)")
+            app.setdefault("deployments", []).append(copy.deepcopy(dict(dep)))
     return out
 
 

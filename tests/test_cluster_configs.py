@@ -476,7 +476,7 @@ def test_expand_shards_lists_every_shard_deployment():
 
 def test_100m_layout_is_a_valid_app_with_one_deployment_per_shard(big):
     from serve_app.serve.config import AppConfig
-    from serve_app.serve.shards import deployment_names
+    from serve_app.serve.shards import QUERY_ENCODER, deployment_names, encodes_queries_once
 
     _, embedded = big
     _serve_schema().model_validate(embedded)
@@ -485,7 +485,9 @@ def test_100m_layout_is_a_valid_app_with_one_deployment_per_shard(big):
     assert (cfg.sharding.bm25, cfg.sharding.dense) == (20, 10)
     assert cfg.build_index_if_missing is False and cfg.index_dir.startswith("/mnt/serve-app/")
     names = [d["name"] for d in app["deployments"]]
-    assert names == ["SearchIngress", *deployment_names(cfg), "CrossEncoderReranker"]
+    # a sharded dense retriever also deploys its query encoder (one encoding per query for every shard)
+    assert encodes_queries_once(cfg)
+    assert names == ["SearchIngress", *deployment_names(cfg), "CrossEncoderReranker", QUERY_ENCODER]
 
 
 def test_100m_node_groups_hold_the_replicas(big):
@@ -545,3 +547,15 @@ def test_100m_index_build_job():
     from serve_app.cli import build_parser
 
     build_parser().parse_args(entry[1:])  # the command line is one serve-app accepts
+
+
+def test_overlays_can_add_a_deployment_once():
+
+    base = {"applications": [{"name": "app", "import_path": "x:y", "deployments": [{"name": "A"}]}]}
+    out = render.apply_overlay(base, {"add_deployments": [{"name": "B", "num_replicas": 2}]})
+    assert [d["name"] for d in out["applications"][0]["deployments"]] == ["A", "B"]
+    assert [d["name"] for d in base["applications"][0]["deployments"]] == ["A"]  # input untouched
+    with pytest.raises(render.RenderError, match="already in the base config"):
+        render.apply_overlay(base, {"add_deployments": [{"name": "A"}]})
+    with pytest.raises(render.RenderError, match="needs a name"):
+        render.apply_overlay(base, {"add_deployments": [{"num_replicas": 1}]})

@@ -148,10 +148,24 @@ def load_bm25(index_dir: str | os.PathLike[str]) -> BM25Retriever:
     return load_consistent(index_dir, lambda d: _bm25(d, read_manifest(d)))
 
 
-def load_dense(index_dir: str | os.PathLike[str], cfg: DenseConfig) -> Any:
+def load_dense(index_dir: str | os.PathLike[str], cfg: DenseConfig, *, load_encoder: bool = True) -> Any:
     """The index's dense retriever with a query encoder built from ``cfg`` (checked against the
-    index). The document store is not read: the dense files hold their own document ids."""
-    return load_consistent(index_dir, lambda d: _dense(d, read_manifest(d), cfg))
+    index); ``load_encoder=False``: without one (a shard that receives query vectors). The
+    document store is not read: the dense files hold their own document ids."""
+    return load_consistent(index_dir, lambda d: _dense(d, read_manifest(d), cfg, load_encoder=load_encoder))
+
+
+def load_query_encoder(index_dir: str | os.PathLike[str], cfg: DenseConfig) -> Any:
+    """The bi-encoder ``cfg`` names, checked against the index's dense section (model, dimension,
+    prefixes): what encodes queries once for every shard of a sharded dense retriever."""
+    from serve_app.retrieval.dense import BiEncoder, check_encoder
+
+    manifest = read_manifest(index_dir)
+    if manifest.dense is None:
+        raise IndexLoadError(f"{index_dir}: the index has no dense retriever; rebuild it with one or remove dense from `retrievers`")
+    encoder = BiEncoder(cfg)
+    check_encoder(Path(index_dir) / DENSE_DIR, manifest.dense, encoder)
+    return encoder
 
 
 def open_shard(index_dir: str | os.PathLike[str], retriever: str, index: int, num_shards: int) -> Path:

@@ -343,7 +343,7 @@ class DenseRetriever:
         if section.get("normalize", True) is not True or section.get("pooling", POOLING) != POOLING:
             raise IndexLoadError(f"dense index in {d} was built with pooling={section.get('pooling')!r}, normalize={section.get('normalize')!r}; this version supports mean pooling with L2 normalisation only")
         if encoder is not None:
-            _check_encoder(d, section, encoder)
+            check_encoder(d, section, encoder)
         doc_ids = _read_ids(d / IDS_FILE)
         if len(doc_ids) != int(section["num_documents"]):
             raise IndexLoadError(f"{d / IDS_FILE} holds {len(doc_ids)} document ids, the manifest says {section['num_documents']}")
@@ -359,7 +359,7 @@ class DenseRetriever:
         return cls(index, owner, doc_ids, cfg, encoder, factory=str(section["factory"]))
 
 
-def _check_encoder(d: Path, section: Mapping[str, Any], encoder: BiEncoder) -> None:
+def check_encoder(d: Path, section: Mapping[str, Any], encoder: BiEncoder) -> None:
     if encoder.dim != int(section["dim"]):
         raise IndexLoadError(f"dense index in {d} has {section['dim']}-dimensional vectors but the encoder {encoder.model_name!r} gives {encoder.dim}")
     if not same_model(encoder.model_name, str(section["model"])):

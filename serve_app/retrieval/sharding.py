@@ -18,7 +18,8 @@ is how :func:`merge_top_k` breaks them.
   vector (FAISS, ``Flat`` for exactness; approximate factories are approximate per shard as
   they are globally). It does not depend on the other documents, so scores from different
   shards are comparable as they are. (Shards encode their own documents; batching changes
-  embeddings only by float rounding, ~1e-7.)
+  embeddings only by float rounding, ~1e-7.) A query is encoded once and its vector searched
+  in every shard (in process here; by the ``DenseQueryEncoder`` deployment in Serve).
 * BM25: a score depends on corpus statistics (idf of each term: document frequency and corpus
   size; the average document length). BM25 built separately on each shard would use the
   shard's statistics and scores from different shards would not be comparable. We therefore
@@ -101,9 +102,15 @@ class ShardedRetriever:
 
     def search(self, query: str, k: int) -> list[Hit]:
         """Top-``k`` documents over all shards, best first."""
-        return merge_top_k([s.search(query, k) for s in self.shards], k)
+        return self.search_batch([query], k)[0]
 
     def search_batch(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        """Top-``k`` documents for each query over all shards."""
-        per_shard = [s.search_batch(queries, k) for s in self.shards]
+        """Top-``k`` documents for each query over all shards. Dense shards share one encoding of
+        the queries (the first shard's encoder; every shard of an index was built with one model)."""
+        encoder = getattr(self.shards[0], "encoder", None)
+        if encoder is not None and all(hasattr(s, "search_vectors") for s in self.shards):
+            vectors = encoder.encode_queries(list(queries))
+            per_shard = [s.search_vectors(vectors, k) for s in self.shards]
+        else:
+            per_shard = [s.search_batch(queries, k) for s in self.shards]
         return [merge_top_k([lists[q] for lists in per_shard], k) for q in range(len(queries))]

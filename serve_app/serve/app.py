@@ -34,9 +34,9 @@ from ray import serve
 from ray.serve import Application
 
 from serve_app.funnel import CascadeNames
-from serve_app.serve.config import AppConfig, BM25ServerConfig, DenseServerConfig, RerankerServerConfig, RerankerUserConfig, ShardRef, parse_app_config
-from serve_app.serve.deployments import BM25Server, DenseServer, RerankerServer, SearchIngress
-from serve_app.serve.shards import RETRIEVER_DEPLOYMENTS, deployment_names, shard_deployment_name
+from serve_app.serve.config import AppConfig, BM25ServerConfig, DenseServerConfig, QueryEncoderServerConfig, RerankerServerConfig, RerankerUserConfig, ShardRef, parse_app_config
+from serve_app.serve.deployments import BM25Server, DenseServer, QueryEncoderServer, RerankerServer, SearchIngress
+from serve_app.serve.shards import QUERY_ENCODER, RETRIEVER_DEPLOYMENTS, deployment_names, encodes_queries_once, shard_deployment_name
 
 #: Serve retries a failing constructor this often before DEPLOY_FAILED (a missing model or a
 #: damaged index will not fix itself; one retry covers a transient failure).
@@ -51,12 +51,17 @@ DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
     "CrossEncoderReranker": {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64},
 }
 DEPLOYMENT_NAMES = tuple(DEPLOYMENT_DEFAULTS)
+#: Default options of the deployments only some configurations deploy: the query encoder of a
+#: sharded dense retriever (sharding.dense > 1), which encodes each query once for every shard.
+CONDITIONAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DenseQueryEncoder": {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64},
+}
 
 
 def _deployment(cls: type, name: str, base: str, options: Mapping[str, Mapping[str, Any]], user_config: Optional[dict[str, Any]] = None) -> Any:
     """``cls`` as the deployment ``name``: the defaults of ``base``, then ``options[base]``, then
     ``options[name]`` (a shard's own options win over those of its retriever)."""
-    opts: dict[str, Any] = {"max_constructor_retry_count": CONSTRUCTOR_RETRIES, **DEPLOYMENT_DEFAULTS[base]}
+    opts: dict[str, Any] = {"max_constructor_retry_count": CONSTRUCTOR_RETRIES, **{**DEPLOYMENT_DEFAULTS, **CONDITIONAL_DEFAULTS}[base]}
     if user_config is not None:
         opts["user_config"] = user_config
     opts.update(options.get(base, {}))
@@ -71,8 +76,8 @@ def build_application(cfg: AppConfig, options: Optional[Mapping[str, Mapping[str
     Pure wiring: no file is read or written (the index is :func:`build_app`'s business).
     """
     options = dict(options or {})
-    known = ["SearchIngress", *deployment_names(cfg), CascadeNames(None).deployment, *(c.deployment_name() for c in cfg.cascade)]
-    unknown = sorted(set(options) - set(DEPLOYMENT_NAMES) - set(known))
+    known = ["SearchIngress", *deployment_names(cfg), *([QUERY_ENCODER] if encodes_queries_once(cfg) else []), CascadeNames(None).deployment, *(c.deployment_name() for c in cfg.cascade)]
+    unknown = sorted(set(options) - set(DEPLOYMENT_NAMES) - set(CONDITIONAL_DEFAULTS) - set(known))
     if unknown:
         raise ValueError(f"unknown deployment name(s) {unknown}; expected among {known}")
 
@@ -84,11 +89,16 @@ def build_application(cfg: AppConfig, options: Optional[Mapping[str, Mapping[str
             return _deployment(cls, base, base, options, uc).bind(make_config(None))
         return [_deployment(cls, shard_deployment_name(name, i), base, options, uc).bind(make_config(ShardRef(index=i, num_shards=n))) for i in range(n)]
 
-    bm25 = dense = None
+    bm25 = dense = encoder = None
     if "bm25" in cfg.retrievers:
         bm25 = retriever("bm25", BM25Server, lambda shard: BM25ServerConfig(index_dir=cfg.index_dir, shard=shard))
     if "dense" in cfg.retrievers:
-        dense = retriever("dense", DenseServer, lambda shard: DenseServerConfig(index_dir=cfg.index_dir, dense=cfg.dense, batching=cfg.dense_batching, shard=shard))
+        sharded = encodes_queries_once(cfg)  # the shards get vectors from one query encoder
+        dense = retriever("dense", DenseServer, lambda shard: DenseServerConfig(index_dir=cfg.index_dir, dense=cfg.dense, batching=cfg.dense_batching, shard=shard, encode_queries=not sharded))
+        if sharded:
+            encoder = _deployment(QueryEncoderServer, QUERY_ENCODER, QUERY_ENCODER, options, cfg.retriever_user_config("dense")).bind(
+                QueryEncoderServerConfig(index_dir=cfg.index_dir, dense=cfg.dense, batching=cfg.dense_batching)
+            )
     reranker = _deployment(RerankerServer, CascadeNames(None).deployment, "CrossEncoderReranker", options, cfg.reranker_user_config()).bind(
         RerankerServerConfig(reranker=cfg.reranker, batching=cfg.batching)
     )
@@ -99,7 +109,7 @@ def build_application(cfg: AppConfig, options: Optional[Mapping[str, Mapping[str
         for c in cfg.cascade
     ]
     ingress = _deployment(serve.ingress()(SearchIngress), "SearchIngress", "SearchIngress", options)
-    return ingress.bind(cfg, bm25, dense, reranker, cascade)
+    return ingress.bind(cfg, bm25, dense, reranker, cascade, encoder)
 
 
 def build_app(args: Optional[dict[str, Any]] = None) -> Application:

@@ -281,6 +281,15 @@ class DenseServerConfig(_Strict):
     dense: DenseConfig
     batching: BatchingConfig = DENSE_BATCHING
     shard: Optional[ShardRef] = None
+    encode_queries: bool = Field(True, description="Whether the replica encodes queries itself (unsharded dense); the shards of a sharded dense retriever receive vectors from DenseQueryEncoder and load no model.")
+
+
+class QueryEncoderServerConfig(_Strict):
+    """The query encoder of a sharded dense retriever: one encoding per query for every shard."""
+
+    index_dir: str
+    dense: DenseConfig
+    batching: BatchingConfig = DENSE_BATCHING
 
 
 class RerankerServerConfig(_Strict):

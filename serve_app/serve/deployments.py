@@ -7,7 +7,8 @@ dict. Tests construct these classes directly, without Ray.
 
 * :class:`BM25Server`: :class:`serve_app.retrieval.bm25.BM25Retriever` over the index's bm25/ files;
 * :class:`DenseServer`: bi-encoder + FAISS; concurrent queries share one encoder forward pass
-  (Serve's batching, ``dense_batching``);
+  (Serve's batching, ``dense_batching``); the shards of a sharded dense retriever search vectors
+  that :class:`QueryEncoderServer` (``DenseQueryEncoder``) computes once per query;
 * :class:`RerankerServer`: :class:`serve_app.rerank.reranker.Reranker`; concurrent requests
   share cross-encoder calls through Serve's batching and the :class:`~serve_app.rerank.coalesce.Coalescer`,
   with ``max_batch_size`` and ``batch_wait_timeout_s`` from ``user_config`` (changed live by
@@ -29,7 +30,7 @@ index answers a lookup, the model answered recently or answers a probe pair.
 from serve_app.serve.ingress import HandleBackends, SearchIngress
 from serve_app.serve.reranker_server import HEALTH_RECENT_S, RERANK_CONCURRENT_BATCHES, RerankerServer
 from serve_app.serve.replica import InjectedFault, LocalModels, ModelSlot, OneByOne
-from serve_app.serve.retrievers import BM25Server, DenseServer
+from serve_app.serve.retrievers import BM25Server, DenseServer, QueryEncoderServer
 
 __all__ = [
     "BM25Server",
@@ -40,6 +41,7 @@ __all__ = [
     "LocalModels",
     "ModelSlot",
     "OneByOne",
+    "QueryEncoderServer",
     "RERANK_CONCURRENT_BATCHES",
     "RerankerServer",
     "SearchIngress",

@@ -14,6 +14,10 @@ from serve_app.serve.resilience import call_stage
 from serve_app.types import Hit, RerankOutcome, RerankRequest
 
 
+#: The key of a sharded dense retriever's query encoder among the ingress's stage handles.
+QUERY_ENCODER_KEY = "dense_encoder"
+
+
 class HandleBackends:
     """:class:`~serve_app.serve.service.Backends` over deployment handles.
 
@@ -24,7 +28,9 @@ class HandleBackends:
     A sharded retriever is a list of handles, one per shard: its calls go to every shard
     concurrently and the lists are merged (:func:`~serve_app.serve.shards.scatter_gather`);
     ``shard_deadline_s`` (``ping_deadline_s`` for pings) bounds the wait for the shards so that
-    late ones can be named before the stage's own timeout fires.
+    late ones can be named before the stage's own timeout fires. A sharded dense retriever with
+    a query encoder (``handles["dense_encoder"]``) encodes each query once there and sends the
+    vector to its shards.
     """
 
     def __init__(self, handles: dict[str, Any], shard_deadline_s: float = 4.5, ping_deadline_s: float = 1.8) -> None:
@@ -43,7 +49,12 @@ class HandleBackends:
         if isinstance(handle, list):
             from serve_app.serve.shards import scatter_gather
 
-            calls = [functools.partial(call_stage, f"{name} shard {i}", functools.partial(lambda h: h.search.remote(query, k), h)) for i, h in enumerate(handle)]
+            encoder = self.handles.get(QUERY_ENCODER_KEY) if name == "dense" else None
+            if encoder is not None:  # encoded once, the vector sent to every shard
+                vector = await call_stage(f"{name} query encoder", lambda: encoder.encode.remote(query))
+                calls = [functools.partial(call_stage, f"{name} shard {i}", functools.partial(lambda h: h.search_vector.remote(vector, k), h)) for i, h in enumerate(handle)]
+            else:
+                calls = [functools.partial(call_stage, f"{name} shard {i}", functools.partial(lambda h: h.search.remote(query, k), h)) for i, h in enumerate(handle)]
             return await scatter_gather(name, calls, k, self.shard_deadline_s)
         return await call_stage(name, lambda: handle.search.remote(query, k))
 
@@ -70,11 +81,11 @@ class SearchIngress:
     """HTTP ingress: validates requests, runs the funnel over the stages' handles, answers.
 
     ``bm25`` / ``dense``: the retriever's handle, or one handle per shard when sharded (None when
-    not deployed). The builder wraps this class with ``serve.ingress``; Serve then serves the
+    not deployed); ``dense_encoder``: the query encoder of a sharded dense retriever. The builder wraps this class with ``serve.ingress``; Serve then serves the
     FastAPI app :meth:`__serve_build_asgi_app__` returns.
     """
 
-    def __init__(self, cfg: AppConfig, bm25: Any, dense: Any, reranker: Any, cascade: Optional[list[Any]] = None) -> None:
+    def __init__(self, cfg: AppConfig, bm25: Any, dense: Any, reranker: Any, cascade: Optional[list[Any]] = None, dense_encoder: Any = None) -> None:
         from serve_app.index import load_document_store
         from serve_app.serve.service import SearchService
         from serve_app.serve.shards import shard_deadline
@@ -84,6 +95,8 @@ class SearchIngress:
         handles = {name: h for name, h in (("bm25", bm25), ("dense", dense), ("reranker", reranker)) if h is not None}
         for stage, h in zip(cfg.cascade, cascade or []):
             handles[CascadeNames(stage.name).handle] = h
+        if dense_encoder is not None:
+            handles[QUERY_ENCODER_KEY] = dense_encoder
         index_info = {
             "chunks": manifest.corpus.num_chunks,
             "built_at": manifest.created_at,

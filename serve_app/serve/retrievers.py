@@ -1,15 +1,19 @@
 """The retriever servers: :class:`BM25Server` and :class:`DenseServer` (one shard each when
-sharded), plain classes the builder (:mod:`serve_app.serve.app`) turns into deployments."""
+sharded) and, for a sharded dense retriever, :class:`QueryEncoderServer`; plain classes the
+builder (:mod:`serve_app.serve.app`) turns into deployments."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 from typing import Any
 
+import numpy as np
+
 from serve_app.serve import metrics
-from serve_app.serve.config import ENV_DENSE_MODEL, BM25ServerConfig, DenseServerConfig, FaultInjection, RetrieverUserConfig, parse_user_config
+from serve_app.serve.config import ENV_DENSE_MODEL, BM25ServerConfig, DenseServerConfig, FaultInjection, QueryEncoderServerConfig, RetrieverUserConfig, parse_user_config
 from serve_app.serve.replica import apply_fault, index_dir_of, load_or_explain, replica_id, serve_batch
 from serve_app.types import Hit
 
@@ -44,14 +48,23 @@ class BM25Server:
 
 
 class DenseServer:
-    """Top-k documents by embedding similarity; concurrent queries are encoded together."""
+    """Top-k documents by embedding similarity; concurrent queries share one encoder call and
+    one FAISS search per distinct k.
+
+    Unsharded (``encode_queries``), a replica encodes the queries it is sent (``search``): one
+    hop. A shard of a sharded dense retriever loads no model: it searches the vectors that
+    :class:`QueryEncoderServer` computed once per query for every shard (``search_vector``).
+    """
 
     def __init__(self, cfg: DenseServerConfig) -> None:
         from serve_app.index import load_dense
 
         self.shard = cfg.shard
+        self.encodes = cfg.encode_queries
         index_dir = index_dir_of("DenseRetriever", cfg.index_dir, "dense", cfg.shard)
-        self.retriever = load_or_explain("DenseRetriever", load_dense, index_dir, cfg.dense, hint=f"For the Serve app, {ENV_DENSE_MODEL}=/path/to/model also overrides dense.model.")
+        hint = f"For the Serve app, {ENV_DENSE_MODEL}=/path/to/model also overrides dense.model."
+        self.retriever = load_or_explain("DenseRetriever", functools.partial(load_dense, load_encoder=cfg.encode_queries), index_dir, cfg.dense, hint=hint)
+        self.model_name = cfg.dense.model
         self.fault = FaultInjection()
         self._search_batched = serve_batch(self._search_many_async, cfg.batching)
 
@@ -59,18 +72,32 @@ class DenseServer:
         self.fault = parse_user_config(RetrieverUserConfig, user_config, "DenseRetriever").fault
 
     async def search(self, query: str, k: int) -> list[Hit]:
+        """Top-``k`` documents for ``query`` (encoded here)."""
+        if not self.encodes:
+            raise RuntimeError("this dense shard loads no query encoder: send it vectors (search_vector)")
         await apply_fault(self.fault, "dense")
         return await self._search_batched((query, k))
 
-    async def _search_many_async(self, requests: list[tuple[str, int]]) -> list[list[Hit]]:
+    async def search_vector(self, vector: Any, k: int) -> list[Hit]:
+        """Top-``k`` documents for a query vector (from :class:`QueryEncoderServer`)."""
+        await apply_fault(self.fault, "dense")
+        return await self._search_batched((np.asarray(vector, dtype=np.float32).reshape(-1), k))
+
+    async def _search_many_async(self, requests: list[tuple[Any, int]]) -> list[list[Hit]]:
         t0 = time.perf_counter()
         out = await asyncio.to_thread(self._search_many, requests)
         metrics.observe_latency("dense_search", (time.perf_counter() - t0) * 1000)
         return out
 
-    def _search_many(self, requests: list[tuple[str, int]]) -> list[list[Hit]]:
-        """One encoder call for all queries, then one FAISS search per distinct k."""
-        vectors = self.retriever.encoder.encode_queries([q for q, _ in requests])
+    def _search_many(self, requests: list[tuple[Any, int]]) -> list[list[Hit]]:
+        """One encoder call for the queries sent as text, then one FAISS search per distinct k."""
+        texts = [i for i, (q, _) in enumerate(requests) if isinstance(q, str)]
+        vectors = np.empty((len(requests), self.retriever.dim), dtype=np.float32)
+        if texts:
+            vectors[texts] = self.retriever.encoder.encode_queries([requests[i][0] for i in texts])
+        for i, (q, _) in enumerate(requests):
+            if not isinstance(q, str):
+                vectors[i] = q
         out: list[list[Hit]] = [[] for _ in requests]
         by_k: dict[int, list[int]] = collections.defaultdict(list)
         for i, (_, k) in enumerate(requests):
@@ -82,10 +109,51 @@ class DenseServer:
 
     async def ping(self) -> dict[str, Any]:
         await apply_fault(self.fault, "dense")
-        return {"stage": "dense", "model": self.retriever.encoder.model_name, "vectors": self.retriever.num_vectors, "replica": replica_id(), "shard": self.shard.model_dump() if self.shard else None}
+        return {"stage": "dense", "model": self.model_name, "encodes_queries": self.encodes, "vectors": self.retriever.num_vectors, "replica": replica_id(), "shard": self.shard.model_dump() if self.shard else None}
 
     async def check_health(self) -> None:
-        """The encoder and the FAISS index answer: one query is encoded and searched."""
-        hits = await asyncio.to_thread(self._search_many, [("health", 1)])
+        """The FAISS index answers (and the encoder, when the replica has one): a probe is searched."""
+        probe: Any = "health" if self.encodes else np.full(self.retriever.dim, 1.0 / np.sqrt(self.retriever.dim), dtype=np.float32)
+        hits = await asyncio.to_thread(self._search_many, [(probe, 1)])
         if not hits[0]:
             raise RuntimeError("the dense index returned no document for the health probe")
+
+
+class QueryEncoderServer:
+    """Query vectors for the shards of a sharded dense retriever: each query is encoded once,
+    however many shards search it (each shard encoding it again was most of the dense stage's
+    CPU at 10 shards). Its own deployment (``DenseQueryEncoder``), so it scales with the query
+    rate and batches concurrent queries into one encoder call (``dense_batching``), while the
+    shards scale with the index; the ingress stays free of models."""
+
+    def __init__(self, cfg: QueryEncoderServerConfig) -> None:
+        from serve_app.index import load_query_encoder
+
+        hint = f"For the Serve app, {ENV_DENSE_MODEL}=/path/to/model also overrides dense.model."
+        self.encoder = load_or_explain("DenseQueryEncoder", load_query_encoder, cfg.index_dir, cfg.dense, hint=hint)
+        self.fault = FaultInjection()
+        self._encode_batched = serve_batch(self._encode_many, cfg.batching)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.fault = parse_user_config(RetrieverUserConfig, user_config, "DenseQueryEncoder").fault
+
+    async def encode(self, query: str) -> np.ndarray:
+        """The query's vector (float32, L2-normalised)."""
+        await apply_fault(self.fault, "dense")
+        return await self._encode_batched(query)
+
+    async def _encode_many(self, queries: list[str]) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        vectors = await asyncio.to_thread(self.encoder.encode_queries, list(queries))
+        metrics.observe_latency("dense_encode", (time.perf_counter() - t0) * 1000)
+        return [v for v in vectors]
+
+    async def ping(self) -> dict[str, Any]:
+        await apply_fault(self.fault, "dense")
+        return {"stage": "dense_encoder", "model": self.encoder.model_name, "dim": self.encoder.dim, "replica": replica_id()}
+
+    async def check_health(self) -> None:
+        """The encoder answers: a probe query is encoded to a finite vector."""
+        v = (await asyncio.to_thread(self.encoder.encode_queries, ["health"]))[0]
+        if not np.all(np.isfinite(v)):
+            raise RuntimeError("the query encoder returned a non-finite vector for the health probe")

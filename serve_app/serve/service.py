@@ -217,8 +217,10 @@ class SearchService:
     # ------------------------------------------------------------------ /healthz, /info
 
     def stages(self) -> tuple[str, ...]:
-        """The deployed stages (a cascade stage is ``reranker.<name>``)."""
-        return (*self.retrievers, *(CascadeNames(c.name).handle for c in self.cfg.cascade), CascadeNames(None).handle)
+        """The deployed stages (a cascade stage is ``reranker.<name>``; a sharded dense retriever's
+        query encoder is ``dense_encoder``)."""
+        encoder = ("dense_encoder",) if getattr(self.backends, "handles", {}).get("dense_encoder") is not None else ()
+        return (*self.retrievers, *encoder, *(CascadeNames(c.name).handle for c in self.cfg.cascade), CascadeNames(None).handle)
 
     async def health(self) -> tuple[bool, dict[str, str]]:
         """(ready, per-stage state): ready when every stage answers a ping within its timeout."""

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 #: Deployment name of each retriever (and the prefix of its shard deployments).
 RETRIEVER_DEPLOYMENTS = {"bm25": "BM25Retriever", "dense": "DenseRetriever"}
+#: The query encoder of a sharded dense retriever (one encoding per query for every shard).
+QUERY_ENCODER = "DenseQueryEncoder"
 #: Fraction of the retriever timeout the ingress waits for shards before naming the late ones.
 SHARD_DEADLINE_FRACTION = 0.9
 
@@ -57,6 +59,11 @@ def deployment_names(cfg: AppConfig) -> list[str]:
         n = getattr(cfg.sharding, r)
         names.extend([RETRIEVER_DEPLOYMENTS[r]] if n == 1 else [shard_deployment_name(r, i) for i in range(n)])
     return names
+
+
+def encodes_queries_once(cfg: AppConfig) -> bool:
+    """Whether ``cfg`` deploys a query encoder (:data:`QUERY_ENCODER`): a sharded dense retriever."""
+    return "dense" in cfg.retrievers and cfg.sharding.dense > 1
 
 
 def shard_deadline(timeout_s: float) -> float:
