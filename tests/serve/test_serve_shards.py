@@ -274,3 +274,68 @@ def test_a_failing_or_late_shard_degrades_its_retriever_and_is_named(retrievers,
     assert body["results"] and all(set(r["retrievers"]) == {"dense"} for r in body["results"])
     health = post(app, "/healthz", {}, method="GET")
     assert health.status_code == 503 and "bm25" in health.json()["error"]["message"] and "shard 2" in health.json()["error"]["message"]
+
+
+class CountingHandle:
+    """A handle stand-in over a real server object, counting the calls of each method."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.server, name)
+
+        def remote(*a: Any) -> Any:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return method(*a)
+
+        return SimpleNamespace(remote=remote)
+
+
+def test_a_sharded_dense_retriever_encodes_each_query_once(tmp_path, tiny_bi_encoder_dir):
+    """The shards load no model and search the vector the query encoder computed once per query;
+    the answers equal the unsharded dense retriever's."""
+    from serve_app.index import build_index
+    from serve_app.serve.config import DenseServerConfig, QueryEncoderServerConfig, ShardRef
+    from serve_app.serve.deployments import DenseServer, QueryEncoderServer
+
+    cfg = DenseConfig(model=str(tiny_bi_encoder_dir))
+    d = tmp_path / "index"
+    build_index(CORPUS, d, bm25=BM25Config(), dense=cfg, chunking=ChunkingConfig(), show_progress=False, shards={"dense": 3})
+    whole = DenseServer(DenseServerConfig(index_dir=str(d), dense=cfg))
+    shards = [DenseServer(DenseServerConfig(index_dir=str(d), dense=cfg, shard=ShardRef(index=i, num_shards=3), encode_queries=False)) for i in range(3)]
+    assert all(s.retriever.encoder is None for s in shards)  # no model in a shard replica
+    encoder = CountingHandle(QueryEncoderServer(QueryEncoderServerConfig(index_dir=str(d), dense=cfg)))
+    shard_handles = [CountingHandle(s) for s in shards]
+    backends = HandleBackends({"dense": shard_handles, "dense_encoder": encoder}, 2.0, 2.0)
+    for q in QUERIES:
+        got = asyncio.run(backends.retrieve("dense", q, 8))
+        want = asyncio.run(whole.search(q, 8))
+        assert [h.doc_id for h in got] == [h.doc_id for h in want]
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+    assert encoder.calls == {"encode": len(QUERIES)}
+    assert all(h.calls == {"search_vector": len(QUERIES)} for h in shard_handles)
+    with pytest.raises(RuntimeError, match="no query encoder"):
+        asyncio.run(shards[0].search("protein", 3))
+    asyncio.run(shards[0].check_health())
+    asyncio.run(encoder.server.check_health())
+    assert asyncio.run(encoder.server.ping())["model"] == str(tiny_bi_encoder_dir)
+
+
+def test_the_builder_deploys_a_query_encoder_only_for_sharded_dense(tmp_path):
+    from ray.serve._private.build_app import build_app as serve_build_app
+
+    from serve_app.serve.app import build_application
+
+    def names(sharding):
+        cfg = parse_app_config({"index_dir": str(tmp_path), "sharding": sharding}, use_env=False)
+        return {d.name: d for d in serve_build_app(build_application(cfg), name="t").deployments}
+
+    assert "DenseQueryEncoder" not in names({})
+    assert "DenseQueryEncoder" not in names({"bm25": 2})
+    deps = names({"dense": 2})
+    assert "DenseQueryEncoder" in deps
+    assert deps["DenseRetriever-shard0"].init_args[0].encode_queries is False
+    ingress_args = deps["SearchIngress"].init_args
+    assert len(ingress_args) == 6 and ingress_args[5] is not None  # the encoder's handle reaches the ingress
