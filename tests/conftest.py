@@ -22,6 +22,7 @@ os.environ.setdefault("SERVE_APP_VERIFIED_DIR", tempfile.mkdtemp(prefix="serve_a
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+
 @pytest.fixture(scope="session")
 def tiny_cross_encoder_dir(tmp_path_factory) -> Path:
     """A random-weight 2-layer BERT cross-encoder with one output logit."""

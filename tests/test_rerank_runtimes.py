@@ -14,6 +14,7 @@ from serve_app.config import CrossEncoderConfig, DriftTolerance
 from serve_app.models import ModelLoadError
 from serve_app.rerank import Reranker, load_scorer
 from serve_app.rerank import device
+from tests.capabilities import openvino_runs_bf16
 from serve_app.rerank.drift import drift_report, kendall_tau, probe, violations
 from serve_app.rerank.runtimes import EXPORT_META, ONNX_FILE, ONNX_INT8_FILE
 
@@ -72,7 +73,11 @@ def test_int8_and_bfloat16_runtimes_report_their_drift(kind, models):
         got = scorer.score(list(probe()[0]))
         want = drift_report(label, ref, got, probe()[1])
         assert drift["runtime"] == label and drift["pairs"] == len(probe()[0])
-        assert drift["max_abs_diff"] == pytest.approx(want.max_abs_diff, rel=1e-5) and drift["max_abs_diff"] > 1e-5  # a real, lower-precision run
+        assert drift["max_abs_diff"] == pytest.approx(want.max_abs_diff, rel=1e-5, abs=1e-7)
+        if label == "openvino-bfloat16" and not openvino_runs_bf16():
+            assert drift["max_abs_diff"] < 1e-4  # OpenVINO runs float32 on a CPU without bf16
+        else:
+            assert drift["max_abs_diff"] > 1e-5  # a real, lower-precision run
         assert drift["kendall_tau"] == pytest.approx(want.kendall_tau)
 
 

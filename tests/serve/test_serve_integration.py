@@ -442,3 +442,37 @@ def test_rerank_metrics_carry_the_model(serve_stack):
 
     seen = wait_until(lambda: (lambda d: d if {"default", "small", "large"} <= set(d) else None)(by_model()), 60, "rerank pairs by model")
     assert all(v > 0 for v in seen.values()), seen
+
+
+def test_the_default_dtype_auto_serves_end_to_end(serve_stack, tiny_cross_encoder_dir):
+    """The served default ``dtype: auto`` without the suite's float32 override: the replica makes
+    the CPU's choice (bfloat16 where the CPU computes it natively, checked against float32 on the
+    drift probe; float32 otherwise, or when bfloat16 drifts past the tolerance, said so), and
+    answers within that precision of float32."""
+    from serve_app.config import CrossEncoderConfig
+    from serve_app.rerank import Reranker
+    from serve_app.rerank.device import cpu_has_native_bf16
+
+    app = serve_stack.app_config(
+        "auto",
+        args={"retrievers": ["bm25"]},
+        deployments={"CrossEncoderReranker": {"ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": {"SERVE_APP_RERANKER_CPU_DTYPE": ""}}}}},
+    )
+    assert "dtype" not in app["args"]["reranker"]  # the configured default: auto
+    serve_stack.deploy(app)
+    try:
+        runtime = serve_stack.call("auto", "CrossEncoderReranker", "ping")["runtime"]["default"]
+        if cpu_has_native_bf16() and "auto_fallback" not in runtime:
+            assert runtime["dtype"] == "bfloat16" and runtime["drift"]["runtime"] == "torch-bfloat16"
+            tolerance = 0.05
+        else:
+            assert runtime["dtype"] == "float32"
+            assert "auto_fallback" in runtime or not cpu_has_native_bf16()
+            tolerance = 1e-4
+        r = httpx.post(serve_stack.url("auto") + "/rerank", json={"query": "protein gene", "documents": DOCS}, timeout=120)
+        assert r.status_code == 200, r.text
+        want = Reranker.from_config(CrossEncoderConfig(model=str(tiny_cross_encoder_dir), device="cpu", dtype="float32")).rerank("protein gene", DOCS)
+        got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        assert got == pytest.approx({i: float(w) for i, w in enumerate(want)}, abs=tolerance)
+    finally:
+        serve_stack.remove("auto")
