@@ -241,3 +241,16 @@ class AlwaysFailingEncodeBatch:
 
     def __call__(self, batch: Any) -> Any:
         raise RuntimeError("this encoder always fails (test)")
+
+
+def asgi_request(app: Any, method: str, path: str, *, raise_app_exceptions: bool = False, base_url: str = "http://test", **kwargs: Any) -> Any:
+    """One request to an ASGI app in process (no server, no Ray), as ``httpx.Response``."""
+    import asyncio
+
+    import httpx
+
+    async def go() -> Any:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions), base_url=base_url) as c:
+            return await c.request(method, path, **kwargs)
+
+    return asyncio.run(go())

@@ -21,6 +21,7 @@ import pytest
 from serve_app.config import FunnelLimits, FusionConfig
 from serve_app.corpus import Corpus
 from serve_app.errors import StageOverloaded
+from serve_app.testing import asgi_request
 from serve_app.funnel import FunnelTimeouts
 from serve_app.pipeline import SearchPipeline
 from serve_app.serve.config import parse_app_config
@@ -126,11 +127,7 @@ def both(retrievers, reranker, fusion: Optional[dict] = None):
 
 
 def post(app, body: dict[str, Any]) -> httpx.Response:
-    async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t") as c:
-            return await c.post("/search", json=body)
-
-    return asyncio.run(go())
+    return asgi_request(app, "POST", "/search", json=body, base_url="http://t")
 
 
 def in_process(pipe: SearchPipeline, body: dict[str, Any]) -> tuple[Optional[Any], Optional[str]]:

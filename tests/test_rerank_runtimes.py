@@ -14,9 +14,9 @@ from serve_app.config import CrossEncoderConfig, DriftTolerance
 from serve_app.models import ModelLoadError
 from serve_app.rerank import Reranker, load_scorer
 from serve_app.rerank import device
-from tests.capabilities import openvino_runs_bf16
 from serve_app.rerank.drift import drift_report, kendall_tau, probe, violations
 from serve_app.rerank.runtimes import EXPORT_META, ONNX_FILE, ONNX_INT8_FILE
+from tests.capabilities import openvino_runs_bf16
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +62,29 @@ def test_exported_float32_runtimes_equal_torch(kind, backend, models):
     drift = fast.runtime_info["drift"]
     assert drift["runtime"] == f"{backend}-float32" and drift["max_abs_diff"] < 1e-4 and drift["kendall_tau"] == 1.0 and drift["top1_agreement"] == 1.0
     assert fast.pairs_scored == len(PAIRS)  # the load's probe is not counted as traffic
+
+
+@pytest.mark.parametrize("kind", ["sequence_classification", "pooling", "causal_lm"])
+def test_exports_equal_torch_where_a_negative_index_would_show(kind, models, tmp_path):
+    """The exported graph indexes the padding mask (transformers' mask builders gather it with
+    aranges, so never a negative index). What a wrong index would break is the rows whose padding
+    differs from the export's example: one batch mixing a 1-token document with documents cut at
+    the limit, batch sizes other than the example's 2, and the padding side of each family
+    (left for decoders). Every exported score must equal torch's."""
+    import warnings
+
+    docs = ["x", "protein", "the sun " * 200, "a team " * 3, "gene cell dna " * 40, "moon"]
+    pairs = [(q, d) for q in ("what powers the sun", "p") for d in docs]
+    one_batch = {"max_batch_tokens": 1 << 20, "max_batch_pairs": 256}  # all lengths padded together
+    ref = load_scorer(cfg(models[kind], dtype="float32", **one_batch))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fast = load_scorer(cfg(models[kind], backend="onnx", dtype="float32", runtime_dir=str(tmp_path / "rt"), **one_batch))
+    assert not [w for w in seen if "negative values" in str(w.message)], "the export's advanced-indexing warning must be handled where it is raised"
+    for n in (1, 3, len(pairs)):
+        np.testing.assert_allclose(fast.score(pairs[:n]), ref.score(pairs[:n]), atol=1e-4, rtol=0)
+    assert fast.last_stats.batches == 1 and fast.last_stats.padded_tokens > 0  # really one padded batch
+    np.testing.assert_allclose(fast.score(pairs[::-1]), ref.score(pairs[::-1]), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["sequence_classification", "causal_lm"])

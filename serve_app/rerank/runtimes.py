@@ -208,6 +208,12 @@ def export_onnx(module: Any, example: dict[str, Any], path: Path) -> list[str]:
         # The tracer's notes on shape checks it keeps as constants (true for every batch: the
         # traced branch is the one of a prompt longer than one token).
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # The exporter cautions that aten::index (advanced indexing) is wrong for negative
+        # indices. The only aten::index in these graphs is transformers' mask builder reading the
+        # padding mask at (batch, key) positions made by torch.arange from 0: never negative.
+        # tests/test_rerank_runtimes.py checks every family's export against torch on batches
+        # whose padding differs from the example's (the inputs a wrong index would break).
+        warnings.filterwarnings("ignore", message=r"Exporting aten::index operator of advanced indexing", category=UserWarning)
         torch.onnx.export(module, tuple(example[n] for n in names), str(path), input_names=names, output_names=["scores"], dynamic_axes=axes, opset_version=17, dynamo=False)
     return names
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from serve_app.corpus import Corpus
+from serve_app.testing import asgi_request  # noqa: F401 - the tests import it from here with the fakes
 from serve_app.types import RerankOutcome, RerankRequest
 from serve_app.types import Document, Hit
 
@@ -111,21 +112,14 @@ class ServerBackends(FakeBackends):
         return await super().ping(stage)
 
 
-def asgi_request(app: Any, method: str, path: str, *, raise_app_exceptions: bool = False, base_url: str = "http://test", **kwargs: Any) -> Any:
-    """One request to an ASGI app in process (no server, no Ray), as ``httpx.Response``."""
-    import httpx
-
-    async def go() -> Any:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions), base_url=base_url) as c:
-            return await c.request(method, path, **kwargs)
-
-    return asyncio.run(go())
+_FROM_ENV = object()
 
 
-def service_app(backends: Any = None, store: Any = None, **config: Any) -> tuple[Any, Any, Any]:
+def service_app(backends: Any = None, store: Any = None, *, api_keys: Any = _FROM_ENV, **config: Any) -> tuple[Any, Any, Any]:
     """(FastAPI app, backends, AppConfig) of a :class:`~serve_app.serve.service.SearchService` over
     ``backends`` (default: :class:`FakeBackends` over :func:`small_corpus`) and a document
-    ``store`` (default: that corpus); ``config`` overrides the app's arguments."""
+    ``store`` (default: that corpus); ``config`` overrides the app's arguments; ``api_keys`` as
+    ``create_app`` takes them (default: from the environment, as ``create_app`` does)."""
     from serve_app.serve.config import parse_app_config
     from serve_app.serve.http import create_app
     from serve_app.serve.service import SearchService
@@ -135,7 +129,7 @@ def service_app(backends: Any = None, store: Any = None, **config: Any) -> tuple
     corpus = store if store is not None else small_corpus(60)
     backends = backends if backends is not None else FakeBackends(corpus if isinstance(corpus, Corpus) else small_corpus(60))
     service = SearchService(cfg, backends, corpus, {"chunks": len(corpus)})
-    return create_app(service), backends, cfg
+    return (create_app(service) if api_keys is _FROM_ENV else create_app(service, api_keys=api_keys)), backends, cfg
 
 
 def fake_rerank_score(query: str, document: str) -> float:

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from serve_fakes import FakeBackends, small_corpus
+from serve_fakes import FakeBackends, asgi_request, service_app, small_corpus
 
 from serve_app.client import AsyncServeAppClient, ServeAppError
 from serve_app.serve import auth as auth_mod
@@ -25,8 +25,6 @@ from serve_app.serve.auth import (
     relative_path,
 )
 from serve_app.serve.config import ConfigError, parse_app_config
-from serve_app.serve.http import create_app
-from serve_app.serve.service import SearchService
 
 CORPUS = small_corpus(30)
 KEY = secrets.token_urlsafe(32)
@@ -37,22 +35,14 @@ RERANK = {"query": "protein gene", "documents": ["gene protein cell", "the sea"]
 
 
 def make_app(api_keys: Any = (KEY,), **overrides: Any):
-    args = {"index_dir": "/nonexistent/index", **overrides}
-    cfg = parse_app_config(args, use_env=False)
-    service = SearchService(cfg, FakeBackends(CORPUS), CORPUS, {})
-    return create_app(service, api_keys=api_keys)
+    return service_app(FakeBackends(CORPUS), CORPUS, api_keys=api_keys, **overrides)[0]
 
 
 def call(app, method: str, path: str, token: str | None = None, scheme: str = "Bearer", **kwargs: Any) -> httpx.Response:
     headers = dict(kwargs.pop("headers", {}))
     if token is not None:
         headers["Authorization"] = f"{scheme} {token}"
-
-    async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://test") as c:
-            return await c.request(method, path, headers=headers, **kwargs)
-
-    return asyncio.run(go())
+    return asgi_request(app, method, path, headers=headers, **kwargs)
 
 
 def assert_unauthorized(r: httpx.Response, *, invalid_token: bool) -> str:

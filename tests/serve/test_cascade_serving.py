@@ -8,30 +8,21 @@ from typing import Any
 
 import httpx
 import pytest
-from serve_fakes import FakeBackends, fake_rerank_score, small_corpus
+from serve_fakes import FakeBackends, asgi_request, fake_rerank_score, service_app, small_corpus
 
 from serve_app.serve.config import parse_app_config
-from serve_app.serve.http import create_app
-from serve_app.serve.service import SearchService
 
 CORPUS = small_corpus(60)
 CASCADE = [{"name": "small", "reranker": {"model": "/models/small"}, "default_top_m": 12, "max_top_m": 30}]
 
 
 def make_app(faults: dict[str, str] | None = None, backends: Any = None, **overrides: Any):
-    args = {"index_dir": "/nonexistent/index", "cascade": CASCADE, "timeouts": {"retriever_timeout_s": 0.5, "rerank_timeout_s": 0.5, "health_timeout_s": 0.5}}
-    args.update(overrides)
-    cfg = parse_app_config(args, use_env=False)
-    backends = backends or FakeBackends(CORPUS, dict(faults or {}), hang_s=5.0)
-    return create_app(SearchService(cfg, backends, CORPUS, {"chunks": len(CORPUS)})), backends
+    args = {"cascade": CASCADE, "timeouts": {"retriever_timeout_s": 0.5, "rerank_timeout_s": 0.5, "health_timeout_s": 0.5}, **overrides}
+    app, backends, _ = service_app(backends or FakeBackends(CORPUS, dict(faults or {}), hang_s=5.0), CORPUS, **args)
+    return app, backends
 
 
-def call(app, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://test") as c:
-            return await c.request(method, path, **kwargs)
-
-    return asyncio.run(go())
+call = asgi_request
 
 
 def test_search_through_a_cascade_reports_every_stage():

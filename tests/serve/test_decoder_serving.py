@@ -9,7 +9,7 @@ import asyncio
 import httpx
 import numpy as np
 import pytest
-from serve_fakes import ServerBackends, small_corpus
+from serve_fakes import ServerBackends, asgi_request, small_corpus
 
 from serve_app.rerank import Reranker, RerankRequest
 from serve_app.serve.config import RerankerServerConfig, parse_app_config
@@ -46,11 +46,7 @@ def stack(tmp_path_factory, tiny_cross_encoder_dir):
 
 
 def call(app, method: str, path: str, body=None) -> httpx.Response:
-    async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t") as c:
-            return await c.request(method, path, json=body)
-
-    return asyncio.run(go())
+    return asgi_request(app, method, path, json=body, base_url="http://t")
 
 
 def test_v1_rerank_serves_the_decoder_with_its_instruction(stack):

@@ -30,14 +30,11 @@ from typing import Any, Optional
 
 import httpx
 import pytest
-from serve_fakes import FakeBackends, small_corpus, wait_until
+from serve_fakes import FakeBackends, asgi_request, service_app, small_corpus, wait_until
 
 from serve_app.client import AsyncServeAppClient, ServeAppClient, ServeAppError, _delay
-from serve_app.serve.config import parse_app_config
-from serve_app.serve.http import create_app
 from serve_app.errors import StageOverloaded
 from serve_app.serve.resilience import call_stage
-from serve_app.serve.service import SearchService
 
 CORPUS = small_corpus(60)
 KEY_ENV = "SERVE_APP_TEST_API_KEY"
@@ -67,18 +64,13 @@ class SlowOrFullBackends(FakeBackends):
 
 def make_app(faults: Optional[dict[str, str]] = None, **timeouts: float):
     t = {"retriever_timeout_s": 5.0, "rerank_timeout_s": 5.0, "health_timeout_s": 1.0, "request_timeout_s": 5.0, **timeouts}
-    cfg = parse_app_config({"index_dir": "/nonexistent", "timeouts": t}, use_env=False)
-    backends = SlowOrFullBackends(CORPUS, dict(faults or {}))
-    return create_app(SearchService(cfg, backends, CORPUS, {}), api_keys=()), backends
+    app, backends, _ = service_app(SlowOrFullBackends(CORPUS, dict(faults or {})), CORPUS, api_keys=(), timeouts=t)
+    return app, backends
 
 
 def call(app, method: str, path: str, **kwargs: Any) -> tuple[httpx.Response, float]:
-    async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://test") as c:
-            return await c.request(method, path, **kwargs)
-
     t0 = time.perf_counter()
-    r = asyncio.run(go())
+    r = asgi_request(app, method, path, **kwargs)
     return r, time.perf_counter() - t0
 
 

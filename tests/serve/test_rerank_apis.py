@@ -16,7 +16,7 @@ from typing import Any, Optional
 import httpx
 import numpy as np
 import pytest
-from serve_fakes import ServerBackends, small_corpus
+from serve_fakes import ServerBackends, asgi_request, small_corpus
 
 from serve_app.config import CrossEncoderConfig
 from serve_app.rerank import Reranker
@@ -68,11 +68,7 @@ def direct(stack) -> dict[str, Reranker]:
 
 
 def post(app, path: str, body: Any) -> httpx.Response:
-    async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t") as c:
-            return await c.post(path, json=body)
-
-    return asyncio.run(go())
+    return asgi_request(app, "POST", path, json=body, base_url="http://t")
 
 
 def cohere_client(app, version: int) -> Any:

@@ -14,7 +14,6 @@ conform to the documented schemas and content types, and schema-violating data i
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import logging
@@ -22,12 +21,9 @@ from typing import Any, Iterator, Optional
 
 import httpx
 import pytest
-from serve_fakes import FakeBackends, small_corpus
+from serve_fakes import FakeBackends, asgi_request, service_app, small_corpus
 
 from serve_app.serve.api import ERROR_TYPES
-from serve_app.serve.config import parse_app_config
-from serve_app.serve.http import create_app
-from serve_app.serve.service import SearchService
 
 CORPUS = small_corpus(60)
 MARK = "zq7-marker-5e1f"  # in every bad body; must never be echoed or logged
@@ -37,18 +33,13 @@ PATHS = ("/search", "/rerank", "/v1/rerank", "/v2/rerank")
 
 
 def make_app(**limits: Any):
-    cfg = parse_app_config({"index_dir": "/nonexistent", "limits": {**LIMITS, **limits}, "timeouts": {"retriever_timeout_s": 1.0, "rerank_timeout_s": 1.0}}, use_env=False)
-    backends = FakeBackends(CORPUS)
-    return create_app(SearchService(cfg, backends, CORPUS, {}), api_keys=[]), backends
+    app, backends, _ = service_app(FakeBackends(CORPUS), CORPUS, api_keys=[], limits={**LIMITS, **limits}, timeouts={"retriever_timeout_s": 1.0, "rerank_timeout_s": 1.0})
+    return app, backends
 
 
 def send(app, path: str, content: Any, content_type: Optional[str], method: str = "POST") -> httpx.Response:
-    async def go() -> httpx.Response:
-        headers = {"content-type": content_type} if content_type else {}
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t") as c:
-            return await c.request(method, path, content=content, headers=headers)
-
-    return asyncio.run(go())
+    headers = {"content-type": content_type} if content_type else {}
+    return asgi_request(app, method, path, content=content, headers=headers, base_url="http://t")
 
 
 # --------------------------------------------------------------------------- the matrix

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import httpx
 import pytest
-from serve_fakes import fake_rerank_score, small_corpus
+from serve_fakes import asgi_request, fake_rerank_score, small_corpus
 
 from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
 from serve_app.errors import IndexLoadError, StageOverloaded
@@ -227,11 +227,7 @@ def make_app(handles: dict[str, Any], timeout_s: float = 1.0):
 
 
 def post(app, path: str, body: dict[str, Any], method: str = "POST") -> httpx.Response:
-    async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return await c.request(method, path, json=body if method == "POST" else None)
-
-    return asyncio.run(go())
+    return asgi_request(app, method, path, json=body if method == "POST" else None, raise_app_exceptions=True, base_url="http://t")
 
 
 def sharded_handles(retrievers, faults: Optional[dict[tuple[str, int], str]] = None) -> dict[str, Any]:
