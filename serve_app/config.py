@@ -113,8 +113,10 @@ class DriftTolerance(_Strict):
     min_top1_agreement: Optional[float] = Field(0.75, ge=0, le=1, description="Smallest share of probe queries whose best document stays the float32 one.")
 
 
-class CrossEncoderConfig(_Strict):
-    """Reranker model: its family, runtime, batching and long-document handling."""
+class RerankerModelConfig(_Strict):
+    """A reranker model of any family (classification cross-encoder, pooling cross-encoder,
+    decoder LLM reranker): its checkpoint, family, runtime, batching and long-document handling.
+    ``CrossEncoderConfig`` is the same class under its earlier name."""
 
     model: str = Field("cross-encoder/ms-marco-MiniLM-L-6-v2", description="Reranker checkpoint: Hugging Face id or local directory (a transformers checkpoint, or a Sentence-Transformers cross-encoder directory).")
     kind: Literal["auto", "sequence_classification", "pooling", "causal_lm"] = Field(
@@ -159,13 +161,13 @@ class CrossEncoderConfig(_Strict):
     max_chunks_per_doc: int = Field(4, ge=1, le=256, description="max_chunk: windows scored per document at most (the rest of the document is ignored).")
 
     @model_validator(mode="after")
-    def _check_chunks(self) -> "CrossEncoderConfig":
+    def _check_chunks(self) -> "RerankerModelConfig":
         if self.chunk_stride > self.chunk_tokens:
             raise ValueError("reranker.chunk_stride must not exceed reranker.chunk_tokens")
         return self
 
     @model_validator(mode="after")
-    def _check_runtime(self) -> "CrossEncoderConfig":
+    def _check_runtime(self) -> "RerankerModelConfig":
         if self.backend == "onnx" and self.dtype in ("float16", "bfloat16"):
             raise ValueError(f"reranker.backend=onnx runs float32 (ONNX Runtime's CPU kernels); dtype={self.dtype} needs backend torch or openvino (bfloat16)")
         if self.backend == "openvino" and self.dtype == "float16":
@@ -175,6 +177,10 @@ class CrossEncoderConfig(_Strict):
         if self.backend != "torch" and self.device not in (None, "cpu"):
             raise ValueError(f"reranker.backend={self.backend} runs on the CPU; device={self.device!r} needs backend torch")
         return self
+
+
+#: The earlier name of :class:`RerankerModelConfig` (it configures every reranker family, not only cross-encoders).
+CrossEncoderConfig = RerankerModelConfig
 
 
 class FusionConfig(_Strict):
@@ -200,7 +206,7 @@ class CascadeStage(_Strict):
     """
 
     name: str = Field(..., pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="Stage name (lowercase letters, digits, _ and -): its key in a request's cascade overrides, in /search stages and timings (rerank.<name>) and its deployment's name (CrossEncoderReranker-<name>).")
-    reranker: CrossEncoderConfig = Field(..., description="The stage's model: any reranker family and runtime, like the final reranker (usually a small cross-encoder: serve-app distill-reranker).")
+    reranker: RerankerModelConfig = Field(..., description="The stage's model: any reranker family and runtime, like the final reranker (usually a small cross-encoder: serve-app distill-reranker).")
     default_top_m: int = Field(100, ge=0, description="Candidates the stage scores when a request does not say (0 skips the stage); lowered to the candidate pool.")
     max_top_m: int = Field(1000, ge=0, description="Largest depth a request may ask of this stage.")
     blend: Literal["none", "rrf"] = Field("none", description="How the stage reorders its candidates. none: by its scores alone. rrf: by blend_weight / (rrf_k + its rank) + 1 / (rrf_k + the rank it received), so the order before it keeps a say (for a small model weaker than the retrievers' fused order).")

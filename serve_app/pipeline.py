@@ -24,7 +24,7 @@ import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Collection, Coroutine, Mapping, Optional, Sequence, TypeVar
 
-from serve_app.config import CascadeStage, CrossEncoderConfig, FunnelLimits, FusionConfig
+from serve_app.config import CascadeStage, RerankerModelConfig, FunnelLimits, FusionConfig
 from serve_app.errors import FunnelError
 from serve_app.funnel import (
     CascadeDepths,
@@ -240,7 +240,7 @@ class SearchPipeline:
     def from_index(
         cls,
         index_dir: str | Path,
-        reranker_cfg: CrossEncoderConfig | None = None,
+        reranker_cfg: RerankerModelConfig | None = None,
         fusion: FusionConfig | None = None,
         limits: FunnelLimits | None = None,
         retrievers: Collection[str] | None = None,

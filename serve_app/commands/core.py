@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from pydantic import ValidationError
 
-from serve_app.config import BM25Config, ChunkingConfig, CrossEncoderConfig, DenseConfig, FunnelLimits, FusionConfig
+from serve_app.config import BM25Config, ChunkingConfig, RerankerModelConfig, DenseConfig, FunnelLimits, FusionConfig
 from serve_app.errors import UserFacingError
 from serve_app.types import Hit
 
@@ -249,7 +249,7 @@ class _Metered:
         return self.documents, self.cpu_s, self.wall_s
 
 
-def _cascade_stages(values: Sequence[str], runtime: dict[str, Any], device: Any, blend: str = "none", max_length: int | None = None) -> list[tuple[Any, CrossEncoderConfig]]:
+def _cascade_stages(values: Sequence[str], runtime: dict[str, Any], device: Any, blend: str = "none", max_length: int | None = None) -> list[tuple[Any, RerankerModelConfig]]:
     """``--cascade MODEL=TOP_M`` values as (CascadeStage, model config), named stage1, stage2, ...;
     ``max_length`` (``--cascade-max-length``) replaces the runtime's for these stages."""
     if max_length is not None:
@@ -261,7 +261,7 @@ def _cascade_stages(values: Sequence[str], runtime: dict[str, Any], device: Any,
         model, sep, depth = value.rpartition("=")
         if not sep or not model or not depth.isdigit() or int(depth) < 1:
             raise UsageError(f"--cascade {value!r}: expected MODEL=TOP_M with TOP_M >= 1 (e.g. /models/ce-2l=100)")
-        cfg = _config(CrossEncoderConfig, f"cascade stage {i}", model=model, device=device, **{k: v for k, v in runtime.items() if k != "kind"})
+        cfg = _config(RerankerModelConfig, f"cascade stage {i}", model=model, device=device, **{k: v for k, v in runtime.items() if k != "kind"})
         out.append((_config(CascadeStage, f"cascade stage {i}", name=f"stage{i}", reranker=cfg, default_top_m=int(depth), max_top_m=int(depth), blend=blend), cfg))
     return out
 
@@ -352,7 +352,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         runtime = {k: v for k, v in (("kind", args.reranker_kind), ("backend", args.reranker_backend), ("dtype", args.reranker_dtype), ("quantize", args.reranker_quantize), ("max_length", args.reranker_max_length)) if v is not None}
         if args.no_reranker_drift_check:
             runtime["drift_check"] = False
-        reranker_cfg = _config(CrossEncoderConfig, "reranker", model=args.reranker, device=args.device, **runtime)
+        reranker_cfg = _config(RerankerModelConfig, "reranker", model=args.reranker, device=args.device, **runtime)
     needed = {r for p in pipelines for r in PIPELINES[p][0]}
     cascade_cfgs = _cascade_stages(args.cascade or [], runtime if reranker_cfg is not None else {}, args.device, args.cascade_blend, args.cascade_max_length) if reranker_cfg is not None else []
     if args.cascade and reranker_cfg is None:
@@ -480,7 +480,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--work-dir", default=None, help=f"cache of indexes and results (default: {default_work_dir()})")
     e.add_argument("--top-k", type=int, default=100, help="candidates per retriever, also the evaluated ranking depth (default: 100)")
     e.add_argument("--rerank-top-m", default="100", metavar="M[,M]", help="fused candidates reranked by hybrid+rerank (default: 100); several depths (e.g. 50,100,20,10) give one row each, named hybrid+rerank@M, and score each pair once, so the first depth's rerank cost is the only one measured whole")
-    ce = CrossEncoderConfig()
+    ce = RerankerModelConfig()
     e.add_argument("--reranker", default=ce.model, help="reranker for hybrid+rerank: Hub id or local directory (any kind: cross-encoder, pooling, decoder)")
     e.add_argument("--reranker-kind", choices=["auto", "sequence_classification", "pooling", "causal_lm"], default=None, help=f"reranker model family (default: {ce.kind}, read from the checkpoint)")
     e.add_argument("--reranker-backend", choices=["torch", "onnx", "openvino"], default=None, help=f"reranker runtime (default: {ce.backend})")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Sequence
 
-from serve_app.config import CrossEncoderConfig, PromptConfig
+from serve_app.config import RerankerModelConfig, PromptConfig
 from serve_app.errors import InputTooLong
 from serve_app.models import ModelLoadError, effective_max_length, load_pretrained, pick_device
 from serve_app.rerank.checkpoint import Checkpoint
@@ -195,15 +195,15 @@ class CausalLMScorer(PairScorer):
     """Scores (query, document) pairs with a decoder reranker (see the module docstring).
 
     >>> # doctest: +SKIP
-    >>> from serve_app.config import CrossEncoderConfig
-    >>> scorer = CausalLMScorer(CrossEncoderConfig(model="Qwen/Qwen3-Reranker-0.6B", kind="causal_lm", activation="sigmoid"))
+    >>> from serve_app.config import RerankerModelConfig
+    >>> scorer = CausalLMScorer(RerankerModelConfig(model="Qwen/Qwen3-Reranker-0.6B", kind="causal_lm", activation="sigmoid"))
     >>> scorer.score([("what is the capital of China?", "The capital of China is Beijing.")])  # P(yes)
     """
 
     kind = "causal_lm"
     accepts_instruction = True
 
-    def __init__(self, cfg: CrossEncoderConfig, *, num_threads: Optional[int] = None, dtype: Any = None, checkpoint: Optional[Checkpoint] = None) -> None:
+    def __init__(self, cfg: RerankerModelConfig, *, num_threads: Optional[int] = None, dtype: Any = None, checkpoint: Optional[Checkpoint] = None) -> None:
         device = pick_device(cfg.device)
         dtype = dtype if dtype is not None else reranker_dtype(cfg, device)
         set_threads(num_threads)

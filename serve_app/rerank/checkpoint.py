@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from serve_app.config import CrossEncoderConfig
+from serve_app.config import RerankerModelConfig
 from serve_app.fsutil import read_json
 from serve_app.models import ModelLoadError, load_config, resolve_model
 
@@ -76,7 +76,7 @@ class CheckpointInfo:
     details: Any = None
 
 
-def inspect_checkpoint(cfg: CrossEncoderConfig, checkpoint: Optional[Checkpoint] = None) -> CheckpointInfo:
+def inspect_checkpoint(cfg: RerankerModelConfig, checkpoint: Optional[Checkpoint] = None) -> CheckpointInfo:
     """The family of ``cfg.model`` (``cfg.kind``, or read from the checkpoint for ``auto``)."""
     ckpt = checkpoint or Checkpoint.resolve(cfg.model)
     modules = ckpt.json("modules.json")
@@ -106,7 +106,7 @@ def inspect_checkpoint(cfg: CrossEncoderConfig, checkpoint: Optional[Checkpoint]
     return CheckpointInfo(ckpt, kind, details)
 
 
-def detect_kind(cfg: CrossEncoderConfig) -> tuple[str, Any]:
+def detect_kind(cfg: RerankerModelConfig) -> tuple[str, Any]:
     """(family, details) of ``cfg.model`` (:func:`inspect_checkpoint`)."""
     info = inspect_checkpoint(cfg)
     return info.kind, info.details

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from serve_app.config import CrossEncoderConfig
+from serve_app.config import RerankerModelConfig
 from serve_app.models import ModelLoadError, effective_max_length, load_pretrained, pick_device
 from serve_app.rerank.checkpoint import Checkpoint
 from serve_app.rerank.device import reranker_dtype, set_threads
@@ -81,7 +81,7 @@ class CrossEncoderScorer(PairScorer):
 
     kind = "sequence_classification"
 
-    def __init__(self, cfg: CrossEncoderConfig, *, num_threads: int | None = None, dtype: Any = None, checkpoint: Checkpoint | None = None) -> None:
+    def __init__(self, cfg: RerankerModelConfig, *, num_threads: int | None = None, dtype: Any = None, checkpoint: Checkpoint | None = None) -> None:
         device = pick_device(cfg.device)
         dtype = dtype if dtype is not None else reranker_dtype(cfg, device)
         set_threads(num_threads)
@@ -91,7 +91,7 @@ class CrossEncoderScorer(PairScorer):
         self._init_from(cfg, tokenizer, model.to(device=device, dtype=dtype).eval(), device, dtype)
 
     @classmethod
-    def from_model(cls, model: Any, tokenizer: Any, cfg: CrossEncoderConfig) -> "CrossEncoderScorer":
+    def from_model(cls, model: Any, tokenizer: Any, cfg: RerankerModelConfig) -> "CrossEncoderScorer":
         """A scorer over ``model`` as it is (its device, dtype and mode are left alone): how
         training evaluates the cross-encoder it is fitting."""
         self = cls.__new__(cls)
@@ -99,7 +99,7 @@ class CrossEncoderScorer(PairScorer):
         self._init_from(cfg, tokenizer, model, str(param.device), param.dtype)
         return self
 
-    def _init_from(self, cfg: CrossEncoderConfig, tokenizer: Any, model: Any, device: str, dtype: Any) -> None:
+    def _init_from(self, cfg: RerankerModelConfig, tokenizer: Any, model: Any, device: str, dtype: Any) -> None:
         self.num_labels: int = int(model.config.num_labels)
         if self.num_labels not in (1, 2):
             raise ModelLoadError(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from serve_app.config import CrossEncoderConfig
+from serve_app.config import RerankerModelConfig
 from serve_app.models import ModelLoadError, resolve_dtype
 
 ENV_CPU_DTYPE = "SERVE_APP_RERANKER_CPU_DTYPE"
@@ -45,7 +45,7 @@ def cpu_auto_dtype() -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
-def target_dtype(cfg: CrossEncoderConfig, device: str) -> Any:
+def target_dtype(cfg: RerankerModelConfig, device: str) -> Any:
     """The torch dtype the reranker computes in on ``device`` (onnx: float32)."""
     import torch
 
@@ -56,7 +56,7 @@ def target_dtype(cfg: CrossEncoderConfig, device: str) -> Any:
     return resolve_dtype(cfg.dtype, device)
 
 
-def reranker_dtype(cfg: CrossEncoderConfig, device: str) -> Any:
+def reranker_dtype(cfg: RerankerModelConfig, device: str) -> Any:
     """The dtype a scorer class loads in when built directly (auto: float32 on a CPU, as
     :func:`serve_app.models.resolve_dtype`); :func:`load_scorer` makes the CPU choice."""
     return resolve_dtype(cfg.dtype, device)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from serve_app.config import CrossEncoderConfig
+from serve_app.config import RerankerModelConfig
 from serve_app.models import ModelLoadError, pick_device
 from serve_app.rerank.checkpoint import KINDS, CheckpointInfo, detect_kind, inspect_checkpoint  # noqa: F401 - KINDS, detect_kind: re-exported
 from serve_app.rerank.device import target_dtype
@@ -34,7 +34,7 @@ from serve_app.rerank.scorer import PairScorer
 logger = logging.getLogger(__name__)
 
 
-def build_scorer(cfg: CrossEncoderConfig, info: CheckpointInfo, dtype: Any, num_threads: Optional[int] = None) -> PairScorer:
+def build_scorer(cfg: RerankerModelConfig, info: CheckpointInfo, dtype: Any, num_threads: Optional[int] = None) -> PairScorer:
     """The scorer of the checkpoint's family in torch at ``dtype``."""
     if info.kind == "pooling":
         from serve_app.rerank.pooling import PoolingScorer
@@ -69,7 +69,7 @@ def _runtime_label(backend: str, dtype: Any, quantize: str) -> str:
     return f"{backend}-{'int8' if quantize == 'int8' else name}"
 
 
-def on_runtime(base: PairScorer, cfg: CrossEncoderConfig, checkpoint: CheckpointInfo, dtype: Any, runtime_info: dict[str, Any]) -> PairScorer:
+def on_runtime(base: PairScorer, cfg: RerankerModelConfig, checkpoint: CheckpointInfo, dtype: Any, runtime_info: dict[str, Any]) -> PairScorer:
     """The scorer ``base`` (torch float32, left untouched) running at ``dtype`` on
     ``cfg.backend``: torch gets a converted copy of the score module; onnx/openvino run its
     export (its path in ``runtime_info["export"]``)."""
@@ -91,7 +91,7 @@ def on_runtime(base: PairScorer, cfg: CrossEncoderConfig, checkpoint: Checkpoint
     return base.on_runtime(None, runtime, dtype, {**info, "export": str(path)})  # the export runs the batches: no torch weights held
 
 
-def load_scorer(cfg: CrossEncoderConfig, *, num_threads: Optional[int] = None) -> PairScorer:
+def load_scorer(cfg: RerankerModelConfig, *, num_threads: Optional[int] = None) -> PairScorer:
     """The scorer ``cfg`` describes: family, dtype, runtime and drift check (module docstring)."""
     import torch
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from serve_app.config import CrossEncoderConfig
+from serve_app.config import RerankerModelConfig
 from serve_app.models import ModelLoadError, effective_max_length, load_pretrained, pick_device
 from serve_app.rerank.checkpoint import Checkpoint, DenseSpec, PoolingLayout
 from serve_app.rerank.device import reranker_dtype, set_threads
@@ -97,7 +97,7 @@ class PoolingScorer(PairScorer):
 
     kind = "pooling"
 
-    def __init__(self, cfg: CrossEncoderConfig, layout: PoolingLayout, *, num_threads: Optional[int] = None, dtype: Any = None, checkpoint: Optional[Checkpoint] = None) -> None:
+    def __init__(self, cfg: RerankerModelConfig, layout: PoolingLayout, *, num_threads: Optional[int] = None, dtype: Any = None, checkpoint: Optional[Checkpoint] = None) -> None:
         device = pick_device(cfg.device)
         dtype = dtype if dtype is not None else reranker_dtype(cfg, device)
         set_threads(num_threads)

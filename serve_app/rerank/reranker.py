@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from serve_app.config import CrossEncoderConfig
+from serve_app.config import RerankerModelConfig
 from serve_app.errors import InputRejected
 from serve_app.rerank.cache import CacheContext, ScoreCache, doc_digest
 from serve_app.rerank.loading import load_scorer
@@ -91,7 +91,7 @@ def _validate(request: RerankRequest, where: str) -> None:
 class Reranker:
     """Reranking of documents, one request or many in one scorer call."""
 
-    def __init__(self, scorer: PairScorer, cfg: CrossEncoderConfig, cache: ScoreCache | None = None, name: str = "default") -> None:
+    def __init__(self, scorer: PairScorer, cfg: RerankerModelConfig, cache: ScoreCache | None = None, name: str = "default") -> None:
         self.scorer = scorer
         self.cfg = cfg
         #: Pair scores kept across calls (None: none); ``name`` keys this model's entries.
@@ -108,7 +108,7 @@ class Reranker:
             )
 
     @classmethod
-    def from_config(cls, cfg: CrossEncoderConfig, cache: ScoreCache | None = None, name: str = "default") -> "Reranker":
+    def from_config(cls, cfg: RerankerModelConfig, cache: ScoreCache | None = None, name: str = "default") -> "Reranker":
         """Load the model ``cfg`` names (its family, runtime and drift check: ``load_scorer``) and rerank with it."""
         return cls(load_scorer(cfg), cfg, cache, name)
 

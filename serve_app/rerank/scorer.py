@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from serve_app.config import CrossEncoderConfig
+from serve_app.config import RerankerModelConfig
 from serve_app.rerank.batching import plan_batches
 
 #: A runtime: one padded batch (torch tensors by input name) -> raw scores, float32 numpy.
@@ -64,7 +64,7 @@ class PairScorer:
     #: Whether a request may send its own instruction (decoder rerankers).
     accepts_instruction: bool = False
 
-    def _setup(self, cfg: CrossEncoderConfig, tokenizer: Any, pairs: Any, module: Any, device: str, dtype: Any) -> None:
+    def _setup(self, cfg: RerankerModelConfig, tokenizer: Any, pairs: Any, module: Any, device: str, dtype: Any) -> None:
         from serve_app.rerank.runtimes import TorchRuntime
 
         self.cfg = cfg

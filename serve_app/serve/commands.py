@@ -265,10 +265,10 @@ def run_export_reranker(args: argparse.Namespace) -> int:
     image build), and shows the drift of each runtime from torch float32 before any traffic."""
     import json
 
-    from serve_app.config import CrossEncoderConfig
+    from serve_app.config import RerankerModelConfig
     from serve_app.rerank import load_scorer
 
-    targets: dict[str, CrossEncoderConfig] = {}
+    targets: dict[str, RerankerModelConfig] = {}
     if args.config:
         from serve_app.serve.runner import load_serve_config
 
@@ -284,7 +284,7 @@ def run_export_reranker(args: argparse.Namespace) -> int:
             return 0
     else:
         settings = {k: v for k, v in (("kind", args.kind), ("backend", args.backend), ("dtype", args.dtype), ("quantize", args.quantize), ("runtime_dir", args.runtime_dir), ("max_length", args.max_length)) if v is not None}
-        targets[args.model] = CrossEncoderConfig(model=args.model, **settings)
+        targets[args.model] = RerankerModelConfig(model=args.model, **settings)
     for name, cfg in targets.items():
         scorer = load_scorer(cfg)
         print(json.dumps({"name": name, **scorer.describe()}, indent=None if args.compact else 1, default=str), flush=True)

@@ -26,7 +26,7 @@ from typing import Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve_app.config import BM25Config, CascadeStage, ChunkingConfig, CrossEncoderConfig, DenseConfig, FunnelLimits, FusionConfig, ScoreCacheConfig, SloConfig
+from serve_app.config import BM25Config, CascadeStage, ChunkingConfig, RerankerModelConfig, DenseConfig, FunnelLimits, FusionConfig, ScoreCacheConfig, SloConfig
 from serve_app.corpus import BUILTIN_PREFIX
 from serve_app.errors import UserFacingError
 from serve_app.funnel import DEFAULT_MODEL, CascadeNames, FunnelTimeouts
@@ -97,8 +97,8 @@ def model_key(name: Optional[str]) -> str:
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
 
-class RerankerConfig(CrossEncoderConfig):
-    """The reranker deployment: its default model (the fields of ``CrossEncoderConfig``) and,
+class RerankerConfig(RerankerModelConfig):
+    """The reranker deployment: its default model (the fields of ``RerankerModelConfig``) and,
     optionally, more named models served by the same deployment (Ray Serve model multiplexing).
 
     A request picks a model by name (``model`` on the rerank routes, ``reranker`` on /search);
@@ -107,7 +107,7 @@ class RerankerConfig(CrossEncoderConfig):
     names itself.
     """
 
-    models: dict[str, CrossEncoderConfig] = Field(default_factory=dict, description="More rerankers by name, each with its own model, max_length, dtype, activation, long-document handling (e.g. {small: {model: /models/ce-small, max_length: 256}}).")
+    models: dict[str, RerankerModelConfig] = Field(default_factory=dict, description="More rerankers by name, each with its own model, max_length, dtype, activation, long-document handling (e.g. {small: {model: /models/ce-small, max_length: 256}}).")
     aliases: dict[str, str] = Field(default_factory=dict, description="Other names for configured models (e.g. {rerank-v3.5: small}), for integrations that hard-code a provider's model name.")
     max_models_per_replica: int = Field(2, ge=1, le=64, description="Named models loaded at once in one reranker replica besides the default one; the least recently used is unloaded past it (Serve routes a request to a replica that holds its model).")
     score_cache: ScoreCacheConfig = Field(default_factory=ScoreCacheConfig, description="Pair-score cache of each replica, shared by its models (exact: a hit is the score a miss computes; emptied for a model when it is unloaded).")
@@ -132,11 +132,11 @@ class RerankerConfig(CrossEncoderConfig):
         """The model names, ``default`` first."""
         return [DEFAULT_MODEL, *self.models]
 
-    def default_model(self) -> CrossEncoderConfig:
+    def default_model(self) -> RerankerModelConfig:
         """The default model's settings."""
-        return CrossEncoderConfig(**{k: getattr(self, k) for k in CrossEncoderConfig.model_fields})
+        return RerankerModelConfig(**{k: getattr(self, k) for k in RerankerModelConfig.model_fields})
 
-    def catalog(self) -> dict[str, CrossEncoderConfig]:
+    def catalog(self) -> dict[str, RerankerModelConfig]:
         """Every model by name, ``default`` first."""
         return {DEFAULT_MODEL: self.default_model(), **self.models}
 

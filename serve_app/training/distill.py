@@ -84,12 +84,12 @@ def teacher_margins(data: PreparedData, triples: Sequence[tuple[int, str, str]],
     (``load_scorer``: a cross-encoder, a pooling cross-encoder or a decoder reranker), in
     bfloat16/float16 on a GPU and float32 on a CPU (the labels the student learns from).
     """
-    from serve_app.config import CrossEncoderConfig
+    from serve_app.config import RerankerModelConfig
     from serve_app.models import pick_device
     from serve_app.rerank import load_scorer
 
     dtype = "auto" if pick_device(device).startswith("cuda") else "float32"
-    scorer = load_scorer(CrossEncoderConfig(model=teacher, max_length=max_length, max_batch_tokens=batch_tokens, device=device, dtype=dtype))
+    scorer = load_scorer(RerankerModelConfig(model=teacher, max_length=max_length, max_batch_tokens=batch_tokens, device=device, dtype=dtype))
     keys = sorted({(r, d) for r, p, n in triples for d in (p, n)})
     logger.info("teacher %s scores %d pairs", teacher, len(keys))
     scores = scorer.score([(data.train[r].text, data.docs[d]) for r, d in keys])

@@ -59,12 +59,12 @@ def candidate_lists(data: PreparedData, per_query: int, seed: int) -> list[tuple
 
 def teacher_scores(data: PreparedData, lists: Sequence[tuple[int, list[str]]], teacher: str, *, max_length: int, batch_tokens: int, device: str | None = None) -> list[ScoredList]:
     """The teacher's score of every candidate (every pair scored once, in one scorer call)."""
-    from serve_app.config import CrossEncoderConfig
+    from serve_app.config import RerankerModelConfig
     from serve_app.models import pick_device
     from serve_app.rerank import load_scorer
 
     dtype = "auto" if pick_device(device).startswith("cuda") else "float32"
-    scorer = load_scorer(CrossEncoderConfig(model=teacher, max_length=max_length, max_batch_tokens=batch_tokens, device=device, dtype=dtype))
+    scorer = load_scorer(RerankerModelConfig(model=teacher, max_length=max_length, max_batch_tokens=batch_tokens, device=device, dtype=dtype))
     pairs = [(data.train[r].text, data.docs[d]) for r, docs in lists for d in docs]
     logger.info("teacher %s scores %d pairs of %d queries", teacher, len(pairs), len(lists))
     scores = scorer.score(pairs).tolist()

@@ -130,10 +130,10 @@ class RerankerTask:
 
     def scorer(self, model: Any) -> Any:
         """The serving scorer over the model being trained (as it is: device, dtype, mode)."""
-        from serve_app.config import CrossEncoderConfig
+        from serve_app.config import RerankerModelConfig
         from serve_app.rerank.cross_encoder import CrossEncoderScorer
 
-        return CrossEncoderScorer.from_model(model, self.tokenizer, CrossEncoderConfig(model=self.base_path, max_length=self.pairs.max_length))
+        return CrossEncoderScorer.from_model(model, self.tokenizer, RerankerModelConfig(model=self.base_path, max_length=self.pairs.max_length))
 
     def export(self, model: Any, directory: Path) -> None:
         model.config.num_labels = 1
