@@ -162,11 +162,11 @@ def load_tokenizer(name: str, role: str, subfolder: str = "", source: Optional[s
     return _from_pretrained(AutoTokenizer, name, role, source, **({"subfolder": subfolder} if subfolder else {}))
 
 
-def load_config(name: str, role: str) -> Any:
-    """The transformers config of the checkpoint ``name``."""
+def load_config(name: str, role: str, source: Optional[str] = None) -> Any:
+    """The transformers config of the checkpoint ``name`` (from ``source`` when already resolved)."""
     from transformers import AutoConfig
 
-    return _from_pretrained(AutoConfig, name, role)
+    return _from_pretrained(AutoConfig, name, role, source)
 
 
 def load_pretrained(

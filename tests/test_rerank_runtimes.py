@@ -227,3 +227,25 @@ def test_violations_name_each_broken_bound():
     broken = violations(report, DriftTolerance(max_abs_diff=0.5, min_kendall_tau=0.9, min_top1_agreement=0.75))
     assert len(broken) == 3 and "max |score difference| 1" in broken[0] and "Kendall tau 0.833" in broken[1] and "top-1 agreement 0.50" in broken[2]
     assert violations(report, DriftTolerance(max_abs_diff=None, min_kendall_tau=None, min_top1_agreement=None)) == []
+
+
+@pytest.mark.parametrize("kind,backend", [("sequence_classification", "torch"), ("pooling", "torch"), ("causal_lm", "torch"), ("sequence_classification", "onnx")])
+def test_a_load_resolves_the_checkpoint_once(kind, backend, models, monkeypatch, tmp_path):
+    """The configured model is resolved (directory / override / packaged / Hub id) once per load:
+    family detection, the weights, the tokenizer and the export all read that one source."""
+    from serve_app import models as model_module
+    from serve_app.rerank import checkpoint, runtimes
+
+    calls = []
+    real = model_module.resolve_model
+
+    def counting(name):
+        calls.append(name)
+        return real(name)
+
+    for module in (model_module, checkpoint, runtimes):
+        monkeypatch.setattr(module, "resolve_model", counting)
+    extra = {"runtime_dir": str(tmp_path / "rt"), "dtype": "float32"} if backend == "onnx" else {}
+    scorer = load_scorer(cfg(models[kind], backend=backend, **extra))
+    assert calls == [models[kind]], calls
+    assert scorer.kind == kind and np.isfinite(scorer.score(PAIRS)).all()

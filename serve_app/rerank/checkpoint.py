@@ -94,7 +94,7 @@ def inspect_checkpoint(cfg: RerankerModelConfig, checkpoint: Optional[Checkpoint
             entry = modules[names.index("LogitScore")]
             details = ckpt.json(f"{entry.get('path', '')}/config.json".lstrip("/"))
     if kind == "auto":
-        archs = list(getattr(load_config(ckpt.source, "reranker"), "architectures", None) or [])
+        archs = list(getattr(load_config(ckpt.name, "reranker", source=ckpt.source), "architectures", None) or [])
         if any(a.endswith("ForCausalLM") for a in archs):
             kind = "causal_lm"
         elif any(a.endswith("ForSequenceClassification") for a in archs):
