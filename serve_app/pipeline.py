@@ -125,12 +125,12 @@ class LocalStages:
         return await self._call(self.retrievers[name].search_batch, list(queries), k)
 
     async def rerank(self, requests: Sequence[RerankRequest], stage: Optional[str] = None) -> list[RerankOutcome]:
-        from tqdm.auto import tqdm
+        from serve_app.progress import progress
 
         reranker = self.reranker if stage is None else self.cascade[stage]
         step = self.rerank_queries_per_call or len(requests)
         out: list[RerankOutcome] = []
-        with tqdm(total=len(requests), desc="rerank" if stage is None else f"rerank.{stage}", unit="query", disable=not self.show_progress) as bar:
+        with progress(len(requests), "rerank" if stage is None else f"rerank.{stage}", "query", enabled=self.show_progress) as bar:
             for start in range(0, len(requests), step):
                 chunk = list(requests[start : start + step])
                 scores = await self._call(reranker.rerank_many, chunk)

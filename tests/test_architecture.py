@@ -159,6 +159,7 @@ DOCTEST_MODULES = [
     "serve_app.index.docstore",
     "serve_app.rerank.coalesce",
     "serve_app.models",
+    "serve_app.progress",
 ]
 
 

@@ -107,12 +107,31 @@ def test_the_real_recipe_is_valid_on_the_demo_dataset(minilm_dir, tmp_path):
     assert load_beir(settings.dataset, settings.mining.split).qrels
 
 
-def test_first_run_shows_a_progress_bar_with_an_estimate(tmp_path, tiny_recipe, capfd):
+def test_first_run_shows_a_progress_bar_with_an_estimate(tmp_path, tiny_recipe, capfd, monkeypatch):
     """On a terminal the demo's first-run training shows tqdm's bar: steps done, elapsed<remaining."""
     import re
 
+    from serve_app import progress
+
+    monkeypatch.setattr(progress, "is_terminal", lambda stream: True)  # standard error as a terminal
     runs, _ = tiny_recipe
     demo_reranker.ensure_demo_reranker(tmp_path / "cache" / "m", dataset=write_tiny_beir(tmp_path / "data"), show_progress=True)
     assert len(runs) == 1
     err = capfd.readouterr().err
     assert re.search(r"training: +\d+%.*\| *\d+/\d+ \[\d+:\d+<\d+:\d+", err), err[-2000:]
+
+
+def test_first_run_logs_progress_lines_when_not_on_a_terminal(tmp_path, tiny_recipe, capfd, monkeypatch):
+    """`make demo > log`: the first-run training writes progress lines with rate and time left
+    (no bar redrawn with carriage returns)."""
+    import re
+
+    monkeypatch.setenv("SERVE_APP_PROGRESS_INTERVAL_S", "0")
+    runs, _ = tiny_recipe
+    demo_reranker.ensure_demo_reranker(tmp_path / "cache" / "m", dataset=write_tiny_beir(tmp_path / "data"))  # the default: progress on
+    assert len(runs) == 1
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("training: ")]
+    assert lines and re.match(r"training: \d+/\d+ steps \(\d+%\), [\d.]+ steps/s, about .+ left", lines[0]), err[-2000:]
+    assert lines[-1].startswith("training: done, ")
+    assert not [part for part in err.split("\n") if "training:" in part and "\r" in part]  # our lines are plain lines

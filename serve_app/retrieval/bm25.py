@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from importlib import metadata
@@ -48,6 +49,7 @@ from serve_app.chunking import collapse_to_documents, split_documents
 from serve_app.config import BM25Config, ChunkingConfig
 from serve_app.errors import IndexLoadError
 from serve_app.fsutil import read_json
+from serve_app.progress import is_terminal
 from serve_app.retrieval.bm25s_engine import Bm25sEngine
 from serve_app.types import Document, Hit
 
@@ -255,7 +257,9 @@ class BM25Retriever:
             raise ValueError("no document has an indexable token (every word is a stopword or shorter than 2 characters)")
         engine: _Engine
         if cfg.engine == "bm25s":
-            engine = Bm25sEngine.build(tokens, cfg, show_progress)
+            # bm25s draws its own bars: on a terminal only (a log gets no carriage-return redraws;
+            # building BM25 takes seconds per 100k documents, so it logs no progress lines)
+            engine = Bm25sEngine.build(tokens, cfg, show_progress and is_terminal(sys.stderr))
         else:
             engine = _RankBm25Engine(tokens, cfg)
         logger.info("BM25 (%s, %s): %d documents, %d chunks, %d terms", cfg.engine, cfg.method, len(docs), len(texts), engine.vocab_size)

@@ -123,7 +123,8 @@ class BiEncoder:
         texts longer than ``max_length`` tokens are truncated.
         """
         import torch
-        from tqdm.auto import tqdm
+
+        from serve_app.progress import progress
 
         texts = _check_texts(texts, "texts")
         bs = int(batch_size or self.cfg.batch_size)
@@ -134,7 +135,7 @@ class BiEncoder:
             return np.zeros((0, width or 0), dtype=np.float32)
         order = np.argsort([-len(t) for t in texts], kind="stable")
         chunks: list[np.ndarray] = []
-        with torch.inference_mode(), tqdm(total=len(texts), disable=not show_progress, desc="encoding", unit="text") as bar:
+        with torch.inference_mode(), progress(len(texts), "encoding", "text", enabled=show_progress) as bar:
             for start in range(0, len(texts), bs):
                 idx = order[start : start + bs]
                 batch = tokenize_texts(self.tokenizer, [texts[i] for i in idx], self.max_length, self.device)

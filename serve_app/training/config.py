@@ -40,7 +40,7 @@ class LoopConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on CUDA with bf16 support, fp16 autocast (with a gradient scaler) on other CUDA devices, fp32 on CPU.")
     device: Optional[str] = Field(None, description="torch device for a local run (cpu, cuda, cuda:1); null picks CUDA when available. Ray workers use the device Ray assigns.")
     num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (torch.set_num_threads); null keeps torch's default.")
-    show_progress: bool = Field(True, description="tqdm progress bar with the running loss.")
+    show_progress: bool = Field(True, description="Progress with the running loss: a bar on a terminal, a line every SERVE_APP_PROGRESS_INTERVAL_S seconds (30) elsewhere.")
 
 
 class MiningConfig(_Strict):

