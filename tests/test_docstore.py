@@ -210,3 +210,26 @@ def test_a_swap_during_lookups_never_mixes_builds(tmp_path):
     assert all(t.startswith("old") for t in later)
     fresh, _ = load_document_store(out)
     assert fresh.get("d0001").text == "new text 1"
+
+
+def test_without_a_writable_record_directory_the_store_is_hashed_every_time(index, monkeypatch, tmp_path):
+    """A read-only place for the records does not stop a replica from starting: it hashes the
+    store on every load instead (and still refuses a damaged one)."""
+    from serve_app.index import files
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the record directory would be")
+    monkeypatch.setenv("SERVE_APP_VERIFIED_DIR", str(blocked / "verified"))
+    hashed = []
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p: (hashed.append(p.name), real(p))[1])
+    load_document_store(index)
+    load_document_store(index)
+    assert hashed.count(DOCSTORE) == 2
+    path = index / DOCSTORE
+    data = bytearray(path.read_bytes())
+    data[7] ^= 0xFF
+    with open(path, "r+b") as f:
+        f.write(bytes(data))
+    with pytest.raises(IndexLoadError, match="sha256 mismatch"):
+        load_document_store(index)

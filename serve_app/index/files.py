@@ -7,6 +7,7 @@ rename it into place (:mod:`serve_app.fsutil`), so a reader never sees a half-wr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -196,10 +197,23 @@ def verify_once(path: Path, entry: FileEntry) -> bool:
     record = verified_dir() / hashlib.sha256(identity.encode()).hexdigest()[:32]
     if record.is_file():
         return False
-    with file_lock(record.with_suffix(".lock")):
-        if record.is_file():  # another replica hashed it while this one waited
-            return False
+
+    def check() -> None:
         if sha256_file(path) != entry.sha256:
             raise IndexLoadError(f"{path}: sha256 mismatch (corrupted or modified since the build); rebuild the index")
-        record.write_text(f"{path}\n{identity}\n", encoding="utf-8")
+
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(record.with_suffix(".lock")))
+        except OSError as exc:  # no writable place for the records (a read-only home): hash every time
+            logger.warning("cannot record verified files in %s (%s); set %s to a writable directory, or every start hashes %s", record.parent, exc, ENV_VERIFIED_DIR, path.name)
+            check()
+            return True
+        if record.is_file():  # another replica hashed it while this one waited
+            return False
+        check()
+        try:
+            record.write_text(f"{path}\n{identity}\n", encoding="utf-8")
+        except OSError as exc:
+            logger.warning("cannot record %s as verified (%s)", path, exc)
     return True
