@@ -35,7 +35,7 @@ class MetricSpec:
 SPECS: dict[str, MetricSpec] = {
     s.name: s
     for s in (
-        MetricSpec(PREFIX + "stage_latency_ms", "histogram", ("stage",), "Wall time of one funnel stage in milliseconds, as seen by the ingress (stage: bm25, dense, fusion, rerank, total) or by a stage's own deployment (stage: bm25_search, dense_search, rerank_batch).", tuple(LATENCY_BOUNDARIES_MS)),
+        MetricSpec(PREFIX + "stage_latency_ms", "histogram", ("stage",), "Wall time of one funnel stage in milliseconds, as seen by the ingress (stage: bm25, dense, fusion, rerank, total) or by a stage's own deployment (stage: bm25_search, dense_search, dense_encode (the query encoder of a sharded dense retriever), rerank_batch).", tuple(LATENCY_BOUNDARIES_MS)),
         MetricSpec(PREFIX + "candidates", "histogram", ("stage",), "Documents per request leaving a stage (stage: bm25, dense, fused, reranked, returned, rerank_request).", tuple(COUNT_BOUNDARIES)),
         MetricSpec(PREFIX + "rerank_batch_size", "histogram", ("model",), "Rerank requests gathered into one cross-encoder call by @serve.batch and the coalescer that merges batches formed while the model was busy (values above 1 mean concurrent requests shared a call).", tuple(BATCH_SIZE_BOUNDARIES)),
         MetricSpec(PREFIX + "rerank_batch_pairs", "histogram", ("model",), "(query, document) pairs scored by one cross-encoder call.", tuple(COUNT_BOUNDARIES)),
