@@ -79,12 +79,17 @@ def _check_dense_model(d: Path, section: Optional[dict[str, Any]], expected: Opt
         raise IndexLoadError(f"{d}: dense index built with model {built!r}, but {expected!r} is configured; rebuild the index or configure {built!r}")
 
 
+def _dense_section(d: Path, manifest: Manifest) -> dict[str, Any]:
+    """The manifest's dense section; ``IndexLoadError`` when the index has no dense retriever."""
+    if manifest.dense is None:
+        raise IndexLoadError(f"{d}: the index has no dense retriever; rebuild it with one or remove dense from `retrievers`")
+    return manifest.dense
+
+
 def _dense(d: Path, manifest: Manifest, cfg: Optional[DenseConfig], *, encoder: Any = None, load_encoder: bool = True, checksums: bool = True) -> Any:
     from serve_app.retrieval.dense import BiEncoder, DenseRetriever
 
-    section = manifest.dense
-    if section is None:
-        raise IndexLoadError(f"{d}: the index has no dense retriever; rebuild it with one or remove dense from `retrievers`")
+    section = _dense_section(d, manifest)
     verify_files(d, manifest, [DENSE_DIR + "/"], checksums=checksums)
     if encoder is None and load_encoder:
         if cfg is None:
@@ -160,11 +165,10 @@ def load_query_encoder(index_dir: str | os.PathLike[str], cfg: DenseConfig) -> A
     prefixes): what encodes queries once for every shard of a sharded dense retriever."""
     from serve_app.retrieval.dense import BiEncoder, check_encoder
 
-    manifest = read_manifest(index_dir)
-    if manifest.dense is None:
-        raise IndexLoadError(f"{index_dir}: the index has no dense retriever; rebuild it with one or remove dense from `retrievers`")
+    d = Path(index_dir)
+    section = _dense_section(d, read_manifest(d))
     encoder = BiEncoder(cfg)
-    check_encoder(Path(index_dir) / DENSE_DIR, manifest.dense, encoder)
+    check_encoder(d / DENSE_DIR, section, encoder)
     return encoder
 
 

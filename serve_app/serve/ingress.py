@@ -11,11 +11,8 @@ from serve_app.funnel import CascadeNames
 from serve_app.serve.config import DEFAULT_MODEL, AppConfig, model_key
 from serve_app.serve.replica import load_or_explain
 from serve_app.serve.resilience import call_stage
+from serve_app.serve.shards import QUERY_ENCODER_KEY
 from serve_app.types import Hit, RerankOutcome, RerankRequest
-
-
-#: The key of a sharded dense retriever's query encoder among the ingress's stage handles.
-QUERY_ENCODER_KEY = "dense_encoder"
 
 
 class HandleBackends:

@@ -150,8 +150,7 @@ class RerankerServer:
             group = [pending[i].request for i in rows]
             lookups = [pending[i].lookup for i in rows]
             t0 = time.perf_counter()
-            cached = (lookups,) if any(lk is not None for lk in lookups) else ()
-            detailed = await asyncio.to_thread(reranker.rerank_many_detailed, group, *cached)
+            detailed = await asyncio.to_thread(reranker.rerank_many_detailed, group, lookups)
             self._last_scored = time.monotonic()
             pairs = sum(p for _, p, _ in detailed)
             metrics.observe_latency("rerank_batch", (time.perf_counter() - t0) * 1000)

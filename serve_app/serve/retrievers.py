@@ -15,6 +15,7 @@ import numpy as np
 from serve_app.serve import metrics
 from serve_app.serve.config import ENV_DENSE_MODEL, BM25ServerConfig, DenseServerConfig, FaultInjection, QueryEncoderServerConfig, RetrieverUserConfig, parse_user_config
 from serve_app.serve.replica import apply_fault, index_dir_of, load_or_explain, replica_id, serve_batch
+from serve_app.serve.shards import QUERY_ENCODER_KEY
 from serve_app.types import Hit
 
 
@@ -150,7 +151,7 @@ class QueryEncoderServer:
 
     async def ping(self) -> dict[str, Any]:
         await apply_fault(self.fault, "dense")
-        return {"stage": "dense_encoder", "model": self.encoder.model_name, "dim": self.encoder.dim, "replica": replica_id()}
+        return {"stage": QUERY_ENCODER_KEY, "model": self.encoder.model_name, "dim": self.encoder.dim, "replica": replica_id()}
 
     async def check_health(self) -> None:
         """The encoder answers: a probe query is encoded to a finite vector."""

@@ -24,6 +24,7 @@ from serve_app.funnel import FUSION, RERANK, CascadeDepths, CascadeNames, Funnel
 from serve_app.serve import metrics
 from serve_app.serve.api import RequestModels, build_request_models
 from serve_app.serve.config import DEFAULT_MODEL, AppConfig
+from serve_app.serve.shards import QUERY_ENCODER_KEY, encodes_queries_once
 from serve_app.slo import DepthController
 from serve_app.types import Document, Hit, RerankOutcome, RerankRequest
 
@@ -219,7 +220,7 @@ class SearchService:
     def stages(self) -> tuple[str, ...]:
         """The deployed stages (a cascade stage is ``reranker.<name>``; a sharded dense retriever's
         query encoder is ``dense_encoder``)."""
-        encoder = ("dense_encoder",) if getattr(self.backends, "handles", {}).get("dense_encoder") is not None else ()
+        encoder = (QUERY_ENCODER_KEY,) if encodes_queries_once(self.cfg) else ()
         return (*self.retrievers, *encoder, *(CascadeNames(c.name).handle for c in self.cfg.cascade), CascadeNames(None).handle)
 
     async def health(self) -> tuple[bool, dict[str, str]]:

@@ -37,8 +37,10 @@ logger = logging.getLogger(__name__)
 
 #: Deployment name of each retriever (and the prefix of its shard deployments).
 RETRIEVER_DEPLOYMENTS = {"bm25": "BM25Retriever", "dense": "DenseRetriever"}
-#: The query encoder of a sharded dense retriever (one encoding per query for every shard).
+#: The query encoder of a sharded dense retriever (one encoding per query for every shard): its
+#: deployment, and its key among the ingress's stage handles (and /healthz's stages).
 QUERY_ENCODER = "DenseQueryEncoder"
+QUERY_ENCODER_KEY = "dense_encoder"
 #: Fraction of the retriever timeout the ingress waits for shards before naming the late ones.
 SHARD_DEADLINE_FRACTION = 0.9
 

@@ -327,7 +327,7 @@ def test_concurrent_requests_for_several_models_are_never_batched_together(model
         for name in (None, "small", "large"):
             reranker = await server.reranker_for(name)
             inner = reranker.rerank_many_detailed
-            reranker.rerank_many_detailed = lambda reqs, inner=inner, name=name: (calls.append((str(name), [r.model for r in reqs])), inner(reqs))[1]
+            reranker.rerank_many_detailed = lambda reqs, *rest, inner=inner, name=name: (calls.append((str(name), [r.model for r in reqs])), inner(reqs, *rest))[1]
         models = [None, "small", "large"] * 4
         return models, await asyncio.gather(*(server.rerank(RerankRequest(f"{QUERY} {i}", DOCS, model=m)) for i, m in enumerate(models)))
 
