@@ -14,6 +14,7 @@ from typing import Sequence
 
 COMMAND_MODULES = (
     "serve_app.commands.core",  # index, eval
+    "serve_app.live.commands",  # ingest, merge
     "serve_app.serve.commands",  # demo, serve
     "serve_app.training.commands",  # train-reranker, distill
 )

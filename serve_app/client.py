@@ -7,6 +7,12 @@
 ...     ranked = c.rerank_v2("capital of France", ["Paris is...", "Berlin is..."], model="small")["results"]  # Cohere v2
 ...     ranks = c.rerank_tei("capital of France", ["Paris is...", "Berlin is..."])          # TEI: a list
 
+Live writes (when the service has ``writes.enabled``)::
+
+    c.upsert_documents([{"id": "d1", "text": "...", "title": "...", "metadata": {...}}], refresh="wait_for")
+    c.delete_documents(["d1"])            # {"deleted": [...], "absent": [...]}
+    c.get_document("d1")                   # None once deleted
+
 ``model`` (``reranker`` for :meth:`search`) picks one of the service's configured rerankers;
 ``instruction`` sets a decoder reranker's prompt instruction for the request.
 
@@ -14,7 +20,8 @@ Errors come back as :class:`ServeAppError` carrying the service's envelope
 (``{"error": {"type", "message"}}``) and the HTTP status. ``retries`` (default 0) retries
 connection failures, client-side timeouts and 429/502/503/504 answers (overload, a replica
 restarting, a deadline) with exponential backoff and jitter, honouring ``Retry-After``; every
-endpoint is idempotent (search, rerank, health, info), so retrying is safe. Other 4xx (bad input,
+endpoint is idempotent (search, rerank, health, info, and writes: an upsert sent twice leaves
+the same documents, a delete sent twice deletes nothing more), so retrying is safe. Other 4xx (bad input,
 401) are never retried.
 """
 
@@ -80,6 +87,16 @@ def _rerank_v2_body(query: str, documents: Sequence[DocumentIn], model: Optional
 
 def _tei_body(query: str, texts: Sequence[str], raw_scores: bool, return_text: bool, truncate: bool, truncation_direction: str, model: Optional[str], instruction: Optional[str] = None) -> dict[str, Any]:
     return _body({"query": query, "texts": list(texts), "raw_scores": raw_scores, "return_text": return_text, "truncate": truncate, "truncation_direction": truncation_direction}, model=model, instruction=instruction)
+
+
+def _write_body(key: str, items: Sequence[Any], refresh: Optional[str]) -> dict[str, Any]:
+    return _body({key: list(items)}, refresh=refresh)
+
+
+def _document_path(doc_id: str) -> str:
+    from urllib.parse import quote
+
+    return "/documents/" + quote(doc_id, safe="")
 
 
 def _delay(attempt: int, response: Optional[httpx.Response], backoff_s: float) -> float:
@@ -154,6 +171,24 @@ class ServeAppClient(_Base):
         """``POST /rerank`` with ``texts``: Text Embeddings Inference's request, its answer a list ``[{index, score, text?}]``."""
         return self._request("POST", "/rerank", _tei_body(query, texts, raw_scores, return_text, truncate, truncation_direction, model, instruction))
 
+    def upsert_documents(self, documents: Sequence[dict[str, Any]], *, refresh: Optional[str] = None) -> dict[str, Any]:
+        """``POST /documents``: add or replace documents (``id``, ``text``, optional ``title`` and
+        ``metadata``) as one batch; ``refresh="wait_for"`` answers once every replica serves it."""
+        return self._request("POST", "/documents", _write_body("documents", documents, refresh))
+
+    def delete_documents(self, ids: Sequence[str], *, refresh: Optional[str] = None) -> dict[str, Any]:
+        """``DELETE /documents``: one batch; the answer's ``absent`` lists the ids that were not there."""
+        return self._request("DELETE", "/documents", _write_body("ids", ids, refresh))
+
+    def get_document(self, doc_id: str) -> Optional[dict[str, Any]]:
+        """``GET /documents/{id}``: the latest acknowledged version, or None when there is none."""
+        try:
+            return self._request("GET", _document_path(doc_id))
+        except ServeAppError as exc:
+            if exc.status_code == 404 and exc.type == "document_not_found":
+                return None
+            raise
+
     def health(self) -> dict[str, Any]:
         """``GET /healthz``; raises :class:`ServeAppError` (``not_ready``) while a stage is not ready."""
         return self._request("GET", "/healthz")
@@ -215,6 +250,24 @@ class AsyncServeAppClient(_Base):
     ) -> list[dict[str, Any]]:
         """``POST /rerank`` with ``texts``: Text Embeddings Inference's request, its answer a list ``[{index, score, text?}]``."""
         return await self._request("POST", "/rerank", _tei_body(query, texts, raw_scores, return_text, truncate, truncation_direction, model, instruction))
+
+    async def upsert_documents(self, documents: Sequence[dict[str, Any]], *, refresh: Optional[str] = None) -> dict[str, Any]:
+        """``POST /documents``: add or replace documents (``id``, ``text``, optional ``title`` and
+        ``metadata``) as one batch; ``refresh="wait_for"`` answers once every replica serves it."""
+        return await self._request("POST", "/documents", _write_body("documents", documents, refresh))
+
+    async def delete_documents(self, ids: Sequence[str], *, refresh: Optional[str] = None) -> dict[str, Any]:
+        """``DELETE /documents``: one batch; the answer's ``absent`` lists the ids that were not there."""
+        return await self._request("DELETE", "/documents", _write_body("ids", ids, refresh))
+
+    async def get_document(self, doc_id: str) -> Optional[dict[str, Any]]:
+        """``GET /documents/{id}``: the latest acknowledged version, or None when there is none."""
+        try:
+            return await self._request("GET", _document_path(doc_id))
+        except ServeAppError as exc:
+            if exc.status_code == 404 and exc.type == "document_not_found":
+                return None
+            raise
 
     async def health(self) -> dict[str, Any]:
         """``GET /healthz``."""

@@ -253,3 +253,20 @@ class FunnelLimits(_Strict):
             if d > m:
                 raise ValueError(f"default_{name} ({d}) exceeds max_{name} ({m})")
         return self
+
+
+class WritesConfig(_Strict):
+    """Live writes: documents added, replaced and deleted in a running service (serve_app.live)."""
+
+    enabled: bool = Field(False, description="Serve POST/DELETE/GET /documents: a DocumentWriter deployment logs each batch durably and every retriever replica and the ingress follow the log.")
+    log_dir: Optional[str] = Field(None, description="Directory of the write log (SQLite, WAL, fsynced per batch); null: <index_dir>.writes beside the index. On a cluster: a persistent volume of the writer's node.")
+    refresh_interval_s: float = Field(1.0, gt=0, le=60, description="Longest time between an acknowledged batch and every replica having it (replicas long-poll the writer and apply a batch as it arrives; this bounds a poll).")
+    follower_timeout_s: float = Field(10.0, gt=0, le=600, description="A replica that has not reported for this long no longer holds back what searches see (a stopped replica).")
+    wait_for_timeout_s: float = Field(10.0, gt=0, le=600, description="Longest wait of a write with refresh=wait_for for every replica to see the batch; past it the answer says visible: false.")
+    max_batch_documents: int = Field(1000, ge=1, le=100_000, description="Most documents (upserts) or ids (deletes) in one write request.")
+    max_document_chars: int = Field(100_000, ge=1, description="Longest text plus title of one document, in characters.")
+    max_id_chars: int = Field(512, ge=1, le=4096, description="Longest document id, in characters.")
+    max_metadata_bytes: int = Field(16_384, ge=2, description="Largest metadata object of one document, as compact JSON in bytes.")
+    merge_delta_fraction: float = Field(0.2, gt=0, le=10, description="Merge (fold the log into a new base index) once changed and added documents reach this fraction of the base.")
+    merge_deleted_fraction: float = Field(0.2, gt=0, le=1, description="Merge once deleted and replaced base documents reach this fraction of the base.")
+    auto_merge: bool = Field(True, description="Merge in the writer's background when a threshold is passed; false: only serve-app merge.")

@@ -128,6 +128,10 @@ class Corpus(Sequence[Document]):
         """The documents of ``doc_ids`` in that order (None for an unknown id)."""
         return [self.get(d) for d in doc_ids]
 
+    def positions(self, doc_ids: Sequence[str]) -> dict[str, int]:
+        """Index positions of those of ``doc_ids`` the corpus holds."""
+        return {d: self._pos[d] for d in doc_ids if d in self._pos}
+
     def position(self, doc_id: str) -> int:
         """Index position of ``doc_id``; raises ``KeyError`` for an unknown id."""
         try:

@@ -14,7 +14,7 @@ test suite never needs the network.
 from __future__ import annotations
 
 import string
-from typing import Any
+from typing import Any, Sequence
 from pathlib import Path
 
 # Small vocabulary: specials, letters and digits (so every word can be spelled
@@ -254,3 +254,30 @@ def asgi_request(app: Any, method: str, path: str, *, raise_app_exceptions: bool
             return await c.request(method, path, **kwargs)
 
     return asyncio.run(go())
+
+
+def rankings_agree(a: Sequence[Any], b: Sequence[Any], *, tol: float = 0.0) -> bool:
+    """Whether two ranked lists of hits (``doc_id``, ``score``; best first, cut at the same k)
+    are the same ranking up to the order of equal scores: the scores agree position by position
+    (within ``tol``), and the documents of each run of equal scores are the same set, except the
+    run the cut falls in, where either list may hold any of the tied documents.
+
+    >>> from serve_app.types import Hit
+    >>> rankings_agree([Hit("a", 2.0), Hit("b", 1.0), Hit("c", 1.0)], [Hit("a", 2.0), Hit("c", 1.0), Hit("b", 1.0)])
+    True
+    >>> rankings_agree([Hit("a", 2.0), Hit("b", 1.0)], [Hit("b", 2.0), Hit("a", 1.0)])
+    False
+    """
+    if len(a) != len(b):
+        return False
+    if any(abs(x.score - y.score) > tol for x, y in zip(a, b)):
+        return False
+    i = 0
+    while i < len(a):
+        j = i
+        while j + 1 < len(a) and abs(a[j + 1].score - a[i].score) <= tol:
+            j += 1
+        if j + 1 < len(a) and {h.doc_id for h in a[i : j + 1]} != {h.doc_id for h in b[i : j + 1]}:
+            return False
+        i = j + 1
+    return True

@@ -74,6 +74,7 @@ def _write_index(
     bm25_retriever: Optional[BM25Retriever] = None,
     dense_retriever: Any = None,
     docstore: bool = True,
+    writes: Optional[dict[str, Any]] = None,
 ) -> Manifest:
     """Write an index of ``corpus`` into the empty ``directory``; ``bm25_retriever`` (cut from a
     whole-corpus index, or built on Ray) and ``dense_retriever`` (from vectors encoded elsewhere)
@@ -108,6 +109,7 @@ def _write_index(
         bm25=sections["bm25"],
         dense=sections["dense"],
         libraries=library_versions(),
+        writes=writes,
         files=files,
     )
     write_json_durably(directory / MANIFEST, manifest)
@@ -152,15 +154,18 @@ def write_index_atomically(
     bm25_retriever: Optional[BM25Retriever] = None,
     dense_retriever: Any = None,
     whole_vectors: Optional[tuple[Any, Any]] = None,
+    writes: Optional[dict[str, Any]] = None,
+    assignments: Optional[Mapping[str, Sequence[Sequence[int]]]] = None,
 ) -> Manifest:
     """Write the index and its ``wanted`` shard sets into a staging directory and swap it into
     place (the previous index stays if anything fails). Retrievers built elsewhere
     (``bm25_retriever``, ``dense_retriever`` with its ``whole_vectors``) are saved and cut into
-    shards instead of being built again."""
+    shards instead of being built again; ``writes`` is the manifest's record of a merge of live
+    writes (:mod:`serve_app.live.merge`)."""
     with staging_dir(out) as tmp:
         manifest = _write_index(
             tmp, corpus, bm25=bm25, dense=dense, chunking=chunking, encoder=encoder, show_progress=show_progress,
-            bm25_retriever=bm25_retriever, dense_retriever=dense_retriever,
+            bm25_retriever=bm25_retriever, dense_retriever=dense_retriever, writes=writes,
         )
         for retriever, n in wanted.items():
             build_shard_set(
@@ -168,6 +173,7 @@ def write_index_atomically(
                 bm25=bm25 if retriever == "bm25" else None, dense=dense if retriever == "dense" else None,
                 chunking=chunking, encoder=encoder, show_progress=show_progress,
                 whole_bm25=bm25_retriever if retriever == "bm25" else None, whole_vectors=whole_vectors if retriever == "dense" else None,
+                assignment=(assignments or {}).get(retriever),
             )
         swap_into_place(tmp, out)
     return manifest
@@ -213,6 +219,7 @@ def build_shard_set(
     corpus_sha256: Optional[str] = None,
     whole_bm25: Optional[BM25Retriever] = None,
     whole_vectors: Optional[tuple[Any, Any]] = None,
+    assignment: Optional[Sequence[Sequence[int]]] = None,
 ) -> ShardSetManifest:
     """Build a shard set of ``corpus`` at ``out_dir`` (replacing one there atomically).
 
@@ -222,28 +229,35 @@ def build_shard_set(
     ``corpus_sha256`` is the whole corpus's document-store checksum (its index manifest's;
     computed from ``corpus`` when not given). ``whole_bm25`` (a whole-corpus BM25 index) and
     ``whole_vectors`` (every chunk's vector and document position, corpus order) are cut instead
-    of indexing or encoding again (the Ray build passes what it computed).
+    of indexing or encoding again (the Ray build passes what it computed). ``assignment`` gives
+    each shard's document positions explicitly (ascending) instead of contiguous ranges: a merge
+    of live writes keeps every document in its shard.
     """
     if bm25 is None and dense is None:
         raise ValueError("nothing to build: give a BM25 config, a dense config, or both")
     if bm25 is not None and bm25.engine != "bm25s":
         raise ValueError(f"sharded BM25 needs engine 'bm25s' (got {bm25.engine!r}): rank_bm25 recomputes corpus statistics per shard")
+    import numpy as np
+
     corpus = corpus if isinstance(corpus, Corpus) else Corpus.from_documents(corpus)
-    bounds = shard_bounds(len(corpus), num_shards)
+    if assignment is not None:
+        sets = [np.asarray(p, dtype=np.int64) for p in assignment]
+        if len(sets) != num_shards or sum(p.size for p in sets) != len(corpus) or np.unique(np.concatenate(sets)).size != len(corpus):
+            raise ValueError(f"assignment must place each of the {len(corpus)} documents in exactly one of {num_shards} shards")
+    else:
+        sets = [np.arange(s, e, dtype=np.int64) for s, e in shard_bounds(len(corpus), num_shards)]
     parts: list[Optional[BM25Retriever]] = [None] * num_shards
     if bm25 is not None:
         whole = whole_bm25 if whole_bm25 is not None else BM25Retriever.build(corpus, bm25, chunking, show_progress=show_progress)
-        parts = list(whole.split(bounds))
+        parts = list(whole.split_by_documents(sets) if assignment is not None else whole.split(shard_bounds(len(corpus), num_shards)))
     dense_parts: list[Any] = [None] * num_shards
     if dense is not None and whole_vectors is not None:
-        import numpy as np
-
         from serve_app.retrieval.dense import DenseRetriever
 
         vectors, owner = whole_vectors
-        for i, (start, end) in enumerate(bounds):
-            c0, c1 = (int(x) for x in np.searchsorted(owner, [start, end], side="left"))
-            dense_parts[i] = DenseRetriever.from_vectors(vectors[c0:c1], corpus.ids[start:end], dense, chunk_owner=owner[c0:c1] - start, encoder=encoder)
+        for i, pos in enumerate(sets):
+            rows = np.flatnonzero(np.isin(owner, pos))
+            dense_parts[i] = DenseRetriever.from_vectors(vectors[rows], [corpus.ids[j] for j in pos], dense, chunk_owner=np.searchsorted(pos, owner[rows]), encoder=encoder)
     if dense is not None and encoder is None and whole_vectors is None:
         from serve_app.retrieval.dense import BiEncoder
 
@@ -256,17 +270,18 @@ def build_shard_set(
             corpus_sha256 = sha256_file(tmp / DOCUMENTS)
             (tmp / DOCUMENTS).unlink()
         infos = []
-        for i, ((start, end), part, dense_part) in enumerate(zip(bounds, parts, dense_parts)):
+        for i, (pos, part, dense_part) in enumerate(zip(sets, parts, dense_parts)):
             (tmp / str(i)).mkdir()
+            start, end = (int(pos[0]), int(pos[-1]) + 1) if assignment is None else (0, int(pos.size))
             _write_index(
-                tmp / str(i), corpus[start:end], bm25=bm25, dense=dense, chunking=chunking, encoder=encoder, show_progress=show_progress,
+                tmp / str(i), Corpus([corpus[j] for j in pos]), bm25=bm25, dense=dense, chunking=chunking, encoder=encoder, show_progress=show_progress,
                 bm25_retriever=part, dense_retriever=dense_part, docstore=False,
             )
             infos.append(ShardInfo(index=i, directory=str(i), start=start, end=end))
         manifest = ShardSetManifest(
             format_version=SHARDS_FORMAT_VERSION,
             created_at=_now(),
-            assignment="contiguous",
+            assignment="contiguous" if assignment is None else "owner",
             num_shards=num_shards,
             num_documents=len(corpus),
             corpus_sha256=corpus_sha256,

@@ -177,6 +177,16 @@ class SqliteDocumentStore:
                     found[row[0]] = self._doc(row)
         return [found.get(d) for d in doc_ids]
 
+    def positions(self, doc_ids: Sequence[str]) -> dict[str, int]:
+        """Index positions of those of ``doc_ids`` the store holds."""
+        out: dict[str, int] = {}
+        ids = list(dict.fromkeys(doc_ids))
+        with self._con() as con:
+            for i in range(0, len(ids), 500):
+                part = ids[i : i + 500]
+                out.update((r[0], int(r[1])) for r in con.execute(f"SELECT id, pos FROM documents WHERE id IN ({','.join('?' * len(part))})", part))
+        return out
+
     def check(self) -> None:
         """Raise unless the store answers: its file is still at its path and still an SQLite
         file, and a real row is read through a pinned connection (the health check)."""

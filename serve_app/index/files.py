@@ -70,6 +70,7 @@ class Manifest(_Model):
     bm25: Optional[dict[str, Any]] = Field(None, description="BM25Retriever.save section, or null when not built.")
     dense: Optional[dict[str, Any]] = Field(None, description="DenseRetriever.save section, or null when not built.")
     libraries: dict[str, Optional[str]] = Field(description="Versions of the libraries that wrote the index.")
+    writes: Optional[dict[str, Any]] = Field(None, description="Set by a merge of live writes: the write log's generation this base starts and base_seq, the last batch folded in.")
     files: dict[str, FileEntry] = Field(description="Every file of the index except manifest.json, by relative POSIX path.")
 
 

@@ -86,23 +86,28 @@ def _dense_section(d: Path, manifest: Manifest) -> dict[str, Any]:
     return manifest.dense
 
 
+def dense_config_of(d: str | os.PathLike[str], manifest: Manifest) -> DenseConfig:
+    """The dense settings an index was built with (model, FAISS factory, length, prefixes)."""
+    section = _dense_section(Path(d), manifest)
+    try:
+        return DenseConfig(
+            model=section["model"],
+            factory=section.get("factory", DenseConfig.model_fields["factory"].default),
+            max_length=section.get("max_length", DenseConfig.model_fields["max_length"].default),
+            query_prefix=section.get("query_prefix", ""),
+            document_prefix=section.get("document_prefix", ""),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IndexLoadError(f"{d}: invalid dense manifest section ({exc})") from None
+
+
 def _dense(d: Path, manifest: Manifest, cfg: Optional[DenseConfig], *, encoder: Any = None, load_encoder: bool = True, checksums: bool = True) -> Any:
     from serve_app.retrieval.dense import BiEncoder, DenseRetriever
 
     section = _dense_section(d, manifest)
     verify_files(d, manifest, [DENSE_DIR + "/"], checksums=checksums)
     if encoder is None and load_encoder:
-        if cfg is None:
-            try:
-                cfg = DenseConfig(
-                    model=section["model"],
-                    max_length=section.get("max_length", DenseConfig.model_fields["max_length"].default),
-                    query_prefix=section.get("query_prefix", ""),
-                    document_prefix=section.get("document_prefix", ""),
-                )
-            except (KeyError, TypeError, ValueError) as exc:
-                raise IndexLoadError(f"{d}: invalid dense manifest section ({exc})") from None
-        encoder = BiEncoder(cfg)  # ModelLoadError names the model and how to provide it
+        encoder = BiEncoder(cfg if cfg is not None else dense_config_of(d, manifest))  # ModelLoadError names the model and how to provide it
     try:
         retriever = DenseRetriever.load(d / DENSE_DIR, section, encoder, cfg=cfg)
     except UserFacingError:

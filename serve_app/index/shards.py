@@ -7,7 +7,8 @@ A shard set of ``n`` shards of one retriever lives inside the index it was cut f
 
 Each numbered directory is an index of its shard's documents, written like any index (manifest,
 sizes, sha256), so the usual loaders check it. ``shards.json`` records the assignment (shard
-``i`` holds the documents ``[i*N//n, (i+1)*N//n)``, :func:`serve_app.retrieval.sharding.shard_bounds`)
+``i`` holds the documents ``[i*N//n, (i+1)*N//n)``, :func:`serve_app.retrieval.sharding.shard_bounds`;
+or, after a merge of live writes, ``owner``: each document stays in the shard that held it)
 and the sha256 of the whole corpus's document store, so a shard replica refuses a set cut from
 another corpus than its index. Building is :func:`serve_app.index.build.build_shard_set`.
 """
@@ -45,7 +46,7 @@ class ShardSetManifest(_Model):
 
     format_version: int
     created_at: str
-    assignment: Literal["contiguous"] = Field(description="Shard i holds documents [i*N//n, (i+1)*N//n).")
+    assignment: Literal["contiguous", "owner"] = Field(description="contiguous: shard i holds documents [i*N//n, (i+1)*N//n). owner: each document stays in the shard that held it when it was written (a merge of live writes); start is 0 and end the shard's document count.")
     num_shards: int = Field(ge=1)
     num_documents: int = Field(ge=1)
     corpus_sha256: str = Field(description="sha256 of the whole corpus written as documents.jsonl.")
@@ -72,6 +73,10 @@ def read_shards_manifest(set_dir: str | os.PathLike[str]) -> ShardSetManifest:
         manifest = ShardSetManifest.model_validate(raw)
     except ValidationError as exc:
         raise IndexLoadError(f"{path}: invalid shard set manifest: {exc}") from None
+    if manifest.assignment == "owner":
+        if [s.index for s in manifest.shards] != list(range(manifest.num_shards)) or sum(s.end - s.start for s in manifest.shards) != manifest.num_documents:
+            raise IndexLoadError(f"{path}: the shards' document counts do not add up to the {manifest.num_documents} documents of the set")
+        return manifest
     expected = shard_bounds(manifest.num_documents, manifest.num_shards)
     if [(s.index, s.start, s.end) for s in manifest.shards] != [(i, s, e) for i, (s, e) in enumerate(expected)]:
         raise IndexLoadError(f"{path}: shard bounds do not match the contiguous assignment of {manifest.num_documents} documents to {manifest.num_shards} shards")

@@ -381,3 +381,20 @@ class BM25Retriever:
         for (start, end), (c0, c1), shard in zip(bounds, chunk_bounds, engine.split(chunk_bounds)):
             out.append(BM25Retriever(shard, self.tokenizer, self.config, self.chunking, self.doc_ids[start:end], owner[c0:c1] - start))
         return out
+
+    def split_by_documents(self, positions: Sequence[Sequence[int]]) -> list["BM25Retriever"]:
+        """Shard by explicit document sets: shard ``i`` holds the documents at ``positions[i]``
+        (ascending), with scores bit-identical to this retriever's (as :meth:`split`). A merge
+        of live writes keeps every document in the shard that already held it this way."""
+        engine = self._engine
+        if not isinstance(engine, Bm25sEngine):
+            raise ValueError(f"sharded BM25 needs the bm25s engine; {self.config.engine!r} recomputes corpus statistics per shard (use engine: bm25s)")
+        out = []
+        for pos in positions:
+            pos = np.asarray(pos, dtype=np.int64)
+            if pos.size == 0 or np.any(np.diff(pos) <= 0) or pos[0] < 0 or pos[-1] >= self.num_documents:
+                raise ValueError("each shard needs a non-empty ascending list of document positions inside the index")
+            chunks = np.flatnonzero(np.isin(self.chunk_owner, pos))
+            (shard,) = engine.split([chunks])
+            out.append(BM25Retriever(shard, self.tokenizer, self.config, self.chunking, [self.doc_ids[i] for i in pos], np.searchsorted(pos, self.chunk_owner[chunks])))
+        return out

@@ -75,10 +75,10 @@ class Bm25sEngine:
 
         return cls(bm25s.BM25.load(str(directory), mmap=mmap, allow_pickle=False, load_corpus=False))
 
-    def split(self, chunk_bounds: Sequence[tuple[int, int]]) -> list["Bm25sEngine"]:
-        """One engine per ``[c0, c1)`` range of chunks: that range's postings (chunks renumbered
-        from 0) with the whole vocabulary and non-occurrence scores, so every score stays the
-        whole index's, bit for bit."""
+    def split(self, chunk_sets: Sequence[Any]) -> list["Bm25sEngine"]:
+        """One engine per set of chunks (a ``(c0, c1)`` range or a sorted array of chunk ids):
+        that set's postings (chunks renumbered from 0 in their order) with the whole vocabulary
+        and non-occurrence scores, so every score stays the whole index's, bit for bit."""
         model = self.model
         data = np.asarray(model.scores["data"])
         indices = np.asarray(model.scores["indices"])
@@ -86,8 +86,17 @@ class Bm25sEngine:
         vocab_size = indptr.size - 1
         term_of_entry = np.repeat(np.arange(vocab_size, dtype=np.int64), np.diff(indptr).astype(np.int64))
         out = []
-        for c0, c1 in chunk_bounds:
-            keep = (indices >= c0) & (indices < c1)
+        for chunks in chunk_sets:
+            if isinstance(chunks, tuple):
+                c0, c1 = chunks
+                keep = (indices >= c0) & (indices < c1)
+                renumbered = indices[keep] - c0
+                n_chunks = int(c1 - c0)
+            else:
+                chunks = np.asarray(chunks, dtype=np.int64)
+                keep = np.isin(indices, chunks)
+                renumbered = np.searchsorted(chunks, indices[keep])
+                n_chunks = int(chunks.size)
             counts = np.bincount(term_of_entry[keep], minlength=vocab_size)
             shard = type(model)(
                 k1=model.k1, b=model.b, delta=model.delta, method=model.method, idf_method=model.idf_method,
@@ -95,9 +104,9 @@ class Bm25sEngine:
             )
             shard.scores = {
                 "data": np.ascontiguousarray(data[keep]),
-                "indices": np.ascontiguousarray((indices[keep] - c0).astype(indices.dtype)),
+                "indices": np.ascontiguousarray(renumbered.astype(indices.dtype)),
                 "indptr": np.concatenate([[0], np.cumsum(counts)]).astype(indptr.dtype),
-                "num_docs": int(c1 - c0),
+                "num_docs": n_chunks,
             }
             shard.vocab_dict = dict(model.vocab_dict)
             shard.unique_token_ids_set = set(shard.vocab_dict.values())
@@ -156,3 +165,16 @@ def score_postings(ids: list[list[int]], stats: Mapping[str, Any]) -> tuple[np.n
     )
     return scores, rows, cols
 
+
+
+def scoring_functions(method: str) -> tuple[Any, Any]:
+    """bm25s's own ``(idf(df, N), tfc(tf_array, l_d, l_avg, k1, b, delta))`` of a BM25 variant:
+    what the live index (:mod:`serve_app.live.bm25`) scores postings with at query time, so
+    that its scores are the ones a fresh bm25s build gives."""
+    from bm25s.scoring import _select_idf_scorer, _select_tfc_scorer
+
+    return _select_idf_scorer(method), _select_tfc_scorer(method)
+
+
+#: The variants whose scores add a non-occurrence part for query terms a document lacks.
+NONOCCURRENCE_METHODS = ("bm25l", "bm25+")

@@ -41,7 +41,7 @@ from serve_app.retrieval.faiss_index import (
 )
 from serve_app.types import Document, Hit
 
-__all__ = ["BiEncoder", "DenseIndexError", "DenseRetriever"]
+__all__ = ["BiEncoder", "DenseIndexError", "DenseRetriever", "order_hits"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,15 @@ def _check_texts(texts: Iterable[str], what: str) -> list[str]:
         if not isinstance(t, str):
             raise TypeError(f"{what}[{i}] is {type(t).__name__}, expected str")
     return out
+
+
+def order_hits(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS's hits of each query ordered by score, then by vector id for equal scores (FAISS's
+    heap leaves the order of ties unspecified; a fixed one makes equal indexes answer equally),
+    padding (id -1) last."""
+    key_missing = ids < 0
+    order = np.lexsort((np.where(key_missing, np.iinfo(np.int64).max, ids), -np.where(key_missing, -np.inf, scores)), axis=1)
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 class BiEncoder:
@@ -291,7 +300,7 @@ class DenseRetriever:
         if self._gpu_resources is not None and fetch > GPU_MAX_K:
             index = self._cpu_index
         scores, ids = index.search(q, fetch)
-        return scores, ids
+        return order_hits(scores, ids)
 
     # ------------------------------------------------------------ save, load
 

@@ -40,6 +40,7 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
     "overloaded": (503, "A stage needed for the answer is at capacity (its queue, max_queued_requests, is full): the request was shed; retry after the Retry-After header's seconds."),
     "deadline_exceeded": (504, "The request did not complete within timeouts.request_timeout_s; its pending stage calls were cancelled."),
     "model_not_found": (404, "The request names a reranker model (`model`, or `reranker` on /search) that is not configured; the message lists the available names and aliases."),
+    "document_not_found": (404, "GET /documents/{id}: no live document has this id."),
     "input_too_long": (413, "TEI shape with truncate=false: a query and document pair is longer than the model reads (its max_length tokens); or, for a decoder reranker, the query with its prompt and instruction leaves no room for a document token (queries are never cut)."),
 }
 
@@ -356,7 +357,54 @@ class FunnelOut(BaseModel):
     cascade: Optional[dict[str, int]] = Field(None, description="The depth of each cascade stage, when a cascade is configured.")
 
 
+def build_document_models(writes: Any) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The request models of POST and DELETE /documents, sized by ``writes`` (a
+    :class:`~serve_app.config.WritesConfig`). What a schema cannot say (an id repeated in the
+    batch, a blank text, metadata too large) is checked by
+    :func:`serve_app.live.changes.check_upserts`, answered 422 as well."""
+    DocId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=writes.max_id_chars)]
+    Refresh = Literal["false", "wait_for"]
+    refresh_doc = "false (default): answer once the batch is durable; it is searchable within writes.refresh_interval_s. wait_for: answer once every replica serves it (visible: true), or after writes.wait_for_timeout_s (visible: false)."
+
+    class DocumentIn(_Request):
+        id: DocId = Field(..., description=f"The document's id (1 to {writes.max_id_chars} characters); an existing id is replaced.")
+        text: Annotated[str, StringConstraints(strict=True, min_length=1, max_length=writes.max_document_chars)] = Field(..., description="The document's text.")
+        title: Optional[Annotated[str, StringConstraints(strict=True, max_length=writes.max_document_chars)]] = Field(None, description="Its title (indexed with the text).")
+        metadata: Optional[dict[str, Any]] = Field(None, description=f"A JSON object stored with the document and returned with it (at most {writes.max_metadata_bytes} bytes as compact JSON).")
+
+    class UpsertDocumentsRequest(_Request):
+        """Add or replace documents: one batch, applied whole or not at all."""
+
+        documents: list[DocumentIn] = Field(..., min_length=1, max_length=writes.max_batch_documents, description=f"1 to {writes.max_batch_documents} documents, each id once.")
+        refresh: Refresh = Field("false", description=refresh_doc)
+
+    class DeleteDocumentsRequest(_Request):
+        """Delete documents by id: one batch; ids that are not there are listed in `absent`."""
+
+        ids: list[DocId] = Field(..., min_length=1, max_length=writes.max_batch_documents, description=f"1 to {writes.max_batch_documents} ids, each once.")
+        refresh: Refresh = Field("false", description=refresh_doc)
+
+    return UpsertDocumentsRequest, DeleteDocumentsRequest
+
+
+class WriteResponse(BaseModel):
+    seq: Optional[int] = Field(..., description="The batch's sequence number (null: the batch changed nothing, e.g. a delete of absent ids).")
+    upserted: Optional[list[str]] = Field(None, description="POST: the ids written.")
+    deleted: Optional[list[str]] = Field(None, description="DELETE: the ids deleted.")
+    absent: Optional[list[str]] = Field(None, description="DELETE: the ids that were not there (nothing to delete).")
+    refresh: str
+    visible: Optional[bool] = Field(None, description="refresh=wait_for: whether every replica served the batch before the answer.")
+
+
+class DocumentOut(BaseModel):
+    id: str
+    title: str
+    text: str
+    metadata: dict[str, Any]
+
+
 class SearchResponse(BaseModel):
+    seq: Optional[int] = Field(None, description="With live writes: the batch this answer reads as of (every retriever, shard and document of it).")
     query: str
     results: list[SearchHitOut]
     degraded: bool = Field(..., description="True when a stage failed or timed out and was left out (see stages).")

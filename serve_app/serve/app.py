@@ -5,9 +5,10 @@ environment overrides applied), builds the index first when ``build_index_if_mis
 for it and it is absent (:func:`serve_app.index.ensure_index`, here, never in a replica), then
 wires the deployments (:func:`build_application`, which touches no file)::
 
-    SearchIngress --+--> BM25Retriever
-                    +--> DenseRetriever
-                    +--> CrossEncoderReranker
+    SearchIngress --+--> BM25Retriever  ---+
+                    +--> DenseRetriever ---+--> DocumentWriter (writes.enabled: the one
+                    +--> CrossEncoderReranker  |    writer; everyone left of it follows its log)
+                    +--------------------------+
 
 Each stage is its own deployment with its own replicas and autoscaling. The plain classes of
 :mod:`serve_app.serve.deployments` become deployments here, with the options of
@@ -34,8 +35,8 @@ from ray import serve
 from ray.serve import Application
 
 from serve_app.funnel import CascadeNames
-from serve_app.serve.config import AppConfig, BM25ServerConfig, DenseServerConfig, QueryEncoderServerConfig, RerankerServerConfig, RerankerUserConfig, ShardRef, parse_app_config
-from serve_app.serve.deployments import BM25Server, DenseServer, QueryEncoderServer, RerankerServer, SearchIngress
+from serve_app.serve.config import AppConfig, BM25ServerConfig, DenseServerConfig, QueryEncoderServerConfig, RerankerServerConfig, RerankerUserConfig, ShardRef, WriterServerConfig, parse_app_config
+from serve_app.serve.deployments import BM25Server, DenseServer, QueryEncoderServer, RerankerServer, SearchIngress, WriterServer
 from serve_app.serve.shards import QUERY_ENCODER, RETRIEVER_DEPLOYMENTS, deployment_names, encodes_queries_once, shard_deployment_name
 
 #: Serve retries a failing constructor this often before DEPLOY_FAILED (a missing model or a
@@ -55,7 +56,11 @@ DEPLOYMENT_NAMES = tuple(DEPLOYMENT_DEFAULTS)
 #: sharded dense retriever (sharding.dense > 1), which encodes each query once for every shard.
 CONDITIONAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "DenseQueryEncoder": {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64},
+    # The one writer of the index (writes.enabled): exactly one replica; every follower (each
+    # retriever replica and shard, each ingress replica) holds one long poll open on it.
+    "DocumentWriter": {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 1024, "num_replicas": 1},
 }
+WRITER = "DocumentWriter"
 
 
 def _deployment(cls: type, name: str, base: str, options: Mapping[str, Mapping[str, Any]], user_config: Optional[dict[str, Any]] = None) -> Any:
@@ -76,25 +81,37 @@ def build_application(cfg: AppConfig, options: Optional[Mapping[str, Mapping[str
     Pure wiring: no file is read or written (the index is :func:`build_app`'s business).
     """
     options = dict(options or {})
-    known = ["SearchIngress", *deployment_names(cfg), *([QUERY_ENCODER] if encodes_queries_once(cfg) else []), CascadeNames(None).deployment, *(c.deployment_name() for c in cfg.cascade)]
+    known = ["SearchIngress", *deployment_names(cfg), *([QUERY_ENCODER] if encodes_queries_once(cfg) else []), CascadeNames(None).deployment, *(c.deployment_name() for c in cfg.cascade), *([WRITER] if cfg.writes.enabled else [])]
     unknown = sorted(set(options) - set(DEPLOYMENT_NAMES) - set(CONDITIONAL_DEFAULTS) - set(known))
     if unknown:
         raise ValueError(f"unknown deployment name(s) {unknown}; expected among {known}")
+    w_opts = options.get(WRITER, {})
+    if w_opts.get("autoscaling_config") or w_opts.get("num_replicas", 1) != 1:
+        raise ValueError(f"{WRITER} runs exactly one replica (it serialises the index's writes): remove num_replicas/autoscaling_config from its options")
+
+    writer = None
+    if cfg.writes.enabled:
+        shards = {r: getattr(cfg.sharding, r) for r in cfg.retrievers if getattr(cfg.sharding, r) > 1}
+        writer = _deployment(WriterServer, WRITER, WRITER, options).bind(
+            WriterServerConfig(index_dir=cfg.index_dir, writes=cfg.writes, dense=cfg.dense if "dense" in cfg.retrievers else None, shards=shards)
+        )
+    follow = cfg.writes if cfg.writes.enabled else None
+    follows = (writer,) if writer is not None else ()  # the writer's handle, bound only with live writes
 
     def retriever(name: str, cls: type, make_config: Any) -> Any:
         n = getattr(cfg.sharding, name)
         base = RETRIEVER_DEPLOYMENTS[name]
         uc = cfg.retriever_user_config(name)
         if n == 1:
-            return _deployment(cls, base, base, options, uc).bind(make_config(None))
-        return [_deployment(cls, shard_deployment_name(name, i), base, options, uc).bind(make_config(ShardRef(index=i, num_shards=n))) for i in range(n)]
+            return _deployment(cls, base, base, options, uc).bind(make_config(None), *follows)
+        return [_deployment(cls, shard_deployment_name(name, i), base, options, uc).bind(make_config(ShardRef(index=i, num_shards=n)), *follows) for i in range(n)]
 
     bm25 = dense = encoder = None
     if "bm25" in cfg.retrievers:
-        bm25 = retriever("bm25", BM25Server, lambda shard: BM25ServerConfig(index_dir=cfg.index_dir, shard=shard))
+        bm25 = retriever("bm25", BM25Server, lambda shard: BM25ServerConfig(index_dir=cfg.index_dir, shard=shard, writes=follow))
     if "dense" in cfg.retrievers:
         sharded = encodes_queries_once(cfg)  # the shards get vectors from one query encoder
-        dense = retriever("dense", DenseServer, lambda shard: DenseServerConfig(index_dir=cfg.index_dir, dense=cfg.dense, batching=cfg.dense_batching, shard=shard, encode_queries=not sharded))
+        dense = retriever("dense", DenseServer, lambda shard: DenseServerConfig(index_dir=cfg.index_dir, dense=cfg.dense, batching=cfg.dense_batching, shard=shard, encode_queries=not sharded, writes=follow))
         if sharded:
             encoder = _deployment(QueryEncoderServer, QUERY_ENCODER, QUERY_ENCODER, options, cfg.retriever_user_config("dense")).bind(
                 QueryEncoderServerConfig(index_dir=cfg.index_dir, dense=cfg.dense, batching=cfg.dense_batching)
@@ -109,7 +126,7 @@ def build_application(cfg: AppConfig, options: Optional[Mapping[str, Mapping[str
         for c in cfg.cascade
     ]
     ingress = _deployment(serve.ingress()(SearchIngress), "SearchIngress", "SearchIngress", options)
-    return ingress.bind(cfg, bm25, dense, reranker, cascade, encoder)
+    return ingress.bind(cfg, bm25, dense, reranker, cascade, encoder, *follows)
 
 
 def build_app(args: Optional[dict[str, Any]] = None) -> Application:

@@ -26,7 +26,7 @@ from typing import Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve_app.config import BM25Config, CascadeStage, ChunkingConfig, RerankerModelConfig, DenseConfig, FunnelLimits, FusionConfig, ScoreCacheConfig, SloConfig
+from serve_app.config import BM25Config, CascadeStage, ChunkingConfig, RerankerModelConfig, DenseConfig, FunnelLimits, FusionConfig, ScoreCacheConfig, SloConfig, WritesConfig
 from serve_app.corpus import BUILTIN_PREFIX
 from serve_app.errors import UserFacingError
 from serve_app.funnel import DEFAULT_MODEL, CascadeNames, FunnelTimeouts
@@ -214,6 +214,7 @@ class AppConfig(_Strict):
     sharding: ShardingConfig = Field(default_factory=ShardingConfig, description="Shards per retriever ({bm25: N, dense: M}); shard sets are built under index_dir/shards/ and the ingress merges the shards' results exactly.")
     cascade: tuple[ServeCascadeStage, ...] = Field((), max_length=8, description="Cheaper rerank stages run before the reranker, in order, each its own deployment CrossEncoderReranker-<name> (e.g. [{name: small, reranker: {model: /models/ce-2l}, default_top_m: 100}] with funnel.default_rerank_top_m 20).")
     slo: SloConfig = Field(default_factory=SloConfig, description="SLO-aware rerank depth: with search_p95_ms set, the ingress lowers a request's rerank_top_m (never below min_rerank_top_m) when its predicted latency would exceed the objective. Off by default.")
+    writes: WritesConfig = Field(default_factory=WritesConfig, description="Live writes (POST/DELETE/GET /documents): off by default; enabled deploys the DocumentWriter deployment, which every retriever replica and the ingress follow.")
 
     @field_validator("index_dir")
     @classmethod
@@ -274,6 +275,7 @@ class ShardRef(_Strict):
 class BM25ServerConfig(_Strict):
     index_dir: str
     shard: Optional[ShardRef] = None
+    writes: Optional[WritesConfig] = Field(None, description="Follow the DocumentWriter's log (live writes), or None.")
 
 
 class DenseServerConfig(_Strict):
@@ -282,6 +284,16 @@ class DenseServerConfig(_Strict):
     batching: BatchingConfig = DENSE_BATCHING
     shard: Optional[ShardRef] = None
     encode_queries: bool = Field(True, description="Whether the replica encodes queries itself (unsharded dense); the shards of a sharded dense retriever receive vectors from DenseQueryEncoder and load no model.")
+    writes: Optional[WritesConfig] = Field(None, description="Follow the DocumentWriter's log (live writes), or None.")
+
+
+class WriterServerConfig(_Strict):
+    """The DocumentWriter deployment: the one writer of the index."""
+
+    index_dir: str
+    writes: WritesConfig
+    dense: Optional[DenseConfig] = Field(None, description="The index's bi-encoder, which encodes new documents (None: the index has no dense retriever).")
+    shards: dict[str, int] = Field(default_factory=dict, description="Shards of each sharded retriever (their owners are recorded with every change).")
 
 
 class QueryEncoderServerConfig(_Strict):

@@ -13,6 +13,8 @@ dict. Tests construct these classes directly, without Ray.
   share cross-encoder calls through Serve's batching and the :class:`~serve_app.rerank.coalesce.Coalescer`,
   with ``max_batch_size`` and ``batch_wait_timeout_s`` from ``user_config`` (changed live by
   ``reconfigure``);
+* :class:`WriterServer`: the ``DocumentWriter`` deployment (live writes,
+  :mod:`serve_app.serve.writer_server`), which every retriever replica and the ingress follow;
 * :class:`SearchIngress`: the FastAPI app (:mod:`serve_app.serve.http`) over
   :class:`~serve_app.serve.service.SearchService`, calling the stages through deployment handles
   (:class:`HandleBackends`).
@@ -31,6 +33,7 @@ from serve_app.serve.ingress import HandleBackends, SearchIngress
 from serve_app.serve.reranker_server import HEALTH_RECENT_S, RERANK_CONCURRENT_BATCHES, RerankerServer
 from serve_app.serve.replica import InjectedFault, LocalModels, ModelSlot, OneByOne
 from serve_app.serve.retrievers import BM25Server, DenseServer, QueryEncoderServer
+from serve_app.serve.writer_server import WriterServer
 
 __all__ = [
     "BM25Server",
@@ -45,4 +48,5 @@ __all__ = [
     "RERANK_CONCURRENT_BATCHES",
     "RerankerServer",
     "SearchIngress",
+    "WriterServer",
 ]

@@ -15,7 +15,7 @@ from typing import Callable
 
 from pydantic import BaseModel
 
-from serve_app.config import FunnelLimits
+from serve_app.config import FunnelLimits, WritesConfig
 from serve_app.serve import metrics
 from serve_app.serve.api import ERROR_TYPES
 from serve_app.serve.config import AppConfig, RequestLimits, StageTimeouts
@@ -51,6 +51,11 @@ def errors_table() -> str:
     return "\n".join(rows)
 
 
+def writes_table() -> str:
+    """Live-write settings with their defaults."""
+    return _fields_table(WritesConfig, "writes.")
+
+
 def metrics_table() -> str:
     """Custom metrics as exported to Prometheus (Ray adds the ``ray_`` prefix)."""
     rows = ["| Prometheus name | Type | Tags | Meaning |", "|---|---|---|---|"]
@@ -65,6 +70,7 @@ SECTIONS: dict[str, tuple[str, Callable[[], str]]] = {
     "limits": ("API.md", limits_table),
     "config": ("API.md", config_table),
     "errors": ("API.md", errors_table),
+    "writes": ("API.md", writes_table),
     "metrics": ("METRICS.md", metrics_table),
 }
 

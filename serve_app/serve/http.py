@@ -31,8 +31,11 @@ from serve_app.serve.api import (
     ERROR_TYPES,
     RERANK_OVERLOADED_STATUS,
     ApiError,
+    DocumentOut,
     ErrorEnvelope,
     HealthResponse,
+    WriteResponse,
+    build_document_models,
     RerankResponse,
     SearchResponse,
     TEIRankOut,
@@ -150,6 +153,8 @@ def _endpoint(request: Request) -> str:
     for name in ("search", "rerank", "healthz", "info"):
         if path.endswith("/" + name):
             return name
+    if path.endswith("/documents") or "/documents/" in path:
+        return "documents"
     return "other"
 
 
@@ -270,12 +275,46 @@ DESCRIPTION = """Hybrid retrieval (BM25 + dense) with cross-encoder reranking, a
 * `POST /rerank`: Text Embeddings Inference's rerank when the body has `texts`, Cohere's v1 otherwise.
 * `GET /healthz`: 200 once every stage has loaded its index or model, else 503.
 * `GET /info`: models (every configured reranker), index size, limits, funnel defaults.
+* `POST /documents`, `DELETE /documents`, `GET /documents/{id}`: live writes, when `writes.enabled`.
 
 `model` (`reranker` on /search) picks one of the configured rerankers by name or alias.
 Errors always have the body `{"error": {"type": ..., "message": ...}}`; the rerank routes add
 the message at the top level (`"message"`, where Cohere's clients read it) and answer a shed
 request with 429 instead of 503.
 """
+
+
+_WRITE_ERRORS_DOC = _errors_doc(
+    (400, "invalid_json"), (413, "payload_too_large"), (415, "unsupported_media_type"),
+    (422, "validation_error: missing or unknown field, an id repeated in the batch, an empty or too long document, metadata that is not a small JSON object, too many documents"),
+    (503, "service_unavailable: the document writer is unreachable; the batch may or may not have been logged: send it again (writes are idempotent)"),
+)
+
+
+def _document_routes(app: FastAPI, service: SearchService) -> None:
+    """POST, DELETE and GET /documents (live writes)."""
+    from serve_app.live.changes import check_deletes, check_upserts
+
+    UpsertRequest, DeleteRequest = build_document_models(service.cfg.writes)
+
+    @app.post("/documents", response_model=WriteResponse, response_model_exclude_unset=True, responses=_WRITE_ERRORS_DOC, summary="Add or replace documents (one durable batch)")
+    async def upsert_documents(body: UpsertRequest) -> Any:  # type: ignore[valid-type]
+        check_upserts([d.model_dump(exclude_none=True) for d in body.documents], service.cfg.writes)  # 422 before any round trip
+        return await service.upsert_documents(body)
+
+    @app.delete("/documents", response_model=WriteResponse, response_model_exclude_unset=True, responses=_WRITE_ERRORS_DOC, summary="Delete documents by id (one durable batch; idempotent)")
+    async def delete_documents(body: DeleteRequest) -> Any:  # type: ignore[valid-type]
+        check_deletes(list(body.ids), service.cfg.writes)
+        return await service.delete_documents(body)
+
+    @app.get("/documents/{doc_id:path}", response_model=DocumentOut, responses=_errors_doc((404, "document_not_found"), (503, "service_unavailable")), summary="The latest acknowledged version of a document")
+    async def get_document(doc_id: str) -> Any:
+        if not doc_id or len(doc_id) > service.cfg.writes.max_id_chars:
+            raise ApiError("validation_error", f"doc_id: must be 1 to {service.cfg.writes.max_id_chars} characters")
+        doc = await service.get_document(doc_id)
+        if doc is None:
+            raise ApiError("document_not_found", f"no document with this id (it was never written, or it was deleted)")
+        return doc
 
 
 def create_app(service: SearchService, *, api_keys: Optional[Sequence[str]] = None) -> FastAPI:
@@ -314,6 +353,9 @@ def create_app(service: SearchService, *, api_keys: Optional[Sequence[str]] = No
     @app.post("/v2/rerank", response_model=RerankResponse, response_model_exclude_none=True, responses=_RERANK_ERRORS_DOC, summary="Rerank documents (Cohere v2)")
     async def rerank_v2(body: CohereV2Request) -> Any:  # type: ignore[valid-type]
         return await service.rerank(body)
+
+    if service.cfg.writes.enabled:
+        _document_routes(app, service)
 
     @app.get("/healthz", response_model=HealthResponse, responses={503: {"model": ErrorEnvelope, "description": "not_ready"}}, summary="Readiness")
     async def healthz() -> Any:

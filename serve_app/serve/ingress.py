@@ -15,6 +15,24 @@ from serve_app.serve.shards import QUERY_ENCODER_KEY
 from serve_app.types import Hit, RerankOutcome, RerankRequest
 
 
+async def call_writer(make_call: Any) -> Any:
+    """A call to the DocumentWriter: a refused batch is the client's error (its message, not a
+    remote traceback); the writer unreachable is ``StageUnavailable`` (503). A write is not
+    retried on replica death: the batch may have been logged, and the client decides."""
+    from serve_app.errors import StageError, StageUnavailable
+    from serve_app.funnel import describe_exception, input_rejected
+
+    try:
+        return await call_stage("writer", make_call, retries=0)
+    except StageError:
+        raise
+    except Exception as exc:
+        rejected = input_rejected(exc)
+        if rejected is not None:
+            raise rejected from None
+        raise StageUnavailable("writer", f"the document writer failed: {describe_exception(exc)}") from None
+
+
 class HandleBackends:
     """:class:`~serve_app.serve.service.Backends` over deployment handles.
 
@@ -41,19 +59,31 @@ class HandleBackends:
             raise LookupError(f"stage {stage} is not deployed")
         return h
 
-    async def retrieve(self, name: str, query: str, k: int) -> list[Hit]:
+    async def retrieve(self, name: str, query: str, k: int, at_seq: Optional[int] = None) -> list[Hit]:
+        """Top-``k`` hits of retriever ``name``; with live writes as of batch ``at_seq`` (every shard reads the same batch)."""
         handle = self._handle(name)
+        pin = () if at_seq is None else (at_seq,)
         if isinstance(handle, list):
             from serve_app.serve.shards import scatter_gather
 
             encoder = self.handles.get(QUERY_ENCODER_KEY) if name == "dense" else None
             if encoder is not None:  # encoded once, the vector sent to every shard
                 vector = await call_stage(f"{name} query encoder", lambda: encoder.encode.remote(query))
-                calls = [functools.partial(call_stage, f"{name} shard {i}", functools.partial(lambda h: h.search_vector.remote(vector, k), h)) for i, h in enumerate(handle)]
+                calls = [functools.partial(call_stage, f"{name} shard {i}", functools.partial(lambda h: h.search_vector.remote(vector, k, *pin), h)) for i, h in enumerate(handle)]
             else:
-                calls = [functools.partial(call_stage, f"{name} shard {i}", functools.partial(lambda h: h.search.remote(query, k), h)) for i, h in enumerate(handle)]
+                calls = [functools.partial(call_stage, f"{name} shard {i}", functools.partial(lambda h: h.search.remote(query, k, *pin), h)) for i, h in enumerate(handle)]
             return await scatter_gather(name, calls, k, self.shard_deadline_s)
-        return await call_stage(name, lambda: handle.search.remote(query, k))
+        return await call_stage(name, lambda: handle.search.remote(query, k, *pin))
+
+    async def write(self, op: str, payload: list[Any], refresh: str) -> dict[str, Any]:
+        """A write batch through the DocumentWriter (``op``: upsert or delete)."""
+        h = self._handle("writer")
+        method = h.upsert if op == "upsert" else h.delete
+        return await call_writer(lambda: method.remote(payload, refresh))
+
+    async def get_document(self, doc_id: str) -> Any:
+        h = self._handle("writer")
+        return await call_writer(lambda: h.get.remote(doc_id))
 
     async def rerank(self, request: RerankRequest, stage: Optional[str] = None) -> RerankOutcome:
         if stage is not None:  # a cascade stage: its own deployment, its default model
@@ -74,6 +104,13 @@ class HandleBackends:
         return await call_stage(stage, lambda: handle.ping.remote())
 
 
+def _live_documents(index_dir: str, info: dict[str, Any]) -> Any:
+    from serve_app.index import load_document_store
+    from serve_app.live.documents import LiveDocuments
+
+    return LiveDocuments(load_document_store(index_dir)[0], base_seq=info["base_seq"])
+
+
 class SearchIngress:
     """HTTP ingress: validates requests, runs the funnel over the stages' handles, answers.
 
@@ -82,7 +119,7 @@ class SearchIngress:
     FastAPI app :meth:`__serve_build_asgi_app__` returns.
     """
 
-    def __init__(self, cfg: AppConfig, bm25: Any, dense: Any, reranker: Any, cascade: Optional[list[Any]] = None, dense_encoder: Any = None) -> None:
+    def __init__(self, cfg: AppConfig, bm25: Any, dense: Any, reranker: Any, cascade: Optional[list[Any]] = None, dense_encoder: Any = None, writer: Any = None) -> None:
         from serve_app.index import load_document_store
         from serve_app.serve.service import SearchService
         from serve_app.serve.shards import shard_deadline
@@ -94,6 +131,12 @@ class SearchIngress:
             handles[CascadeNames(stage.name).handle] = h
         if dense_encoder is not None:
             handles[QUERY_ENCODER_KEY] = dense_encoder
+        live = None
+        if writer is not None and cfg.writes.enabled:
+            from serve_app.serve.live_replica import LiveReplica, source_of
+
+            handles["writer"] = writer
+            live = LiveReplica("SearchIngress", cfg.index_dir, source_of(writer), functools.partial(_live_documents, cfg.index_dir), cfg.writes, stage="ingress")
         index_info = {
             "chunks": manifest.corpus.num_chunks,
             "built_at": manifest.created_at,
@@ -103,7 +146,7 @@ class SearchIngress:
         if cfg.sharding.bm25 > 1 or cfg.sharding.dense > 1:
             index_info["shards"] = {r: getattr(cfg.sharding, r) for r in cfg.retrievers}
         backends = HandleBackends(handles, shard_deadline(cfg.timeouts.retriever_timeout_s), shard_deadline(cfg.timeouts.health_timeout_s))
-        self.service = SearchService(cfg, backends, corpus, index_info)
+        self.service = SearchService(cfg, backends, corpus, index_info, live=live)
 
     def __serve_build_asgi_app__(self) -> Any:
         from serve_app.serve.http import create_app

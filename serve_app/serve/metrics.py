@@ -35,7 +35,7 @@ class MetricSpec:
 SPECS: dict[str, MetricSpec] = {
     s.name: s
     for s in (
-        MetricSpec(PREFIX + "stage_latency_ms", "histogram", ("stage",), "Wall time of one funnel stage in milliseconds, as seen by the ingress (stage: bm25, dense, fusion, rerank, total) or by a stage's own deployment (stage: bm25_search, dense_search, dense_encode (the query encoder of a sharded dense retriever), rerank_batch).", tuple(LATENCY_BOUNDARIES_MS)),
+        MetricSpec(PREFIX + "stage_latency_ms", "histogram", ("stage",), "Wall time of one funnel stage in milliseconds, as seen by the ingress (stage: bm25, dense, fusion, rerank, total) or by a stage's own deployment (stage: bm25_search, dense_search, dense_encode (the query encoder of a sharded dense retriever), rerank_batch, write (a batch validated, encoded and fsynced by the DocumentWriter)).", tuple(LATENCY_BOUNDARIES_MS)),
         MetricSpec(PREFIX + "candidates", "histogram", ("stage",), "Documents per request leaving a stage (stage: bm25, dense, fused, reranked, returned, rerank_request).", tuple(COUNT_BOUNDARIES)),
         MetricSpec(PREFIX + "rerank_batch_size", "histogram", ("model",), "Rerank requests gathered into one cross-encoder call by @serve.batch and the coalescer that merges batches formed while the model was busy (values above 1 mean concurrent requests shared a call).", tuple(BATCH_SIZE_BOUNDARIES)),
         MetricSpec(PREFIX + "rerank_batch_pairs", "histogram", ("model",), "(query, document) pairs scored by one cross-encoder call.", tuple(COUNT_BOUNDARIES)),
@@ -46,6 +46,8 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec(PREFIX + "score_cache_total", "counter", ("model", "result"), "Documents of rerank calls looked up in a reranker replica's score cache (result: hit, answered without scoring; miss, scored). model: the configured model name, or cascade.<stage> for a cascade stage."),
         MetricSpec(PREFIX + "rerank_depth_decisions_total", "counter", ("decision",), "/search requests that reranked, by the depth they got: decision as_requested, or reduced (the ingress lowered rerank_top_m to meet slo.search_p95_ms)."),
         MetricSpec(PREFIX + "rerank_depth", "histogram", (), "rerank_top_m used per /search request that reranked, after any SLO-aware reduction.", tuple(COUNT_BOUNDARIES)),
+        MetricSpec(PREFIX + "documents_written_total", "counter", ("op",), "Documents acknowledged by the DocumentWriter (op: upsert, delete; a delete of an absent id is not counted)."),
+        MetricSpec(PREFIX + "write_lag_batches", "histogram", ("stage",), "Batches a follower had not applied yet when it polled the writer (stage: bm25, dense, ingress); a current follower counts 0 (first bucket).", tuple(COUNT_BOUNDARIES)),
     )
 }
 METRIC_NAMES: tuple[str, ...] = tuple(SPECS)
@@ -118,3 +120,14 @@ def observe_rerank_depth(depth: int, reduced: bool) -> None:
 def count_degraded(stage: str, reason: str) -> None:
     """Count one stage dropped from a request (failed or timed out)."""
     _metric(PREFIX + "degraded_total").inc(tags={"stage": stage, "reason": reason})
+
+
+def count_documents_written(op: str, n: int) -> None:
+    """Count documents a write batch acknowledged."""
+    if n:
+        _metric(PREFIX + "documents_written_total").inc(int(n), tags={"op": op})
+
+
+def observe_write_lag(stage: str, batches: int) -> None:
+    """Record how many batches a follower was behind when it polled."""
+    _metric(PREFIX + "write_lag_batches").observe(max(0, int(batches)), tags={"stage": stage})

@@ -8,7 +8,7 @@ import asyncio
 import collections
 import functools
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -19,29 +19,61 @@ from serve_app.serve.shards import QUERY_ENCODER_KEY
 from serve_app.types import Hit
 
 
-class BM25Server:
-    """Top-k BM25 documents for a query."""
+def _follow(what: str, stage: str, cfg: Any, writer: Any, build_view: Any, *, needs_stats: bool = False) -> Any:
+    """The replica's :class:`~serve_app.serve.live_replica.LiveReplica` when live writes are on, else None."""
+    if cfg.writes is None or writer is None:
+        return None
+    from serve_app.serve.live_replica import LiveReplica, source_of
 
-    def __init__(self, cfg: BM25ServerConfig) -> None:
+    return LiveReplica(what, cfg.index_dir, source_of(writer), build_view, cfg.writes, needs_stats=needs_stats, stage=stage)
+
+
+class BM25Server:
+    """Top-k BM25 documents for a query.
+
+    With live writes (``cfg.writes`` and the ``DocumentWriter``'s handle) the replica follows the
+    writer's log: searches read a :class:`~serve_app.live.bm25.LiveBM25` as of the batch the
+    ingress pins (``at_seq``), exact after every write."""
+
+    def __init__(self, cfg: BM25ServerConfig, writer: Any = None) -> None:
         from serve_app.index import load_bm25
 
         self.shard = cfg.shard  # this replica serves one shard of the index (serve_app.serve.shards)
-        self.retriever = load_or_explain("BM25Retriever", load_bm25, index_dir_of("BM25Retriever", cfg.index_dir, "bm25", cfg.shard))
+        self.index_dir = index_dir_of("BM25Retriever", cfg.index_dir, "bm25", cfg.shard)
+        self.retriever = load_or_explain("BM25Retriever", load_bm25, self.index_dir)
         self.fault = FaultInjection()
+        self.live = _follow("BM25Retriever", "bm25", cfg, writer, self._live_view, needs_stats=cfg.shard is not None)
+
+    def _live_view(self, info: dict[str, Any]) -> Any:
+        from serve_app.index import load_bm25, load_documents
+        from serve_app.live.bm25 import LiveBM25
+
+        d = self.index_dir
+        return LiveBM25(load_bm25(d), list(load_documents(d)[0]), info.get("stats"), base_seq=info["base_seq"], shard=self.shard.index if self.shard else None)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.fault = parse_user_config(RetrieverUserConfig, user_config, "BM25Retriever").fault
 
-    async def search(self, query: str, k: int) -> list[Hit]:
+    async def search(self, query: str, k: int, at_seq: Optional[int] = None) -> list[Hit]:
+        """Top-``k`` documents; with live writes as of batch ``at_seq`` (default: the latest applied)."""
         await apply_fault(self.fault, "bm25")
         t0 = time.perf_counter()
-        hits = await asyncio.to_thread(self.retriever.search, query, k)
+        if self.live is not None:
+            view = await self.live.view_at(at_seq)
+            hits = await asyncio.to_thread(view.search, query, k, at_seq)
+        else:
+            hits = await asyncio.to_thread(self.retriever.search, query, k)
         metrics.observe_latency("bm25_search", (time.perf_counter() - t0) * 1000)
         return hits
 
     async def ping(self) -> dict[str, Any]:
         await apply_fault(self.fault, "bm25")
-        return {"stage": "bm25", "documents": self.retriever.num_documents, "replica": replica_id(), "shard": self.shard.model_dump() if self.shard else None}
+        out = {"stage": "bm25", "documents": self.retriever.num_documents, "replica": replica_id(), "shard": self.shard.model_dump() if self.shard else None}
+        if self.live is not None:
+            out["writes"] = self.live.state()
+            if not self.live.ready:
+                raise RuntimeError(f"catching up with the writer's log ({self.live.error or 'starting'})")
+        return out
 
     async def check_health(self) -> None:
         """The memory-mapped index answers: a term lookup over its postings runs."""
@@ -57,60 +89,83 @@ class DenseServer:
     :class:`QueryEncoderServer` computed once per query for every shard (``search_vector``).
     """
 
-    def __init__(self, cfg: DenseServerConfig) -> None:
+    def __init__(self, cfg: DenseServerConfig, writer: Any = None) -> None:
         from serve_app.index import load_dense
 
         self.shard = cfg.shard
         self.encodes = cfg.encode_queries
-        index_dir = index_dir_of("DenseRetriever", cfg.index_dir, "dense", cfg.shard)
+        self.cfg = cfg
+        self.index_dir = index_dir_of("DenseRetriever", cfg.index_dir, "dense", cfg.shard)
         hint = f"For the Serve app, {ENV_DENSE_MODEL}=/path/to/model also overrides dense.model."
-        self.retriever = load_or_explain("DenseRetriever", functools.partial(load_dense, load_encoder=cfg.encode_queries), index_dir, cfg.dense, hint=hint)
+        self.retriever = load_or_explain("DenseRetriever", functools.partial(load_dense, load_encoder=cfg.encode_queries), self.index_dir, cfg.dense, hint=hint)
         self.model_name = cfg.dense.model
         self.fault = FaultInjection()
         self._search_batched = serve_batch(self._search_many_async, cfg.batching)
+        self.live = _follow("DenseRetriever", "dense", cfg, writer, self._live_view)
+
+    def _live_view(self, info: dict[str, Any]) -> Any:
+        from serve_app.index import load_dense
+        from serve_app.live.dense import LiveDense
+
+        base = load_dense(self.index_dir, self.cfg.dense, load_encoder=False)
+        return LiveDense(base, base_seq=info["base_seq"], shard=self.shard.index if self.shard else None)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.fault = parse_user_config(RetrieverUserConfig, user_config, "DenseRetriever").fault
 
-    async def search(self, query: str, k: int) -> list[Hit]:
-        """Top-``k`` documents for ``query`` (encoded here)."""
+    async def search(self, query: str, k: int, at_seq: Optional[int] = None) -> list[Hit]:
+        """Top-``k`` documents for ``query`` (encoded here); with live writes as of batch ``at_seq``."""
         if not self.encodes:
             raise RuntimeError("this dense shard loads no query encoder: send it vectors (search_vector)")
         await apply_fault(self.fault, "dense")
-        return await self._search_batched((query, k))
+        await self._pin(at_seq)
+        return await self._search_batched((query, k, at_seq))
 
-    async def search_vector(self, vector: Any, k: int) -> list[Hit]:
+    async def search_vector(self, vector: Any, k: int, at_seq: Optional[int] = None) -> list[Hit]:
         """Top-``k`` documents for a query vector (from :class:`QueryEncoderServer`)."""
         await apply_fault(self.fault, "dense")
-        return await self._search_batched((np.asarray(vector, dtype=np.float32).reshape(-1), k))
+        await self._pin(at_seq)
+        return await self._search_batched((np.asarray(vector, dtype=np.float32).reshape(-1), k, at_seq))
 
-    async def _search_many_async(self, requests: list[tuple[Any, int]]) -> list[list[Hit]]:
+    async def _pin(self, at_seq: Optional[int]) -> None:
+        if self.live is not None:
+            await self.live.view_at(at_seq)  # the batch this search reads is applied here
+
+    async def _search_many_async(self, requests: list[tuple[Any, int, Optional[int]]]) -> list[list[Hit]]:
         t0 = time.perf_counter()
         out = await asyncio.to_thread(self._search_many, requests)
         metrics.observe_latency("dense_search", (time.perf_counter() - t0) * 1000)
         return out
 
-    def _search_many(self, requests: list[tuple[Any, int]]) -> list[list[Hit]]:
-        """One encoder call for the queries sent as text, then one FAISS search per distinct k."""
-        texts = [i for i, (q, _) in enumerate(requests) if isinstance(q, str)]
+    def _search_many(self, requests: list[tuple[Any, ...]]) -> list[list[Hit]]:
+        """One encoder call for the queries sent as text, then one FAISS search per distinct
+        (k, batch read as of)."""
+        texts = [i for i, r in enumerate(requests) if isinstance(r[0], str)]
         vectors = np.empty((len(requests), self.retriever.dim), dtype=np.float32)
         if texts:
             vectors[texts] = self.retriever.encoder.encode_queries([requests[i][0] for i in texts])
-        for i, (q, _) in enumerate(requests):
-            if not isinstance(q, str):
-                vectors[i] = q
+        for i, r in enumerate(requests):
+            if not isinstance(r[0], str):
+                vectors[i] = r[0]
         out: list[list[Hit]] = [[] for _ in requests]
-        by_k: dict[int, list[int]] = collections.defaultdict(list)
-        for i, (_, k) in enumerate(requests):
-            by_k[int(k)].append(i)
-        for k, rows in by_k.items():
-            for i, hits in zip(rows, self.retriever.search_vectors(vectors[rows], k)):
+        groups: dict[tuple[int, Optional[int]], list[int]] = collections.defaultdict(list)
+        for i, r in enumerate(requests):
+            groups[(int(r[1]), r[2] if len(r) > 2 else None)].append(i)
+        view = self.live.view if self.live is not None and self.live.view is not None else None
+        for (k, at_seq), rows in groups.items():
+            found = view.search_vectors(vectors[rows], k, at_seq) if view is not None else self.retriever.search_vectors(vectors[rows], k)
+            for i, hits in zip(rows, found):
                 out[i] = hits
         return out
 
     async def ping(self) -> dict[str, Any]:
         await apply_fault(self.fault, "dense")
-        return {"stage": "dense", "model": self.model_name, "encodes_queries": self.encodes, "vectors": self.retriever.num_vectors, "replica": replica_id(), "shard": self.shard.model_dump() if self.shard else None}
+        out = {"stage": "dense", "model": self.model_name, "encodes_queries": self.encodes, "vectors": self.retriever.num_vectors, "replica": replica_id(), "shard": self.shard.model_dump() if self.shard else None}
+        if self.live is not None:
+            out["writes"] = self.live.state()
+            if not self.live.ready:
+                raise RuntimeError(f"catching up with the writer's log ({self.live.error or 'starting'})")
+        return out
 
     async def check_health(self) -> None:
         """The FAISS index answers (and the encoder, when the replica has one): a probe is searched."""

@@ -12,6 +12,7 @@ up unchanged and ``serve_app.serve.http`` answers them with their status codes.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -58,21 +59,37 @@ class DocumentStore(Protocol):
     def __len__(self) -> int: ...
 
 
+#: The batch of live writes the current /search reads as of (None: live writes are off). Every
+#: retriever, shard and document lookup of one request reads this same batch, so an answer sees
+#: a batch entirely or not at all, and each hit's text is the text its scores came from.
+READ_SEQ: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("serve_app_read_seq", default=None)
+
+
 class IngressStages:
     """:class:`serve_app.funnel.FunnelStages` over :class:`Backends` and a document store:
-    one backend call per query (Serve batches the reranker's calls across requests)."""
+    one backend call per query (Serve batches the reranker's calls across requests). With live
+    writes (``live``: the ingress's :class:`~serve_app.serve.live_replica.LiveReplica`) every
+    call reads as of the request's :data:`READ_SEQ`."""
 
-    def __init__(self, backends: Backends, documents: DocumentStore) -> None:
+    def __init__(self, backends: Backends, documents: DocumentStore, live: Any = None) -> None:
         self.backends = backends
         self.store = documents
+        self.live = live
 
     async def documents(self, doc_ids: Sequence[str]) -> list[Optional[Document]]:
         # One SQLite query for a request's candidates, not one per id, in a worker thread: the
         # event loop keeps serving other requests while the store reads from disk.
+        seq = READ_SEQ.get()
+        if self.live is not None and seq is not None:
+            view = await self.live.view_at(seq)
+            return await asyncio.to_thread(view.get_many, doc_ids, seq)
         return await asyncio.to_thread(self.store.get_many, doc_ids)
 
     async def retrieve(self, name: str, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        return [list(hits) for hits in await gather_all(self.backends.retrieve(name, q, k) for q in queries)]
+        seq = READ_SEQ.get()
+        if seq is None:
+            return [list(hits) for hits in await gather_all(self.backends.retrieve(name, q, k) for q in queries)]
+        return [list(hits) for hits in await gather_all(self.backends.retrieve(name, q, k, at_seq=seq) for q in queries)]  # type: ignore[call-arg]
 
     async def rerank(self, requests: Sequence[RerankRequest], stage: Optional[str] = None) -> list[RerankOutcome]:
         if stage is None:
@@ -103,13 +120,15 @@ class SearchService:
     backends: Backends
     documents: DocumentStore
     index_info: dict[str, Any] = field(default_factory=dict)
+    #: The ingress's LiveReplica when live writes are on (its view: the document lookups).
+    live: Any = None
 
     def __post_init__(self) -> None:
         self.models: RequestModels = build_request_models(self.cfg.limits, self.cfg.funnel)
         self.retrievers: tuple[str, ...] = tuple(n for n in ("bm25", "dense") if n in self.cfg.retrievers)
         self.depth = DepthController(self.cfg.slo) if self.cfg.slo.search_p95_ms is not None else None
         self.funnel = Funnel(
-            IngressStages(self.backends, self.documents),
+            IngressStages(self.backends, self.documents, self.live),
             retrievers=self.retrievers,
             rerank_available=True,
             limits=self.cfg.funnel,
@@ -127,13 +146,24 @@ class SearchService:
 
     # ------------------------------------------------------------------ /search
 
+    async def read_seq(self) -> Optional[int]:
+        """The batch a search reads as of: the last one every replica has applied (None: no live writes)."""
+        if self.live is None:
+            return None
+        await self.live.view_at(None)
+        return self.live.follower.visible_seq
+
     async def search(self, req: Any) -> dict[str, Any]:
         """Answer a validated search request (``self.models.search``)."""
+        seq = await self.read_seq()
+        token = READ_SEQ.set(seq)
         try:
             result = await self.funnel.search(FunnelRequest(req.query, req.top_k, req.rerank_top_m, req.top_n, req.retrievers, req.return_documents, req.reranker, req.instruction, req.cascade))
         except StageError as exc:
             record_stages(exc.stages)
             raise
+        finally:
+            READ_SEQ.reset(token)
         record_stages(result.stages)
         rerank = result.stages.get(RERANK)
         if rerank is not None and rerank.status == "ok":
@@ -155,6 +185,7 @@ class SearchService:
             items.append(item)
         assert result.funnel is not None
         return {
+            **({"seq": seq} if seq is not None else {}),
             "query": result.funnel.query,
             "results": items,
             "degraded": bool(result.degraded),
@@ -215,13 +246,44 @@ class SearchService:
             out.append(item)
         return out
 
+    # ------------------------------------------------------------------ /documents
+
+    async def upsert_documents(self, req: Any) -> dict[str, Any]:
+        """POST /documents: one batch through the writer; acknowledged once durable."""
+        docs = [d.model_dump(exclude_none=True) for d in req.documents]
+        answer = await self.backends.write("upsert", docs, req.refresh)  # type: ignore[attr-defined]
+        self._saw_visible(answer)
+        return {"seq": answer["seq"], "upserted": answer["ids"], "refresh": req.refresh, **({"visible": answer["visible"]} if req.refresh == "wait_for" else {})}
+
+    async def delete_documents(self, req: Any) -> dict[str, Any]:
+        """DELETE /documents: one batch; ids that were not there are listed, not an error."""
+        answer = await self.backends.write("delete", list(req.ids), req.refresh)  # type: ignore[attr-defined]
+        self._saw_visible(answer)
+        return {"seq": answer["seq"], "deleted": answer["ids"], "absent": answer["absent"], "refresh": req.refresh, **({"visible": answer["visible"]} if req.refresh == "wait_for" else {})}
+
+    def _saw_visible(self, answer: Mapping[str, Any]) -> None:
+        """A wait_for answer says every follower, this ingress included, applied the batch: the
+        next search here reads it (other ingress replicas learn it with their next poll, which
+        the change of the visible batch wakes)."""
+        if answer.get("visible") and answer.get("seq") is not None and self.live is not None and self.live.follower is not None:
+            f = self.live.follower
+            f.visible_seq = max(f.visible_seq, min(int(answer["seq"]), f.applied_seq))
+
+    async def get_document(self, doc_id: str) -> Optional[dict[str, Any]]:
+        """GET /documents/{id}: the latest acknowledged version (read from the writer), or None."""
+        doc = await self.backends.get_document(doc_id)  # type: ignore[attr-defined]
+        if doc is None:
+            return None
+        return {"id": doc.id, "title": doc.title, "text": doc.text, "metadata": dict(doc.metadata)}
+
     # ------------------------------------------------------------------ /healthz, /info
 
     def stages(self) -> tuple[str, ...]:
         """The deployed stages (a cascade stage is ``reranker.<name>``; a sharded dense retriever's
         query encoder is ``dense_encoder``)."""
         encoder = (QUERY_ENCODER_KEY,) if encodes_queries_once(self.cfg) else ()
-        return (*self.retrievers, *encoder, *(CascadeNames(c.name).handle for c in self.cfg.cascade), CascadeNames(None).handle)
+        writer = ("writer",) if self.live is not None else ()
+        return (*self.retrievers, *encoder, *(CascadeNames(c.name).handle for c in self.cfg.cascade), CascadeNames(None).handle, *writer)
 
     async def health(self) -> tuple[bool, dict[str, str]]:
         """(ready, per-stage state): ready when every stage answers a ping within its timeout."""
@@ -237,6 +299,8 @@ class SearchService:
 
         names = self.stages()
         states = dict(zip(names, await asyncio.gather(*(probe(s) for s in names))))
+        if self.live is not None:
+            states["documents"] = "ok" if self.live.ready else f"not ready: catching up with the writer's log ({self.live.error or 'starting'})"
         return all(v == "ok" for v in states.values()), states
 
     async def info(self) -> dict[str, Any]:
@@ -253,7 +317,8 @@ class SearchService:
         return {
             "models": {"reranker": c.reranker.model, **({"dense": c.dense.model} if "dense" in self.retrievers else {})},
             "retrievers": list(self.retrievers),
-            "index": {"dir": c.index_dir, "documents": len(self.documents), **self.index_info},
+            "index": {"dir": c.index_dir, "documents": len(self.live.view) if self.live is not None and self.live.view is not None else len(self.documents), **self.index_info},
+            "writes": {**c.writes.model_dump(), **({"live": self.live.state()} if self.live is not None else {})},
             "limits": c.limits.model_dump(),
             "funnel": c.funnel.model_dump(),
             "fusion": c.fusion.model_dump(),

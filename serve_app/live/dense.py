@@ -1,0 +1,196 @@
+"""Dense retrieval that takes writes: the base FAISS index, an exact delta index of new vectors,
+and deleted or replaced vectors excluded inside the search.
+
+New and replaced documents' chunk vectors (computed once by the writer and carried in the
+log) go to a small exact ``IndexFlatIP``. Vectors of deleted or replaced documents stay in the
+base index but are excluded *inside* FAISS's search through an ``IDSelector`` in the search
+parameters (``SearchParametersHNSW``/``SearchParametersIVF``/``SearchParameters``), so HNSW and
+IVF return k live neighbours when k exist, unlike filtering a top-k afterwards. Both indexes
+are searched and their hits merged by score; a document's score is its best live chunk's.
+
+Versions work as in :mod:`serve_app.live.bm25`: each vector has ``born``/``died`` sequence
+numbers and a search reads as of one. With a ``Flat`` base every search equals exact search
+over the live documents (what a fresh build gives); with HNSW or IVF the base part is as
+approximate as the base index is (``benchmarks/live_writes.py`` measures recall).
+
+A GPU copy of the base index cannot take an ``IDSelector``: once a base vector is excluded,
+searches use the CPU index.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+import faiss
+import numpy as np
+
+from serve_app.chunking import collapse_to_documents
+from serve_app.live.bm25 import ALIVE, _Grow
+from serve_app.live.changes import UPSERT, Batch
+from serve_app.retrieval.dense import order_hits
+from serve_app.retrieval.faiss_index import _unwrap
+from serve_app.types import Hit
+
+
+def search_parameters(index: faiss.Index, selector: Optional[faiss.IDSelector], *, ef_search: int, nprobe: int) -> Optional[Any]:
+    """FAISS search parameters for ``index`` carrying ``selector`` and the configured efSearch /
+    nprobe (which per-call parameters would otherwise reset); None without a selector."""
+    if selector is None:
+        return None
+    transforms, core = _unwrap(index)
+    if isinstance(core, faiss.IndexIVF):
+        params: Any = faiss.SearchParametersIVF(sel=selector, nprobe=min(int(nprobe), int(core.nlist)))
+    elif hasattr(core, "hnsw"):
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=int(ef_search))
+    else:
+        params = faiss.SearchParameters(sel=selector)
+    if transforms:
+        params = faiss.SearchParametersPreTransform(index_params=params)
+        params.sel = selector
+    return params
+
+
+class LiveDense:
+    """A dense retriever over a base :class:`~serve_app.retrieval.dense.DenseRetriever` plus the
+    batches applied to it (see the module docstring). ``shard``: this replica's shard when the
+    dense retriever is sharded (it keeps only the changes it owns)."""
+
+    name = "dense"
+
+    def __init__(self, base: Any, *, base_seq: int = 0, shard: Optional[int] = None) -> None:
+        self.base = base
+        self.encoder = base.encoder
+        self.shard = shard
+        self.base_seq = base_seq
+        self.applied_seq = base_seq
+        self.dim = base.dim
+        nb = base.num_vectors
+        self._nb = nb
+        self.doc_ids: list[str] = list(base.doc_ids)
+        self._pos = {d: i for i, d in enumerate(self.doc_ids)}
+        owner = base.chunk_owner
+        starts = np.searchsorted(owner, np.arange(len(self.doc_ids) + 1), side="left") if nb else np.zeros(len(self.doc_ids) + 1, dtype=np.int64)
+        self._doc_vectors = [(int(starts[i]), int(starts[i + 1])) for i in range(len(self.doc_ids))]
+        self._owner = _Grow(np.asarray(owner, dtype=np.int64))
+        self._born = _Grow(np.full(nb, base_seq, dtype=np.int64))
+        self._died = _Grow(np.full(nb, ALIVE, dtype=np.int64))
+        self._delta = faiss.IndexFlatIP(self.dim)
+        self._lock = threading.Lock()
+        self._excluded_cache: tuple[int, int, Optional[np.ndarray]] = (-1, -1, None)
+        self.max_chunks_per_doc = max(1, int(np.bincount(owner).max()) if owner.size else 1)
+
+    @property
+    def num_vectors(self) -> int:
+        return int((self._died.view() == ALIVE).sum())
+
+    # ----------------------------------------------------------------- writes
+
+    def apply(self, batch: Batch) -> None:
+        if batch.seq <= self.applied_seq:
+            return
+        with self._lock:
+            mine = [c for c in batch.changes if self.shard is None or c.owners.get("dense") == self.shard]
+            for c in mine:
+                pos = self._pos.get(c.doc_id)
+                if pos is not None:
+                    v0, v1 = self._doc_vectors[pos]
+                    d = self._died.a[v0:v1]
+                    d[d == ALIVE] = batch.seq
+            for c in mine:
+                if c.op != UPSERT:
+                    continue
+                if c.vectors is None:
+                    raise ValueError(f"batch {batch.seq}: document {c.doc_id!r} has no vectors; the writer must run with the dense encoder")
+                vec = np.ascontiguousarray(c.vectors, dtype=np.float32).reshape(-1, self.dim)
+                pos = len(self.doc_ids)
+                self.doc_ids.append(c.doc_id)
+                self._pos[c.doc_id] = pos
+                first = self._owner.n
+                self._doc_vectors.append((first, first + len(vec)))
+                self._delta.add(vec)
+                self._owner.extend([pos] * len(vec))
+                self._born.extend([batch.seq] * len(vec))
+                self._died.extend([ALIVE] * len(vec))
+                self.max_chunks_per_doc = max(self.max_chunks_per_doc, len(vec))
+            self.applied_seq = batch.seq
+
+    # ----------------------------------------------------------------- search
+
+    def search(self, query: str, k: int, at_seq: Optional[int] = None) -> list[Hit]:
+        return self.search_batch([query], k, at_seq)[0]
+
+    def search_batch(self, queries: list[str], k: int, at_seq: Optional[int] = None) -> list[list[Hit]]:
+        if self.encoder is None:
+            raise RuntimeError("this dense retriever has no encoder: use search_vectors")
+        if not queries:
+            return []
+        return self.search_vectors(self.encoder.encode_queries(list(queries)), k, at_seq)
+
+    def _base_excluded(self, seq: int, n: int) -> Optional[np.ndarray]:
+        cached_seq, cached_n, ids = self._excluded_cache
+        if cached_seq == seq and cached_n == n:
+            return ids
+        died = self._died.a[: self._nb]
+        out = np.flatnonzero(died <= seq).astype(np.int64)
+        ids = out if out.size else None
+        self._excluded_cache = (seq, n, ids)
+        return ids
+
+    def search_vectors(self, query_vectors: np.ndarray, k: int, at_seq: Optional[int] = None) -> list[list[Hit]]:
+        """Top-``k`` live documents for each query vector as of batch ``at_seq`` (default: latest)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        q = np.ascontiguousarray(np.asarray(query_vectors, dtype=np.float32))
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"query vectors must have shape (n, {self.dim}), got {q.shape}")
+        seq = self.applied_seq if at_seq is None else max(min(int(at_seq), self.applied_seq), self.base_seq)
+        n = self._owner.n
+        if seq == self.base_seq and self.applied_seq == self.base_seq:
+            return self.base.search_vectors(q, k)
+        owner, born, died = self._owner.a[:n], self._born.a[:n], self._died.a[:n]
+        nd = n - self._nb
+        live_delta = np.flatnonzero((born[self._nb :] <= seq) & (died[self._nb :] > seq)) if nd else np.zeros(0, dtype=np.int64)
+        excluded = self._base_excluded(seq, n)
+        live_base = self._nb - (0 if excluded is None else excluded.size)
+        total_live = live_base + live_delta.size
+        k_docs = int(k)
+        fetch = min(total_live, k_docs * min(self.max_chunks_per_doc, 4))
+        results: list[list[tuple[int, float]]] = [[] for _ in range(q.shape[0])]
+        pending = np.arange(q.shape[0])
+        while pending.size and fetch > 0:
+            scores, ids = self._search(q[pending], fetch, excluded, live_delta, seq)
+            again = []
+            for row, qi in enumerate(pending.tolist()):
+                hits = collapse_to_documents(ids[row], scores[row], owner, k_docs)
+                results[qi] = hits
+                if len(hits) < k_docs and fetch < total_live and ids[row][-1] >= 0:
+                    again.append(qi)
+            pending = np.asarray(again, dtype=np.int64)
+            fetch = min(total_live, fetch * 2)
+        return [[Hit(self.doc_ids[d], s) for d, s in hits] for hits in results]
+
+    def _search(self, q: np.ndarray, fetch: int, excluded: Optional[np.ndarray], live_delta: np.ndarray, seq: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``fetch`` best live vectors per query over base and delta: (scores, vector ids
+        in one numbering, base first), padded with -1."""
+        cfg = self.base.cfg
+        parts_s, parts_i = [], []
+        if self._nb:
+            if excluded is None:
+                s, i = self.base._raw_search(q, min(fetch, self._nb))
+            else:
+                sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded))
+                params = search_parameters(self.base._cpu_index, sel, ef_search=cfg.hnsw_ef_search, nprobe=cfg.ivf_nprobe)
+                s, i = self.base._cpu_index.search(q, min(fetch, self._nb), params=params)
+            parts_s.append(s)
+            parts_i.append(i)
+        if live_delta.size:
+            sel = faiss.IDSelectorBatch(live_delta)
+            s, i = self._delta.search(q, min(fetch, int(live_delta.size)), params=faiss.SearchParameters(sel=sel))
+            parts_s.append(s)
+            parts_i.append(np.where(i >= 0, i + self._nb, -1))
+        scores, ids = order_hits(np.concatenate(parts_s, axis=1), np.concatenate(parts_i, axis=1))
+        return scores[:, :fetch], ids[:, :fetch]
+
+
+__all__ = ["LiveDense", "search_parameters"]
