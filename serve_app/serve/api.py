@@ -394,6 +394,7 @@ class WriteResponse(BaseModel):
     absent: Optional[list[str]] = Field(None, description="DELETE: the ids that were not there (nothing to delete).")
     refresh: str
     visible: Optional[bool] = Field(None, description="refresh=wait_for: whether every replica served the batch before the answer.")
+    timings_ms: Optional[dict[str, float]] = Field(None, description="Measured by the writer: durable (validated, encoded, logged and fsynced) and, with wait_for, visible (from durable until every replica served the batch).")
 
 
 class DocumentOut(BaseModel):

@@ -108,6 +108,10 @@ def record_stages(stages: Mapping[str, StageReport]) -> None:
             metrics.count_degraded(name, report.status)
 
 
+def _timings(answer: Mapping[str, Any]) -> dict[str, Any]:
+    return {"timings_ms": dict(answer["timings_ms"])} if answer.get("timings_ms") else {}
+
+
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
@@ -253,13 +257,13 @@ class SearchService:
         docs = [d.model_dump(exclude_none=True) for d in req.documents]
         answer = await self.backends.write("upsert", docs, req.refresh)  # type: ignore[attr-defined]
         self._saw_visible(answer)
-        return {"seq": answer["seq"], "upserted": answer["ids"], "refresh": req.refresh, **({"visible": answer["visible"]} if req.refresh == "wait_for" else {})}
+        return {"seq": answer["seq"], "upserted": answer["ids"], "refresh": req.refresh, **({"visible": answer["visible"]} if req.refresh == "wait_for" else {}), **_timings(answer)}
 
     async def delete_documents(self, req: Any) -> dict[str, Any]:
         """DELETE /documents: one batch; ids that were not there are listed, not an error."""
         answer = await self.backends.write("delete", list(req.ids), req.refresh)  # type: ignore[attr-defined]
         self._saw_visible(answer)
-        return {"seq": answer["seq"], "deleted": answer["ids"], "absent": answer["absent"], "refresh": req.refresh, **({"visible": answer["visible"]} if req.refresh == "wait_for" else {})}
+        return {"seq": answer["seq"], "deleted": answer["ids"], "absent": answer["absent"], "refresh": req.refresh, **({"visible": answer["visible"]} if req.refresh == "wait_for" else {}), **_timings(answer)}
 
     def _saw_visible(self, answer: Mapping[str, Any]) -> None:
         """A wait_for answer says every follower, this ingress included, applied the batch: the

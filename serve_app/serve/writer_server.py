@@ -53,13 +53,16 @@ class WriterServer:
             self._write_lock = asyncio.Lock()
         return self._write_lock
 
-    async def _after_write(self, result: Any, refresh: str) -> dict[str, Any]:
+    async def _after_write(self, result: Any, refresh: str, t0: float) -> dict[str, Any]:
+        durable_ms = (time.perf_counter() - t0) * 1000
         await self.notifier.notify()
         visible = None
+        timings = {"durable": round(durable_ms, 3)}
         if refresh == "wait_for" and result.seq is not None:
             visible = await self.wait_visible(result.seq)
+            timings["visible"] = round((time.perf_counter() - t0) * 1000 - durable_ms, 3)
         self._maybe_merge()
-        return {"seq": result.seq, "ids": list(result.ids), "absent": list(result.absent), "visible": visible}
+        return {"seq": result.seq, "ids": list(result.ids), "absent": list(result.absent), "visible": visible, "timings_ms": timings}
 
     async def upsert(self, documents: list[dict[str, Any]], refresh: str = "false") -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -67,7 +70,7 @@ class WriterServer:
             result = await asyncio.to_thread(self.writer.upsert, documents)
         metrics.observe_latency("write", (time.perf_counter() - t0) * 1000)
         metrics.count_documents_written("upsert", len(result.ids))
-        return await self._after_write(result, refresh)
+        return await self._after_write(result, refresh, t0)
 
     async def delete(self, ids: list[str], refresh: str = "false") -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -75,7 +78,7 @@ class WriterServer:
             result = await asyncio.to_thread(self.writer.delete, ids)
         metrics.observe_latency("write", (time.perf_counter() - t0) * 1000)
         metrics.count_documents_written("delete", len(result.ids))
-        return await self._after_write(result, refresh)
+        return await self._after_write(result, refresh, t0)
 
     async def get(self, doc_id: str) -> Any:
         return await asyncio.to_thread(self.writer.get, doc_id)

@@ -25,7 +25,10 @@ def test_write_search_delete_get_round_trip(index_dir, tiny_dense):
         async with live_stack(index_dir, tiny_dense) as (c, ns):
             await until_ready(c)
             r = await c.post("/documents", json={"documents": [{"id": "x1", "text": "quasar galaxy telescope", "title": "Astro", "metadata": {"year": 2024}}], "refresh": "wait_for"})
-            assert r.status_code == 200 and r.json() == {"seq": 1, "upserted": ["x1"], "refresh": "wait_for", "visible": True}
+            body = r.json()
+            timings = body.pop("timings_ms")
+            assert r.status_code == 200 and body == {"seq": 1, "upserted": ["x1"], "refresh": "wait_for", "visible": True}
+            assert set(timings) == {"durable", "visible"} and timings["durable"] > 0 and timings["visible"] >= 0
             s = (await c.post("/search", json={"query": "quasar telescope", "rerank_top_m": 0, "return_documents": True, "top_k": 60, "top_n": 60})).json()
             x1 = next(r for r in s["results"] if r["id"] == "x1")
             assert s["seq"] == 1 and x1["metadata"] == {"year": 2024} and x1["retrievers"]["bm25"]["rank"] == 1
@@ -37,13 +40,13 @@ def test_write_search_delete_get_round_trip(index_dir, tiny_dense):
             assert "x1" not in ids_of((await c.post("/search", json={"query": "quasar telescope", "rerank_top_m": 0, "retrievers": ["bm25"]})).json())
             assert (await c.get("/documents/x1")).json() == {"id": "x1", "title": "", "text": "replaced words entirely", "metadata": {}}
             r = await c.request("DELETE", "/documents", json={"ids": ["x1", "doc002", "nope"], "refresh": "wait_for"})
-            assert r.json() == {"seq": 3, "deleted": ["x1", "doc002"], "absent": ["nope"], "refresh": "wait_for", "visible": True}
+            assert {k: v for k, v in r.json().items() if k != "timings_ms"} == {"seq": 3, "deleted": ["x1", "doc002"], "absent": ["nope"], "refresh": "wait_for", "visible": True}
             gone = await c.get("/documents/x1")
             assert gone.status_code == 404 and gone.json()["error"]["type"] == "document_not_found"
             s = (await c.post("/search", json={"query": "replaced words study", "rerank_top_m": 0, "top_k": 100})).json()
             assert "x1" not in ids_of(s) and "doc002" not in ids_of(s)
             r = await c.request("DELETE", "/documents", json={"ids": ["nope"]})
-            assert r.json() == {"seq": None, "deleted": [], "absent": ["nope"], "refresh": "false"}
+            assert {k: v for k, v in r.json().items() if k != "timings_ms"} == {"seq": None, "deleted": [], "absent": ["nope"], "refresh": "false"}
             info = (await c.get("/info")).json()
             assert info["index"]["documents"] == 59 and info["writes"]["live"]["applied_seq"] == 3
             h = (await c.get("/healthz")).json()
