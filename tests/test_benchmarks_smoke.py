@@ -319,3 +319,17 @@ def test_index_build_bm25_only(tmp_path, scifact_dir):
     assert r["equality"]["bm25_identical_top100_queries"] == r["equality"]["queries"] == 300
     assert set(r["builds"]) == {"local (1 process)", "--ray, 2 workers"}
     assert all(b["documents_per_s"] > 0 for b in r["builds"].values())
+
+
+@pytest.mark.slow
+def test_live_writes_tiny(tmp_path, scifact_dir, tiny_bi_encoder_dir):
+    import json
+
+    from benchmarks import live_writes
+
+    assert live_writes.main(["--scifact", str(scifact_dir), "--docs", "200", "--dense-model", str(tiny_bi_encoder_dir), "--no-serve", "--repeats", "1", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out")]) == 0
+    r = json.loads((tmp_path / "out" / "live_writes.json").read_text())["results"]
+    assert set(r["throughput_docs_per_s"]) == {"bm25", "bm25+dense"} and r["throughput_docs_per_s"]["bm25"]["10"]["median"] > 0
+    assert set(r["delta_and_merge"]["delta_search_ms"]) == {"0%", "1%", "5%", "20%"}
+    assert r["delta_and_merge"]["merge"]["vectors_encoded"] == 0 and r["delta_and_merge"]["merge"]["documents"] == r["delta_and_merge"]["final_documents"]
+    assert 0 < r["hnsw"]["live_recall@10"] <= 1 and r["hnsw"]["live_results_per_query_min"] == 10

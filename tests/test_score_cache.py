@@ -59,6 +59,9 @@ def test_what_the_score_depends_on_is_in_the_key(models):
     assert not np.array_equal(a.rerank_many([short])[0], sa)
     assert a.cached(RerankRequest("protein", [doc], truncation_direction="left")) == [None]
     assert a.cached(RerankRequest("Protein", [doc])) == [None]
+    # the key holds a digest of the document's text: a document replaced by a live write never
+    # meets the score of its old text
+    assert a.cached(RerankRequest("protein", [doc + " replaced"])) == [None]
     assert a.cached(req) == [float(sa[0])]
     # a reloaded model starts empty; the other model keeps its entries
     assert cache.drop_model("a") >= 1

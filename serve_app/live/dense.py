@@ -5,7 +5,8 @@ New and replaced documents' chunk vectors (computed once by the writer and carri
 log) go to a small exact ``IndexFlatIP``. Vectors of deleted or replaced documents stay in the
 base index but are excluded *inside* FAISS's search through an ``IDSelector`` in the search
 parameters (``SearchParametersHNSW``/``SearchParametersIVF``/``SearchParameters``), so HNSW and
-IVF return k live neighbours when k exist, unlike filtering a top-k afterwards. Both indexes
+IVF return k live neighbours when k exist, unlike filtering a top-k afterwards; efSearch and
+nprobe widen with the excluded fraction (:func:`search_parameters`). Both indexes
 are searched and their hits merged by score; a document's score is its best live chunk's.
 
 Versions work as in :mod:`serve_app.live.bm25`: each vector has ``born``/``died`` sequence
@@ -33,16 +34,26 @@ from serve_app.retrieval.faiss_index import _unwrap
 from serve_app.types import Hit
 
 
-def search_parameters(index: faiss.Index, selector: Optional[faiss.IDSelector], *, ef_search: int, nprobe: int) -> Optional[Any]:
+#: Most a selector may widen efSearch / nprobe (see :func:`search_parameters`).
+MAX_WIDENING = 4.0
+
+
+def search_parameters(index: faiss.Index, selector: Optional[faiss.IDSelector], *, ef_search: int, nprobe: int, live_fraction: float = 1.0) -> Optional[Any]:
     """FAISS search parameters for ``index`` carrying ``selector`` and the configured efSearch /
-    nprobe (which per-call parameters would otherwise reset); None without a selector."""
+    nprobe (which per-call parameters would otherwise reset); None without a selector.
+
+    With a fraction ``1 - live_fraction`` of the vectors excluded, HNSW's candidate list and
+    IVF's probed lists hold that much fewer live vectors, so efSearch and nprobe are widened by
+    ``1 / live_fraction`` (at most :data:`MAX_WIDENING` times) to keep the recall of the same
+    search over the live vectors alone."""
     if selector is None:
         return None
+    widen = min(MAX_WIDENING, 1.0 / max(live_fraction, 1e-9))
     transforms, core = _unwrap(index)
     if isinstance(core, faiss.IndexIVF):
-        params: Any = faiss.SearchParametersIVF(sel=selector, nprobe=min(int(nprobe), int(core.nlist)))
+        params: Any = faiss.SearchParametersIVF(sel=selector, nprobe=min(int(round(nprobe * widen)), int(core.nlist)))
     elif hasattr(core, "hnsw"):
-        params = faiss.SearchParametersHNSW(sel=selector, efSearch=int(ef_search))
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=int(round(ef_search * widen)))
     else:
         params = faiss.SearchParameters(sel=selector)
     if transforms:
@@ -180,7 +191,8 @@ class LiveDense:
                 s, i = self.base._raw_search(q, min(fetch, self._nb))
             else:
                 sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded))
-                params = search_parameters(self.base._cpu_index, sel, ef_search=cfg.hnsw_ef_search, nprobe=cfg.ivf_nprobe)
+                live_fraction = 1.0 - excluded.size / self._nb
+                params = search_parameters(self.base._cpu_index, sel, ef_search=cfg.hnsw_ef_search, nprobe=cfg.ivf_nprobe, live_fraction=live_fraction)
                 s, i = self.base._cpu_index.search(q, min(fetch, self._nb), params=params)
             parts_s.append(s)
             parts_i.append(i)

@@ -40,7 +40,7 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec(PREFIX + "rerank_batch_size", "histogram", ("model",), "Rerank requests gathered into one cross-encoder call by @serve.batch and the coalescer that merges batches formed while the model was busy (values above 1 mean concurrent requests shared a call).", tuple(BATCH_SIZE_BOUNDARIES)),
         MetricSpec(PREFIX + "rerank_batch_pairs", "histogram", ("model",), "(query, document) pairs scored by one cross-encoder call.", tuple(COUNT_BOUNDARIES)),
         MetricSpec(PREFIX + "rerank_pairs_total", "counter", ("model",), "(query, document) pairs scored by the cross-encoder."),
-        MetricSpec(PREFIX + "requests_total", "counter", ("endpoint", "status"), "HTTP requests answered by the ingress, by endpoint (search, rerank, healthz, info, other) and status code."),
+        MetricSpec(PREFIX + "requests_total", "counter", ("endpoint", "status"), "HTTP requests answered by the ingress, by endpoint (search, rerank, documents, healthz, info, other) and status code."),
         MetricSpec(PREFIX + "errors_total", "counter", ("endpoint", "type"), "Error responses by endpoint and error type (the envelope's error.type)."),
         MetricSpec(PREFIX + "degraded_total", "counter", ("stage", "reason"), "Stages left out of an answer because they failed (reason: error) or timed out (reason: timeout); stage: bm25, dense, rerank.<name> (a cascade stage), rerank."),
         MetricSpec(PREFIX + "score_cache_total", "counter", ("model", "result"), "Documents of rerank calls looked up in a reranker replica's score cache (result: hit, answered without scoring; miss, scored). model: the configured model name, or cascade.<stage> for a cascade stage."),

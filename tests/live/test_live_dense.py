@@ -94,3 +94,19 @@ def test_sharded_dense_keeps_only_owned_changes():
         s.apply(batch)
     assert [s.num_vectors for s in shards] == [19, 21]
     assert shards[1].search_vectors(v, 1)[0][0].doc_id == "new"
+
+
+def test_the_search_widens_with_the_excluded_fraction():
+    import faiss
+
+    from serve_app.live.dense import MAX_WIDENING, search_parameters
+
+    hnsw = faiss.index_factory(8, "HNSW16", faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.index_factory(8, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)
+    sel = faiss.IDSelectorBatch(np.arange(3, dtype=np.int64))
+    assert search_parameters(hnsw, None, ef_search=64, nprobe=4) is None
+    assert search_parameters(hnsw, sel, ef_search=64, nprobe=4).efSearch == 64
+    assert search_parameters(hnsw, sel, ef_search=64, nprobe=4, live_fraction=0.5).efSearch == 128
+    assert search_parameters(hnsw, sel, ef_search=64, nprobe=4, live_fraction=0.01).efSearch == 64 * MAX_WIDENING
+    assert search_parameters(ivf, sel, ef_search=64, nprobe=4, live_fraction=0.5).nprobe == 8
+    assert search_parameters(ivf, sel, ef_search=64, nprobe=12, live_fraction=0.25).nprobe == 16  # capped at nlist

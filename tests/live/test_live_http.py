@@ -217,3 +217,43 @@ def test_concurrent_writes_and_searches_never_5xx(index_dir, tiny_dense):
             assert statuses and set(statuses) == {200}
 
     run(main())
+
+
+def test_deletes_past_the_threshold_merge_and_every_replica_moves_to_the_new_base(index_dir, tiny_dense):
+    """The regression of deletes that never trigger a merge: 5 % of the base deleted passes
+    merge_deleted_fraction, the writer merges in the background while writes go on, and every
+    replica loads the merged base, catches it up and keeps answering exactly."""
+    from serve_app.index import read_manifest
+    from serve_app.retrieval.bm25 import BM25Retriever
+
+    async def main():
+        async with live_stack(index_dir, tiny_dense, merge_deleted_fraction=0.05) as (c, ns):
+            await until_ready(c)
+            replicas = [ns.live, *(s.live for s in ns.bm25 + ns.dense)]
+            before = {r.generation for r in replicas}
+            await c.post("/documents", json={"documents": [{"id": "keep", "text": "narwhal tusk"}], "refresh": "wait_for"})
+            await c.request("DELETE", "/documents", json={"ids": ["doc001", "doc002"], "refresh": "wait_for"})
+            assert ns.writer.last_merge is None  # 2 of 60: below the threshold
+            await c.request("DELETE", "/documents", json={"ids": ["doc003"], "refresh": "wait_for"})  # 3 of 60 = 5 %
+            deadline = time.monotonic() + 30
+            while ns.writer.last_merge is None:
+                assert time.monotonic() < deadline, "no merge after passing merge_deleted_fraction"
+                await asyncio.sleep(0.05)
+            merged = read_manifest(index_dir).writes
+            assert merged["base_seq"] == 3 and ns.writer.writer.base_seq == 3
+            await c.post("/documents", json={"documents": [{"id": "after", "text": "narwhal after the merge"}], "refresh": "wait_for"})
+            while {r.generation for r in replicas} != {merged["generation"]}:
+                assert time.monotonic() < deadline, f"replicas still on {[r.generation for r in replicas]}"
+                await asyncio.sleep(0.05)
+            assert before != {merged["generation"]}
+            got = (await c.post("/search", json={"query": "narwhal", "rerank_top_m": 0, "retrievers": ["bm25"]})).json()
+            assert set(ids_of(got)) == {"keep", "after"}
+            from serve_app.live.merge import live_documents
+
+            final, _ = live_documents(ns.writer.writer, ns.writer.writer.last_seq)
+            fresh = BM25Retriever.build(final)
+            for q in ("ocean sea river study", "protein gene", "narwhal tusk"):
+                assert ns.bm25[0].live.view.search(q, 30) == fresh.search(q, 30)
+            assert (await c.get("/info")).json()["index"]["documents"] == 59
+
+    run(main())
