@@ -115,6 +115,14 @@ ROWS: tuple[Row, ...] = (
             Panel("Rerank depth", "rerank_top_m used per /search request, after any SLO-aware reduction.", (Query(mean("ray_serve_app_rerank_depth"), "mean"), Query(quantile(0.05, "ray_serve_app_rerank_depth_bucket"), "p5")), "short", 8),
         ),
     ),
+    Row(
+        "serve_app: live writes (writes.enabled)",
+        (
+            Panel("Documents written per second", "Documents acknowledged by the DocumentWriter (durable in its log), by operation.", (Query(rate("ray_serve_app_documents_written_total", "op"), "{{op}}"),), "short", 8),
+            Panel("Write latency (acknowledged)", "A batch validated, encoded and fsynced by the DocumentWriter.", tuple(Query(f'histogram_quantile({q}, sum by (le) (rate(ray_serve_app_stage_latency_ms_bucket{{{APP}, stage="write"}}[{RATE}])))', f"p{int(q * 100)}") for q in (0.5, 0.95)), "ms", 8),
+            Panel("Followers' lag (batches behind the writer) p95", "Batches a replica had not applied yet when it polled the writer, by stage; it should stay near 0 (visible within refresh_interval_s).", (Query(quantile(0.95, "ray_serve_app_write_lag_batches_bucket", "stage"), "{{stage}}"),), "short", 8),
+        ),
+    ),
 )
 
 

@@ -26,10 +26,9 @@ from typing import Any, Optional
 import faiss
 import numpy as np
 
-from serve_app.chunking import collapse_to_documents
 from serve_app.live.bm25 import ALIVE, _Grow
 from serve_app.live.changes import UPSERT, Batch
-from serve_app.retrieval.dense import order_hits
+from serve_app.retrieval.dense import collect_documents, order_hits
 from serve_app.retrieval.faiss_index import _unwrap
 from serve_app.types import Hit
 
@@ -165,20 +164,7 @@ class LiveDense:
         excluded = self._base_excluded(seq, n)
         live_base = self._nb - (0 if excluded is None else excluded.size)
         total_live = live_base + live_delta.size
-        k_docs = int(k)
-        fetch = min(total_live, k_docs * min(self.max_chunks_per_doc, 4))
-        results: list[list[tuple[int, float]]] = [[] for _ in range(q.shape[0])]
-        pending = np.arange(q.shape[0])
-        while pending.size and fetch > 0:
-            scores, ids = self._search(q[pending], fetch, excluded, live_delta, seq)
-            again = []
-            for row, qi in enumerate(pending.tolist()):
-                hits = collapse_to_documents(ids[row], scores[row], owner, k_docs)
-                results[qi] = hits
-                if len(hits) < k_docs and fetch < total_live and ids[row][-1] >= 0:
-                    again.append(qi)
-            pending = np.asarray(again, dtype=np.int64)
-            fetch = min(total_live, fetch * 2)
+        results = collect_documents(lambda rows, fetch: self._search(rows, fetch, excluded, live_delta, seq), q, int(k), owner, total_live, self.max_chunks_per_doc)
         return [[Hit(self.doc_ids[d], s) for d, s in hits] for hits in results]
 
     def _search(self, q: np.ndarray, fetch: int, excluded: Optional[np.ndarray], live_delta: np.ndarray, seq: int) -> tuple[np.ndarray, np.ndarray]:

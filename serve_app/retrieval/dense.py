@@ -41,7 +41,7 @@ from serve_app.retrieval.faiss_index import (
 )
 from serve_app.types import Document, Hit
 
-__all__ = ["BiEncoder", "DenseIndexError", "DenseRetriever", "order_hits"]
+__all__ = ["BiEncoder", "DenseIndexError", "DenseRetriever", "collect_documents", "order_hits"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,27 @@ def _check_texts(texts: Iterable[str], what: str) -> list[str]:
         if not isinstance(t, str):
             raise TypeError(f"{what}[{i}] is {type(t).__name__}, expected str")
     return out
+
+
+def collect_documents(search: Any, q: np.ndarray, k_docs: int, owner: np.ndarray, total: int, max_chunks_per_doc: int) -> list[list[tuple[int, float]]]:
+    """The best ``k_docs`` documents (position, best chunk's score) of each query row, from
+    ``search(rows, fetch) -> (scores, vector ids)`` over ``total`` vectors whose documents are
+    ``owner``: a first fetch of ``k_docs x min(chunks per document, 4)`` vectors, doubled for the
+    queries whose vectors filled every slot (more may exist) but not ``k_docs`` documents."""
+    fetch = min(total, k_docs * min(max_chunks_per_doc, 4))
+    results: list[list[tuple[int, float]]] = [[] for _ in range(q.shape[0])]
+    pending = np.arange(q.shape[0])
+    while pending.size and fetch > 0:
+        scores, ids = search(q[pending], fetch)
+        again = []
+        for row, qi in enumerate(pending.tolist()):
+            hits = collapse_to_documents(ids[row], scores[row], owner, k_docs)
+            results[qi] = hits
+            if len(hits) < k_docs and fetch < total and ids[row][-1] >= 0:
+                again.append(qi)
+        pending = np.asarray(again, dtype=np.int64)
+        fetch = min(total, fetch * 2)
+    return results
 
 
 def order_hits(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -278,21 +299,7 @@ class DenseRetriever:
         if q.shape[0] == 0:
             return []
         k_docs = min(int(k), len(self.doc_ids))
-        total = self.num_vectors
-        fetch = min(total, k_docs * min(self._max_chunks_per_doc, 4))
-        results: list[list[tuple[int, float]]] = [[] for _ in range(q.shape[0])]
-        pending = np.arange(q.shape[0])
-        while pending.size:
-            scores, ids = self._raw_search(q[pending], fetch)
-            again = []
-            for row, qi in enumerate(pending.tolist()):
-                hits = collapse_to_documents(ids[row], scores[row], self.chunk_owner, k_docs)
-                results[qi] = hits
-                # Fetch more chunks only when the index filled every slot (more may exist) and some documents are missing.
-                if len(hits) < k_docs and fetch < total and ids[row][-1] >= 0:
-                    again.append(qi)
-            pending = np.asarray(again, dtype=np.int64)
-            fetch = min(total, fetch * 2)
+        results = collect_documents(self._raw_search, q, k_docs, self.chunk_owner, self.num_vectors, self._max_chunks_per_doc)
         return [[Hit(self.doc_ids[d], s) for d, s in hits] for hits in results]
 
     def _raw_search(self, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:

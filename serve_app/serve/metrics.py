@@ -30,6 +30,8 @@ class MetricSpec:
     tags: tuple[str, ...]
     description: str
     boundaries: tuple[float, ...] = ()
+    #: The feature that records it, when not every application does ("writes": writes.enabled).
+    feature: str = ""
 
 
 SPECS: dict[str, MetricSpec] = {
@@ -46,8 +48,8 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec(PREFIX + "score_cache_total", "counter", ("model", "result"), "Documents of rerank calls looked up in a reranker replica's score cache (result: hit, answered without scoring; miss, scored). model: the configured model name, or cascade.<stage> for a cascade stage."),
         MetricSpec(PREFIX + "rerank_depth_decisions_total", "counter", ("decision",), "/search requests that reranked, by the depth they got: decision as_requested, or reduced (the ingress lowered rerank_top_m to meet slo.search_p95_ms)."),
         MetricSpec(PREFIX + "rerank_depth", "histogram", (), "rerank_top_m used per /search request that reranked, after any SLO-aware reduction.", tuple(COUNT_BOUNDARIES)),
-        MetricSpec(PREFIX + "documents_written_total", "counter", ("op",), "Documents acknowledged by the DocumentWriter (op: upsert, delete; a delete of an absent id is not counted)."),
-        MetricSpec(PREFIX + "write_lag_batches", "histogram", ("stage",), "Batches a follower had not applied yet when it polled the writer (stage: bm25, dense, ingress); a current follower counts 0 (first bucket).", tuple(COUNT_BOUNDARIES)),
+        MetricSpec(PREFIX + "documents_written_total", "counter", ("op",), "Documents acknowledged by the DocumentWriter (op: upsert, delete; a delete of an absent id is not counted). With writes.enabled.", feature="writes"),
+        MetricSpec(PREFIX + "write_lag_batches", "histogram", ("stage",), "Batches a follower had not applied yet when it polled the writer (stage: bm25, dense, ingress); a current follower counts 0 (first bucket). With writes.enabled.", tuple(COUNT_BOUNDARIES), feature="writes"),
     )
 }
 METRIC_NAMES: tuple[str, ...] = tuple(SPECS)

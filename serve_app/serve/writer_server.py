@@ -65,19 +65,19 @@ class WriterServer:
         return {"seq": result.seq, "ids": list(result.ids), "absent": list(result.absent), "visible": visible, "timings_ms": timings}
 
     async def upsert(self, documents: list[dict[str, Any]], refresh: str = "false") -> dict[str, Any]:
-        t0 = time.perf_counter()
-        async with self._lock():
-            result = await asyncio.to_thread(self.writer.upsert, documents)
-        metrics.observe_latency("write", (time.perf_counter() - t0) * 1000)
-        metrics.count_documents_written("upsert", len(result.ids))
-        return await self._after_write(result, refresh, t0)
+        """Add or replace documents: one batch, answered once durable (and visible, with wait_for)."""
+        return await self._write("upsert", self.writer.upsert, documents, refresh)
 
     async def delete(self, ids: list[str], refresh: str = "false") -> dict[str, Any]:
+        """Delete documents by id: one batch; absent ids are listed, not refused."""
+        return await self._write("delete", self.writer.delete, ids, refresh)
+
+    async def _write(self, op: str, write: Any, payload: list[Any], refresh: str) -> dict[str, Any]:
         t0 = time.perf_counter()
-        async with self._lock():
-            result = await asyncio.to_thread(self.writer.delete, ids)
+        async with self._lock():  # one batch at a time, in a worker thread (encoding, fsync)
+            result = await asyncio.to_thread(write, payload)
         metrics.observe_latency("write", (time.perf_counter() - t0) * 1000)
-        metrics.count_documents_written("delete", len(result.ids))
+        metrics.count_documents_written(op, len(result.ids))
         return await self._after_write(result, refresh, t0)
 
     async def get(self, doc_id: str) -> Any:

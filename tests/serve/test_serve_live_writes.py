@@ -128,3 +128,19 @@ def test_concurrent_writes_and_searches_have_no_5xx(live):
         results = list(pool.map(writer, range(3))) + list(pool.map(searcher, range(3)))
     statuses = {s for r in results for s in r}
     assert statuses == {200}, statuses
+
+
+def test_the_write_metrics_are_exported(live, serve_stack):
+    import re
+    import urllib.request
+
+    from serve_app.serve import metrics
+
+    wanted = [f"ray_{s.name}" + ("_bucket" if s.kind == "histogram" else "") for s in metrics.SPECS.values() if s.feature == "writes"]
+    assert wanted
+
+    def missing() -> list[str]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{serve_stack.metrics_port}/metrics", timeout=10).read().decode()
+        return [n for n in wanted if not re.search(rf"^{n}{{", text, re.M)]
+
+    wait_until(lambda: not missing(), 60, f"the write metrics to be exported ({missing()})")
