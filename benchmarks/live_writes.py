@@ -252,7 +252,6 @@ def part_delta_and_merge(base: Path, work: Path, corpus: list, queries: list[str
         "documents": n, "delta_levels": levels, "writes_s": round(write_s, 1), "delta_search_ms": delta,
         "merge": {"seconds": round(merge_s, 2), "documents": report.documents, "vectors_reused": report.vectors_reused, "vectors_encoded": report.vectors_encoded},
         "full_rebuild_s": round(rebuild_s, 2), "final_documents": len(final),
-        "_vectors": None,
     }
 
 
@@ -342,7 +341,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results["throughput_docs_per_s"] = part_throughput(base, work, corpus, encoder, batch_sizes, docs_per_size, args.repeats, args.seed)
     print("3-4. delta cost, merge vs rebuild")
     results["delta_and_merge"] = part_delta_and_merge(base, work, corpus, queries, encoder, dense_cfg, args)
-    results["delta_and_merge"].pop("_vectors")
     print("5. HNSW recall under writes")
     results["hnsw"] = part_hnsw_recall(base, corpus, queries, encoder, dense_cfg, args)
     if not args.no_serve:

@@ -20,7 +20,6 @@ True
 from __future__ import annotations
 
 import json
-import math
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -123,10 +122,6 @@ def _check_metadata(value: Any, i: int, cfg: WritesConfig) -> dict[str, Any]:
     if len(text.encode("utf-8")) > cfg.max_metadata_bytes:
         raise _reject(i, f"metadata has {len(text.encode('utf-8'))} bytes as JSON; the limit is writes.max_metadata_bytes={cfg.max_metadata_bytes}")
     return json.loads(text)
-
-
-def _finite(value: Any) -> bool:
-    return not isinstance(value, float) or math.isfinite(value)
 
 
 def check_upserts(items: Sequence[Mapping[str, Any] | Document], cfg: WritesConfig) -> list[Document]:

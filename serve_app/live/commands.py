@@ -14,25 +14,15 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from serve_app.commands.core import UsageError, _shards as parse_shards
 from serve_app.config import WritesConfig
-from serve_app.errors import UserFacingError
-
-
-class UsageError(UserFacingError):
-    pass
 
 
 def _shards(index_dir: Path, spec: Optional[str]) -> dict[str, int]:
     """The shard counts of the sharded retrievers: ``--shards`` when given, else the one shard
     set of each retriever the index holds."""
     if spec:
-        out = {}
-        for part in spec.split(","):
-            name, _, n = part.partition("=")
-            if name not in ("bm25", "dense") or not n.isdigit():
-                raise UsageError(f"--shards: expected RETRIEVER=N[,...] with bm25 or dense, got {part!r}")
-            out[name] = int(n)
-        return {k: v for k, v in out.items() if v > 1}
+        return {k: v for k, v in parse_shards(spec).items() if v > 1}
     found: dict[str, list[int]] = {}
     for d in sorted((index_dir / "shards").glob("*-*")):
         name, _, n = d.name.rpartition("-")

@@ -74,7 +74,14 @@ def base_vectors(dense: Any) -> Optional[np.ndarray]:
 def live_documents(writer: Any, seq: int) -> tuple[list[Document], list[tuple[str, int, int]]]:
     """The live documents as of batch ``seq`` in merge order, and where each comes from:
     ``("base", position, 0)`` or ``("log", seq, pos)``."""
-    last = writer.log.reader().last_changes_upto(seq)
+    docs, sources, _ = _live_at(writer, seq)
+    return docs, sources
+
+
+def _live_at(writer: Any, seq: int) -> tuple[list[Document], list[tuple[str, int, int]], dict[tuple[int, int], Any]]:
+    """:func:`live_documents` and the log's changes they come from, each read once."""
+    reader = writer.log.reader()
+    last = reader.last_changes_upto(seq)
     changed = {doc_id for doc_id, _, _, _ in last}
     docs: list[Document] = []
     sources: list[tuple[str, int, int]] = []
@@ -82,13 +89,15 @@ def live_documents(writer: Any, seq: int) -> tuple[list[Document], list[tuple[st
         if d.id not in changed:
             docs.append(d)
             sources.append(("base", pos, 0))
+    logged = {}
     for doc_id, s, p, op in last:
         if op == "upsert":
-            change = writer.log.reader().change(s, p)
+            change = reader.change(s, p)
             assert change.document is not None
             docs.append(change.document)
             sources.append(("log", s, p))
-    return docs, sources
+            logged[(s, p)] = change
+    return docs, sources, logged
 
 
 def merge(writer: Any, *, show_progress: bool = False) -> MergeReport:
@@ -101,7 +110,7 @@ def merge(writer: Any, *, show_progress: bool = False) -> MergeReport:
     t0 = time.perf_counter()
     seq = writer.last_seq
     manifest = writer.manifest
-    docs, sources = live_documents(writer, seq)
+    docs, sources, logged = _live_at(writer, seq)
     if not docs:
         raise ValueError("every document is deleted: an index cannot be empty; add documents before merging")
     bm25 = BM25Config(**{k: manifest.bm25[k] for k in BM25Config.model_fields}) if manifest.bm25 else None
@@ -124,7 +133,7 @@ def merge(writer: Any, *, show_progress: bool = False) -> MergeReport:
         to_encode: list[int] = []
         for i, (kind, a, b) in enumerate(sources):
             if kind == "log":
-                v = writer.log.reader().change(a, b).vectors
+                v = logged[(a, b)].vectors
             elif stored is not None:
                 v = stored[base_starts[a] : base_starts[a + 1]]
             else:
@@ -153,7 +162,7 @@ def merge(writer: Any, *, show_progress: bool = False) -> MergeReport:
     for r, n in writer.shards.items():
         sets: list[list[int]] = [[] for _ in range(n)]
         for i, ((kind, a, b), d) in enumerate(zip(sources, docs)):
-            shard = writer._owners_of_base[r][d.id] if kind == "base" else writer.log.reader().change(a, b).owners[r]
+            shard = writer._owners_of_base[r][d.id] if kind == "base" else logged[(a, b)].owners[r]
             sets[shard].append(i)
         empty = [j for j, p in enumerate(sets) if not p]
         if empty:
