@@ -270,3 +270,5 @@ class WritesConfig(_Strict):
     merge_delta_fraction: float = Field(0.2, gt=0, le=10, description="Merge (fold the log into a new base index) once changed and added documents reach this fraction of the base.")
     merge_deleted_fraction: float = Field(0.2, gt=0, le=1, description="Merge once deleted and replaced base documents reach this fraction of the base.")
     auto_merge: bool = Field(True, description="Merge in the writer's background when a threshold is passed; false: only serve-app merge.")
+    merge_ray_workers: int = Field(2, ge=1, le=4096, description="Encoder actors (and concurrent tokenising tasks) of a merge that runs on Ray: an index built with --shards-only merges on the Ray cluster the writer belongs to.")
+    merge_ray_gpus_per_worker: Optional[float] = Field(None, ge=0, description="GPUs per encoder actor of such a merge (default: 1 when the cluster has GPUs, else 0).")

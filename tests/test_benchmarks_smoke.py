@@ -333,3 +333,20 @@ def test_live_writes_tiny(tmp_path, scifact_dir, tiny_bi_encoder_dir):
     assert set(r["delta_and_merge"]["delta_search_ms"]) == {"0%", "1%", "5%", "20%"}
     assert r["delta_and_merge"]["merge"]["vectors_encoded"] == 0 and r["delta_and_merge"]["merge"]["documents"] == r["delta_and_merge"]["final_documents"]
     assert 0 < r["hnsw"]["live_recall@10"] <= 1 and r["hnsw"]["live_results_per_query_min"] == 10
+
+
+def test_shards_only_build_tiny(tmp_path):
+    """The driver-memory benchmark runs both builds at two sizes, compares their shards and
+    reports each way's driver memory per added document."""
+    import json
+
+    from benchmarks import shards_only_build
+
+    assert shards_only_build.main(["--documents", "300,900", "--repeats", "1", "--queries", "20", "--shards", "2", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out")]) == 0
+    r = json.loads((tmp_path / "out" / "shards_only_build.json").read_text())["results"]
+    assert r["sizes"] == [300, 900] and r["queries_differing"] == 0
+    assert set(r["driver_peak_kib_per_document"]) == {"whole", "shards-only"}
+    for n in ("300", "900"):
+        for mode in ("whole", "shards-only"):
+            (run,) = r["runs"][n][mode]
+            assert run["documents"] == int(n) and run["peak_rss_mib"] >= run["rss_after_corpus_mib"] > 0 and run["wall_s"] > 0

@@ -546,7 +546,20 @@ def test_100m_index_build_job():
     assert entry[entry.index("--faiss-factory") + 1] == app["args"]["dense"]["factory"]
     from serve_app.cli import build_parser
 
-    build_parser().parse_args(entry[1:])  # the command line is one serve-app accepts
+    parsed = build_parser().parse_args(entry[1:])  # the command line is one serve-app accepts
+    # the workers write the shards (no process holds the whole index), into the index's staging
+    # directory on the volume: every node of the job mounts it where the driver does
+    assert parsed.shards_only
+    spec = job["spec"]["rayClusterSpec"]
+    head_mounts = {m["mountPath"] for m in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    out_root = "/" + Path(entry[entry.index("--out") + 1]).parts[1] + "/" + Path(entry[entry.index("--out") + 1]).parts[2]
+    assert out_root in head_mounts
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0].get("volumeMounts", [])}
+        assert out_root in mounts, f"{group['groupName']} does not mount {out_root}"
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod.get("volumes", [])}
+        assert claims[mounts[out_root]] == "serve-app-data", group["groupName"]
 
 
 def test_overlays_can_add_a_deployment_once():

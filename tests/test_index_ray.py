@@ -19,6 +19,7 @@ from serve_app.config import BM25Config, ChunkingConfig, DenseConfig, FusionConf
 from serve_app.corpus import Corpus
 from serve_app.index import build_index, load_index, load_shards, read_manifest, shard_set_dir
 from serve_app.index.ray_build import RayBuildOptions, RayIndexBuildError, build_index_ray
+from serve_app.index.ray_shards import build_index_ray_shards_only
 from serve_app.types import Document
 
 pytestmark = pytest.mark.slow
@@ -163,6 +164,97 @@ def test_ray_build_of_one_retriever(tmp_path, ray_instance):
     assert_same_index(tmp_path / "ray", tmp_path / "local", None)
 
 
+# --------------------------------------------------------------------------- shards only
+
+
+def assert_same_shard_sets(ray_dir, local_dir, encoder, shards) -> None:
+    """The shard sets of the two directories hold the same shards (documents, postings and
+    scores bit for bit, vectors within 1e-5) with the same shard manifests."""
+    from serve_app.index.shards import read_shards_manifest
+
+    for retriever, n in shards:
+        mr, ml = read_shards_manifest(shard_set_dir(ray_dir, retriever, n)), read_shards_manifest(shard_set_dir(local_dir, retriever, n))
+        assert mr.model_dump(exclude={"created_at"}) == ml.model_dump(exclude={"created_at"})
+        for i in range(n):
+            a, b = read_manifest(shard_set_dir(ray_dir, retriever, n) / str(i)), read_manifest(shard_set_dir(local_dir, retriever, n) / str(i))
+            assert a.corpus == b.corpus and a.files["documents.jsonl"] == b.files["documents.jsonl"]
+            drop = {"libraries"}
+            sa, sb = getattr(a, retriever), getattr(b, retriever)
+            assert {k: v for k, v in sa.items() if k not in drop} == {k: v for k, v in sb.items() if k not in drop}
+        sr = load_shards(shard_set_dir(ray_dir, retriever, n), encoder=encoder)[retriever]
+        sl = load_shards(shard_set_dir(local_dir, retriever, n), encoder=encoder)[retriever]
+        for x, y in zip(sr.shards, sl.shards):
+            (assert_same_bm25 if retriever == "bm25" else assert_same_dense)(x, y)
+        if retriever == "bm25":  # whole-corpus statistics in every shard: the merged top 20 are equal
+            for q in QUERIES:
+                assert sr.search(q, 20) == sl.search(q, 20), q
+
+
+@pytest.mark.parametrize("method", ["lucene", "bm25+"])
+def test_shards_only_build_writes_the_local_shards_from_the_workers(tmp_path, ray_instance, encoder, method, monkeypatch):
+    """Every shard equals the local build's, and the driver assembled no posting and no vector:
+    the functions that do are made to fail in this (the driver's) process; the workers, other
+    processes, run them unchanged."""
+    from serve_app.errors import IndexLoadError
+    from serve_app.retrieval import bm25s_engine, dense
+
+    corpus = make_corpus(n=90, seed=7)
+    chunking = ChunkingConfig(enabled=True, size=10, stride=8)
+    shards = {"bm25": 3, "dense": 2}
+    build_index(corpus, tmp_path / "local", bm25=BM25Config(method=method), dense=encoder.cfg, chunking=chunking, encoder=encoder, show_progress=False, shards=shards)
+
+    def refuse(*a, **k):
+        raise AssertionError("the driver assembled an index: a shards-only build must leave that to the workers")
+
+    monkeypatch.setattr(bm25s_engine.Bm25sEngine, "from_postings", classmethod(refuse))
+    monkeypatch.setattr(dense.DenseRetriever, "from_vectors", classmethod(refuse))
+    manifest, report = build_index_ray_shards_only(corpus, tmp_path / "ray", bm25=BM25Config(method=method), dense=encoder.cfg, chunking=chunking, shards=shards, options=OPTIONS)
+    monkeypatch.undo()
+    local = read_manifest(tmp_path / "local")
+    assert manifest.corpus == local.corpus
+    assert manifest.bm25["shards_only"] == 3 and manifest.dense["shards_only"] == 2
+    assert {k: v for k, v in manifest.bm25.items() if k not in ("libraries", "shards_only")} == {k: v for k, v in local.bm25.items() if k != "libraries"}
+    assert {k: v for k, v in manifest.dense.items() if k not in ("files", "shards_only")} == {k: v for k, v in local.dense.items() if k != "files"}
+    assert {"bm25_score_and_write_shards", "dense_encode_and_write_shards"} <= set(report.stage_seconds)
+    assert report.worker_cpu_seconds["dense_encode_and_write_shards"] > 0
+    assert not (tmp_path / "ray" / "dense").exists() and sorted(p.name for p in (tmp_path / "ray" / "bm25").iterdir()) == ["tokenizer.json"]
+    assert_same_shard_sets(tmp_path / "ray", tmp_path / "local", encoder, shards.items())
+    from serve_app.index import load_bm25, load_dense, load_document_store, load_query_encoder
+
+    store, _ = load_document_store(tmp_path / "ray")
+    assert [d.text for d in store.get_many(corpus.ids)] == [d.text for d in corpus]
+    assert load_query_encoder(tmp_path / "ray", encoder.cfg).dim == encoder.dim
+    with pytest.raises(IndexLoadError, match=r"shards-only index: its bm25 retriever exists only as the shard set bm25-3"):
+        load_bm25(tmp_path / "ray")
+    with pytest.raises(IndexLoadError, match=r"shards-only .* dense-2"):
+        load_dense(tmp_path / "ray", encoder.cfg)
+    with pytest.raises(IndexLoadError, match=r"shards-only"):
+        load_index(tmp_path / "ray", encoder=encoder)
+
+
+def test_shards_only_refusals_and_explicit_assignments(tmp_path, ray_instance):
+    corpus = make_corpus(n=40, seed=4)
+    with pytest.raises(ValueError, match="shard count above 1 for every retriever .*dense"):
+        build_index_ray_shards_only(corpus, tmp_path / "x", bm25=BM25Config(), dense=DenseConfig(), chunking=ChunkingConfig(), shards={"bm25": 2}, options=OPTIONS)
+    with pytest.raises(ValueError, match="exactly one of 2"):
+        build_index_ray_shards_only(corpus, tmp_path / "x", bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), shards={"bm25": 2}, options=OPTIONS, assignments={"bm25": [[0, 1], [2]]})
+    assert not (tmp_path / "x").exists()
+    sets = [list(range(0, 40, 3)), [i for i in range(40) if i % 3]]  # interleaved: as a merge of live writes keeps owners
+    from serve_app.index import build_shard_set
+
+    build_shard_set(corpus, tmp_path / "local", 2, bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), assignment=sets)
+    build_index_ray_shards_only(corpus, tmp_path / "ray", bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), shards={"bm25": 2}, options=OPTIONS, assignments={"bm25": sets})
+    from serve_app.index.shards import read_shards_manifest
+
+    mr, ml = read_shards_manifest(shard_set_dir(tmp_path / "ray", "bm25", 2)), read_shards_manifest(tmp_path / "local")
+    assert mr.assignment == ml.assignment == "owner"
+    assert mr.model_dump(exclude={"created_at", "corpus_sha256"}) == ml.model_dump(exclude={"created_at", "corpus_sha256"})
+    a = load_shards(shard_set_dir(tmp_path / "ray", "bm25", 2))["bm25"]
+    b = load_shards(tmp_path / "local")["bm25"]
+    for x, y in zip(a.shards, b.shards):
+        assert_same_bm25(x, y)
+
+
 # --------------------------------------------------------------------------- failures
 
 
@@ -232,6 +324,122 @@ def test_cli_index_ray(tmp_path, ray_instance, tiny_bi_encoder_dir, capsys):
     assert main([*args, "--out", str(tmp_path / "y"), "--shards", "bm25=x"]) == 2
     assert main([*args, "--out", str(tmp_path / "y"), "--ray", "--bm25-engine", "rank_bm25"]) == 2
     assert not (tmp_path / "y").exists()
+
+
+def test_cli_shards_only_index_takes_writes_and_merges_on_ray(tmp_path, ray_instance, tiny_bi_encoder_dir, capsys):
+    """serve-app index --ray --shards-only, ingest (upserts, replacements, deletes), merge: the
+    merge of a shards-only index runs on Ray and stays shards-only, every document stays in its
+    shard, and the shards answer as a fresh build of the live documents."""
+    import json
+
+    from serve_app.cli import main
+    from serve_app.corpus import write_documents_jsonl
+    from serve_app.index.load import open_shard
+    from serve_app.index.shards import read_shards_manifest
+    from serve_app.live.merge import live_documents
+    from serve_app.live.commands import open_writer
+    from serve_app.retrieval.bm25 import BM25Retriever
+    from serve_app.retrieval.dense import BiEncoder
+    from serve_app.testing import rankings_agree
+
+    corpus = make_corpus(n=60, seed=21)
+    src = tmp_path / "corpus.jsonl"
+    write_documents_jsonl(corpus, src)
+    idx = tmp_path / "idx"
+    base = ["--dense-model", str(tiny_bi_encoder_dir), "-q"]
+    assert main(["index", "--corpus", str(src), "--out", str(idx), "--shards-only", "--shards", "bm25=2", *base]) == 2
+    assert "add --ray" in capsys.readouterr().err
+    assert main(["index", "--corpus", str(src), "--out", str(idx), "--ray", "--shards-only", "--shards", "bm25=2", *base]) == 2
+    assert "count above 1 for dense" in capsys.readouterr().err and not idx.exists()
+    assert main(["index", "--corpus", str(src), "--out", str(idx), "--ray", "--ray-workers", "2", "--ray-batch-documents", "16", "--shards-only", "--shards", "bm25=2,dense=2", *base]) == 0
+    capsys.readouterr()
+    owners_before = {r: [set(json.loads((open_shard(idx, r, i, 2) / r / "doc_ids.json").read_text())) for i in range(2)] for r in ("bm25", "dense")}
+
+    new = tmp_path / "new.jsonl"
+    rng = random.Random(5)
+    written = [Document(id=f"d{i}", text="replaced " + " ".join(rng.choice(WORDS) for _ in range(12))) for i in range(0, 60, 7)]
+    written += [Document(id=f"n{i}", text=" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))) for i in range(9)]
+    write_documents_jsonl(written, new)
+    (tmp_path / "gone.txt").write_text("\n".join(["d3", "d40", "d59", "absent"]) + "\n")
+    assert main(["ingest", "--index", str(idx), str(new), "--batch-size", "5", "--ray", "-q"]) == 2  # --ray without --merge
+    assert main(["ingest", "--index", str(idx), str(new), "--batch-size", "5", "-q"]) == 0
+    assert main(["ingest", "--index", str(idx), str(tmp_path / "gone.txt"), "--delete", "-q"]) == 0
+    assert "1 ids were absent" in capsys.readouterr().out
+    writer = open_writer(str(idx), None, None)
+    live, _ = live_documents(writer, writer.last_seq)
+    writer.close()
+    assert main(["merge", "--index", str(idx), "--ray", "--ray-workers", "2", "--ray-batch-documents", "16", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "merged up to batch 5" in out and f"{len(live)} documents" in out
+
+    m = read_manifest(idx)
+    assert m.bm25["shards_only"] == 2 and m.dense["shards_only"] == 2 and m.writes["base_seq"] == 5
+    assert m.corpus.num_documents == len(live) == 60 + 9 - 3
+    for r in ("bm25", "dense"):
+        assert read_shards_manifest(shard_set_dir(idx, r, 2)).assignment == "owner"
+        held = [set(json.loads((open_shard(idx, r, i, 2) / r / "doc_ids.json").read_text())) for i in range(2)]
+        assert held[0].isdisjoint(held[1]) and held[0] | held[1] == {d.id for d in live}
+        for i in range(2):  # base documents stayed where they were
+            assert owners_before[r][i] - {"d3", "d40", "d59"} <= held[i]
+    fresh = BM25Retriever.build(Corpus(live), BM25Config(), ChunkingConfig(), show_progress=False)
+    merged = load_shards(shard_set_dir(idx, "bm25", 2))["bm25"]
+    for q in QUERIES:
+        assert rankings_agree(merged.search(q, 20), fresh.search(q, 20)), q
+    enc = BiEncoder(DenseConfig(model=str(tiny_bi_encoder_dir)))
+    dense_shards = load_shards(shard_set_dir(idx, "dense", 2), encoder=enc)["dense"]
+    vectors = enc.encode_documents([d.content for d in live])
+    by_id = {d.id: v for d, v in zip(live, vectors)}
+    for shard in dense_shards.shards:
+        got = shard._cpu_index.reconstruct_n(0, shard.num_vectors)
+        want = np.stack([by_id[i] for i in shard.doc_ids])
+        assert float(np.abs(got - want).max()) <= 1e-5
+
+
+def test_a_shards_only_index_serves_writes_and_the_writer_merges_it_on_ray(tmp_path, ray_instance, encoder):
+    """The serving stack (real servers and app, in process) on a shards-only index: writes are
+    searchable on every shard, and passing merge_deleted_fraction makes the writer merge on
+    the Ray this process runs; every replica moves to the merged base, which is still
+    shards-only and answers as a fresh build of the live documents."""
+    import asyncio
+    import time
+
+    from serve_app.live.merge import live_documents
+    from serve_app.retrieval.bm25 import BM25Retriever
+    from serve_app.retrieval.sharding import merge_top_k
+    from serve_app.testing import rankings_agree
+    from tests.live.conftest import docs
+    from tests.live.stack import live_stack, until_ready
+
+    idx = tmp_path / "idx"
+    build_index_ray_shards_only(docs(60), idx, bm25=BM25Config(), dense=encoder.cfg, chunking=ChunkingConfig(), shards={"bm25": 2, "dense": 2}, options=OPTIONS)
+
+    async def main():
+        async with live_stack(idx, encoder.cfg, shards={"bm25": 2, "dense": 2}, merge_deleted_fraction=0.05) as (c, ns):
+            await until_ready(c)
+            replicas = [ns.live, *(s.live for s in ns.bm25 + ns.dense)]
+            r = await c.post("/documents", json={"documents": [{"id": "w1", "text": "narwhal tusk arctic"}, {"id": "doc004", "text": "narwhal replaced"}], "refresh": "wait_for"})
+            assert r.status_code == 200, r.text
+            got = (await c.post("/search", json={"query": "narwhal", "rerank_top_m": 0, "retrievers": ["bm25"]})).json()
+            assert {h["id"] for h in got["results"]} == {"w1", "doc004"}
+            await c.request("DELETE", "/documents", json={"ids": ["doc001", "doc002", "doc003"], "refresh": "wait_for"})  # 5 % of 60
+            deadline = time.monotonic() + 240
+            while ns.writer.last_merge is None:
+                assert time.monotonic() < deadline, "no merge after passing merge_deleted_fraction"
+                await asyncio.sleep(0.2)
+            merged = read_manifest(idx)
+            assert merged.writes["base_seq"] == 2 and merged.bm25["shards_only"] == 2 and merged.dense["shards_only"] == 2
+            while {x.generation for x in replicas} != {merged.writes["generation"]}:
+                assert time.monotonic() < deadline, f"replicas still on {[x.generation for x in replicas]}"
+                await asyncio.sleep(0.1)
+            final, _ = live_documents(ns.writer.writer, ns.writer.writer.last_seq)
+            fresh = BM25Retriever.build(Corpus(final))
+            for q in ("ocean sea river study", "protein gene", "narwhal tusk"):
+                got = merge_top_k([s.live.view.search(q, 30) for s in ns.bm25], 30)
+                assert rankings_agree(got, fresh.search(q, 30)), q
+            got = (await c.post("/search", json={"query": "narwhal", "rerank_top_m": 0, "retrievers": ["bm25", "dense"], "top_k": 60, "top_n": 60})).json()
+            assert {"w1", "doc004"} <= {h["id"] for h in got["results"]} and not {"doc001", "doc002", "doc003"} & {h["id"] for h in got["results"]}
+
+    asyncio.run(main())
 
 
 # --------------------------------------------------------------------------- SciFact

@@ -116,27 +116,25 @@ def cmd_index(args: argparse.Namespace) -> int:
     dense = None if args.no_dense else _dense_config(args)
     chunking = _chunking_config(args)
     shards = _shards(args.shards)
-    ray_flags = [f for f, v in (("--address", args.address), ("--ray-workers", args.ray_workers), ("--ray-cpus-per-worker", args.ray_cpus_per_worker), ("--ray-gpus-per-worker", args.ray_gpus_per_worker), ("--ray-batch-documents", args.ray_batch_documents)) if v is not None]
-    if ray_flags and not args.ray:
-        raise UsageError(f"{', '.join(ray_flags)} apply to a Ray build: add --ray")
-    if args.ray:
+    options = ray_options(args)
+    if options is not None:
         from serve_app.index.ray_build import check_ray_buildable
 
         check_ray_buildable(bm25)  # before the corpus is read
+        if args.shards_only:
+            unsharded = [r for r, c in (("bm25", bm25), ("dense", dense)) if c is not None and shards.get(r, 1) < 2]
+            if unsharded:
+                raise UsageError(f"--shards-only writes every retriever as a shard set only: give --shards a count above 1 for {', '.join(unsharded)}")
+    elif args.shards_only:
+        raise UsageError("--shards-only applies to a Ray build: add --ray")
     loaded = read_corpus_source(args.corpus, on_error="skip" if args.skip_bad_lines else "raise")
     start = time.perf_counter()
-    if args.ray:
-        from serve_app.index.ray_build import RayBuildOptions, build_index_ray
+    if options is not None:
+        from serve_app.index.ray_build import build_index_ray
+        from serve_app.index.ray_shards import build_index_ray_shards_only
 
-        try:
-            options = RayBuildOptions(
-                address=args.address, workers=2 if args.ray_workers is None else args.ray_workers,
-                cpus_per_worker=1.0 if args.ray_cpus_per_worker is None else args.ray_cpus_per_worker,
-                gpus_per_worker=args.ray_gpus_per_worker, batch_documents=args.ray_batch_documents, show_progress=not args.quiet,
-            )
-        except ValueError as exc:
-            raise UsageError(f"invalid Ray build options: {exc}") from None
-        manifest, report = build_index_ray(loaded.corpus, args.out, bm25=bm25, dense=dense, chunking=chunking, shards=shards, options=options)
+        build = build_index_ray_shards_only if args.shards_only else build_index_ray
+        manifest, report = build(loaded.corpus, args.out, bm25=bm25, dense=dense, chunking=chunking, shards=shards, options=options)
         print(_summary(manifest, Path(args.out).absolute(), time.perf_counter() - start, _left_out(loaded.skipped, loaded.empty)))
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_seconds.items())
         cpu = ", ".join(f"{k} {v:.1f} CPU-s" for k, v in report.worker_cpu_seconds.items())
@@ -145,6 +143,37 @@ def cmd_index(args: argparse.Namespace) -> int:
     manifest = build_index(loaded.corpus, args.out, bm25=bm25, dense=dense, chunking=chunking, shards=shards, show_progress=not args.quiet)
     print(_summary(manifest, Path(args.out).absolute(), time.perf_counter() - start, _left_out(loaded.skipped, loaded.empty)))
     return 0
+
+
+def add_ray_options(parser: Any, what: str) -> None:
+    """The ``--ray`` flags of a command that builds an index (``index``, ``merge``)."""
+    r = parser.add_argument_group("distributed build (Ray Data)", f"tokenise, score BM25 postings and encode on a Ray cluster; {what} (docs/DEPLOYING.md)")
+    r.add_argument("--ray", action="store_true", help="build on Ray: a local instance on 127.0.0.1, or the cluster at --address")
+    r.add_argument("--address", default=None, help="Ray cluster to build on, e.g. auto or ray://head:10001 (default: a local instance)")
+    r.add_argument("--ray-workers", type=int, default=None, help="encoder actors, and concurrent tokenising tasks (default: 2)")
+    r.add_argument("--ray-cpus-per-worker", type=float, default=None, help="CPUs per encoder actor, also its torch threads (default: 1)")
+    r.add_argument("--ray-gpus-per-worker", type=float, default=None, help="GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)")
+    r.add_argument("--ray-batch-documents", type=int, default=None, help="documents per Ray Data batch (default: 8 x the dense batch size)")
+
+
+def ray_options(args: argparse.Namespace) -> Any:
+    """The :class:`~serve_app.index.ray_build.RayBuildOptions` of ``--ray`` and its flags, or
+    None without ``--ray`` (a Ray flag without it is a usage error)."""
+    ray_flags = [f for f, v in (("--address", args.address), ("--ray-workers", args.ray_workers), ("--ray-cpus-per-worker", args.ray_cpus_per_worker), ("--ray-gpus-per-worker", args.ray_gpus_per_worker), ("--ray-batch-documents", args.ray_batch_documents)) if v is not None]
+    if not args.ray:
+        if ray_flags:
+            raise UsageError(f"{', '.join(ray_flags)} apply to a Ray build: add --ray")
+        return None
+    from serve_app.index.ray_build import RayBuildOptions
+
+    try:
+        return RayBuildOptions(
+            address=args.address, workers=2 if args.ray_workers is None else args.ray_workers,
+            cpus_per_worker=1.0 if args.ray_cpus_per_worker is None else args.ray_cpus_per_worker,
+            gpus_per_worker=args.ray_gpus_per_worker, batch_documents=args.ray_batch_documents, show_progress=not args.quiet,
+        )
+    except ValueError as exc:
+        raise UsageError(f"invalid Ray build options: {exc}") from None
 
 
 def _shards(value: str | None) -> dict[str, int]:
@@ -462,13 +491,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--shards", default=None, metavar="RETRIEVER=N[,...]", help="also write shard sets, e.g. bm25=2,dense=4 (what a deployment's `sharding` asks for; default: none)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed corpus lines (with a warning) instead of stopping at the first")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    r = p.add_argument_group("distributed build (Ray Data)", "tokenise, score BM25 postings and encode on a Ray cluster; same index directory as a local build (docs/DEPLOYING.md)")
-    r.add_argument("--ray", action="store_true", help="build on Ray: a local instance on 127.0.0.1, or the cluster at --address")
-    r.add_argument("--address", default=None, help="Ray cluster to build on, e.g. auto or ray://head:10001 (default: a local instance)")
-    r.add_argument("--ray-workers", type=int, default=None, help="encoder actors, and concurrent tokenising tasks (default: 2)")
-    r.add_argument("--ray-cpus-per-worker", type=float, default=None, help="CPUs per encoder actor, also its torch threads (default: 1)")
-    r.add_argument("--ray-gpus-per-worker", type=float, default=None, help="GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)")
-    r.add_argument("--ray-batch-documents", type=int, default=None, help="documents per Ray Data batch (default: 8 x --dense-batch-size)")
+    add_ray_options(p, "same index directory as a local build")
+    p.add_argument("--shards-only", action="store_true", help="with --ray: write every retriever only as its --shards set, each shard by a worker (the driver never holds the BM25 matrix or a vector; the index directory must be on storage every node mounts at the same path); served sharded only")
     p.set_defaults(func=cmd_index)
 
     fu = FusionConfig()

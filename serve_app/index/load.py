@@ -60,6 +60,7 @@ def _documents(d: Path, manifest: Manifest, checksums: bool = True) -> Corpus:
 def _bm25(d: Path, manifest: Manifest, checksums: bool = True, mmap: bool = True) -> BM25Retriever:
     if manifest.bm25 is None:
         raise IndexLoadError(f"{d}: the index has no BM25 retriever; rebuild it with BM25 or remove bm25 from `retrievers`")
+    _refuse_shards_only(d, "bm25", manifest.bm25)
     verify_files(d, manifest, [BM25_DIR + "/"], checksums=checksums)
     retriever = BM25Retriever.load(d / BM25_DIR, manifest.bm25, mmap=mmap)
     if retriever.num_documents != manifest.corpus.num_documents:
@@ -77,6 +78,14 @@ def _check_dense_model(d: Path, section: Optional[dict[str, Any]], expected: Opt
     built = section.get("model")
     if not (isinstance(built, str) and same_model(built, expected)):
         raise IndexLoadError(f"{d}: dense index built with model {built!r}, but {expected!r} is configured; rebuild the index or configure {built!r}")
+
+
+def _refuse_shards_only(d: Path, retriever: str, section: dict[str, Any]) -> None:
+    """A shards-only index (``serve-app index --ray --shards-only``) holds a retriever only as a
+    shard set: loading it whole is refused, saying how to serve it."""
+    n = section.get("shards_only")
+    if n:
+        raise IndexLoadError(f"{d}: a shards-only index: its {retriever} retriever exists only as the shard set {retriever}-{n} (built with --shards-only); serve it sharded (shards: {{{retriever}: {n}}}) or build the index without --shards-only")
 
 
 def _dense_section(d: Path, manifest: Manifest) -> dict[str, Any]:
@@ -105,6 +114,7 @@ def _dense(d: Path, manifest: Manifest, cfg: Optional[DenseConfig], *, encoder: 
     from serve_app.retrieval.dense import BiEncoder, DenseRetriever
 
     section = _dense_section(d, manifest)
+    _refuse_shards_only(d, "dense", section)
     verify_files(d, manifest, [DENSE_DIR + "/"], checksums=checksums)
     if encoder is None and load_encoder:
         encoder = BiEncoder(cfg if cfg is not None else dense_config_of(d, manifest))  # ModelLoadError names the model and how to provide it

@@ -30,6 +30,7 @@ before anything is written, and the previous index stays in place (the swap is t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -164,6 +165,7 @@ class _ScoreBatch:
         self.stats: dict[str, Any] = ray.get(stats_ref[0])
         self.vocab: dict[str, int] = self.stats["vocab"]
         self.chunk_offset: np.ndarray = self.stats["chunk_offset"]
+        self.shard_of: Optional[np.ndarray] = self.stats.get("shard_of")
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
@@ -187,12 +189,16 @@ class _ScoreBatch:
         cpu = np.zeros(len(ids), dtype=np.float64)
         if len(ids):
             cpu[0] = time.process_time() - start
-        return pa.table({
+        columns = {
             "chunk": pa.array(self.chunk_offset[owner] + seq.astype(np.int64), pa.int64()),
             "terms": pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(np.asarray(cols, dtype=np.int32))),
             "scores": pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(np.asarray(scores))),
             "cpu_s": pa.array(cpu, pa.float64()),
-        })
+        }
+        if self.shard_of is not None:  # shards written by workers: chunk numbers are the shard's own
+            columns["owner"] = pa.array(owner, pa.int64())
+            columns["shard"] = pa.array(self.shard_of[owner], pa.int32())
+        return pa.table(columns)
 
 
 class EncodeBatch:
@@ -245,14 +251,21 @@ def _input_dataset(corpus: Corpus, batch_documents: int, workers: int) -> Any:
     return ray.data.from_arrow(tables)
 
 
-def _map_batches(ds: Any, fn: Any, **kwargs: Any) -> Any:
-    """``ds.map_batches`` with bounded retries. Ray 2.60 takes retry settings only through
-    ``ray_remote_args_fn`` (or ``**ray_remote_args``), both deprecated for removal in 2.64
-    without a replacement yet; the warning is silenced here alone (revisit with Ray 2.64)."""
+@contextlib.contextmanager
+def _quiet_remote_args() -> Any:
+    """Ray 2.60 takes retry settings only through ``ray_remote_args_fn`` (or
+    ``**ray_remote_args``), both deprecated for removal in 2.64 without a replacement yet; the
+    warning is silenced here alone (revisit with Ray 2.64)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`ray_remote_args(_fn)?` is deprecated")
+        yield
+
+
+def _map_batches(ds: Any, fn: Any, **kwargs: Any) -> Any:
+    """``ds.map_batches`` with bounded retries (:func:`_quiet_remote_args`)."""
+    with _quiet_remote_args():
         return ds.map_batches(fn, **kwargs)
 
 
@@ -296,7 +309,10 @@ def _chunk_order(owner: np.ndarray, seq: np.ndarray, num_documents: int) -> tupl
     return order, offset[:-1]
 
 
-def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConfig, options: RayBuildOptions, batch: int, report: RayBuildReport) -> Any:
+def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConfig, options: RayBuildOptions, batch: int, report: RayBuildReport, then: Any = None) -> Any:
+    """The whole-corpus BM25 retriever assembled on the driver; with ``then``, what
+    ``then(tokens, stats, chunk_owner, tokenizer, retry)`` returns once the statistics are
+    gathered (a shards-only build scores and writes the shards from there)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray
@@ -337,6 +353,9 @@ def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConf
     stats = corpus_statistics(cfg, vocab, df, lengths)
     report.stage_seconds["bm25_statistics"] = time.perf_counter() - t0
 
+    if then is not None:
+        return then(tokens, stats, owner[order], tokenizer, retry)
+
     t0 = time.perf_counter()
     stats_ref = ray.put({**stats, "chunk_offset": chunk_offset})
     scored = _map_batches(
@@ -361,16 +380,22 @@ def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConf
     return BM25Retriever(engine, tokenizer, cfg, chunking, corpus.ids, chunk_owner)
 
 
-def _encode(ds: Any, corpus: Corpus, cfg: DenseConfig, chunking: ChunkingConfig, options: RayBuildOptions, batch: int, report: RayBuildReport, udf: type) -> tuple[np.ndarray, np.ndarray]:
-    """Every chunk's vector in corpus chunk order, and each vector's document position."""
+def _encoded(ds: Any, cfg: DenseConfig, chunking: ChunkingConfig, options: RayBuildOptions, batch: int, udf: type) -> Any:
+    """The dataset of encoded chunks (``owner``, ``seq``, ``vector``, ``cpu_s``): ``udf`` on an
+    actor pool of ``options.workers`` actors, each with its CPUs and GPUs."""
     gpus = _gpus_per_worker(options)
-    t0 = time.perf_counter()
-    encoded = _map_batches(
+    return _map_batches(
         ds, udf, batch_size=batch, batch_format="numpy", compute=_actors(options),
         num_cpus=options.cpus_per_worker, num_gpus=gpus or None,
         fn_constructor_kwargs={"dense": cfg.model_dump(), "chunking": chunking.model_dump(), "threads": max(1, int(options.cpus_per_worker))},
         ray_remote_args_fn=_actor_retries(options),
     )
+
+
+def _encode(ds: Any, corpus: Corpus, cfg: DenseConfig, chunking: ChunkingConfig, options: RayBuildOptions, batch: int, report: RayBuildReport, udf: type) -> tuple[np.ndarray, np.ndarray]:
+    """Every chunk's vector in corpus chunk order, and each vector's document position."""
+    t0 = time.perf_counter()
+    encoded = _encoded(ds, cfg, chunking, options, batch, udf)
     owners, seqs, vectors, cpu = [], [], [], 0.0
     for part in encoded.iter_batches(batch_size=None, batch_format="numpy"):
         owners.append(part["owner"])
@@ -394,11 +419,18 @@ def build_index_ray(
     shards: Optional[Mapping[str, int]] = None,
     options: RayBuildOptions = RayBuildOptions(),
     encode_udf: Optional[type] = None,
+    assignments: Optional[Mapping[str, Sequence[Sequence[int]]]] = None,
+    writes: Optional[dict[str, Any]] = None,
 ) -> tuple[Any, RayBuildReport]:
     """Build the index :func:`serve_app.index.build_index` would, with the work on Ray.
 
     Returns the manifest written and a :class:`RayBuildReport`. ``encode_udf`` replaces
     :class:`EncodeBatch` (same constructor and call; tests use it to kill a worker).
+
+    The whole index passes through the driver here; :func:`serve_app.index.ray_shards.build_index_ray_shards_only`
+    has the workers write the shards instead (what a 100M-document build needs).
+    ``assignments`` (a merge of live writes) gives each shard's document positions instead of
+    contiguous ranges; ``writes`` is the manifest's record of that merge.
 
     Example (on the cluster this process is connected to, or a local instance)::
 
@@ -447,8 +479,10 @@ def build_index_ray(
     manifest = write_index_atomically(
         out, corpus, wanted, bm25=bm25, dense=dense, chunking=chunking, encoder=encoder,
         bm25_retriever=bm25_retriever, dense_retriever=dense_retriever, whole_vectors=(vectors, owner) if dense is not None else None,
+        writes=writes, assignments=assignments,
     )
     report.chunks = manifest.corpus.num_chunks
     report.stage_seconds["write"] = time.perf_counter() - t0
     logger.info("index written to %s by Ray (%d documents, %d workers, %.1f s)", out, len(corpus), options.workers, report.seconds)
     return manifest, report
+

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from serve_app.commands.core import UsageError, _shards as parse_shards
+from serve_app.commands.core import UsageError, _shards as parse_shards, add_ray_options, ray_options
 from serve_app.config import WritesConfig
 
 
@@ -51,6 +51,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     index's write log as durable batches; with --delete, the file lists ids to delete."""
     from serve_app.corpus import read_corpus
 
+    options = ray_options(args)
+    if options is not None and not args.merge:
+        raise UsageError("--ray applies to the merge: add --merge")
     writer = open_writer(args.index, args.log_dir, args.shards)
     t0 = time.perf_counter()
     n = absent = 0
@@ -78,7 +81,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         if args.merge:
             from serve_app.live.merge import merge
 
-            report = merge(writer, show_progress=not args.quiet)
+            report = merge(writer, show_progress=not args.quiet, ray=options)
             print(f"merged up to batch {report.base_seq}: {report.documents} documents in {report.seconds:.1f} s")
     finally:
         writer.close()
@@ -86,12 +89,15 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Fold an index's write log into a new base index (atomic swap; writes after it stay in the log)."""
+    """Fold an index's write log into a new base index (atomic swap; writes after it stay in the log).
+    With --ray, the new base is a Ray build of the live documents; a shards-only index always
+    merges on Ray and stays shards-only."""
     from serve_app.live.merge import merge
 
+    options = ray_options(args)
     writer = open_writer(args.index, args.log_dir, args.shards)
     try:
-        report = merge(writer, show_progress=not args.quiet)
+        report = merge(writer, show_progress=not args.quiet, ray=options)
     finally:
         writer.close()
     print(f"merged up to batch {report.base_seq} into {args.index}: {report.documents} documents in {report.seconds:.1f} s ({report.vectors_reused} vectors reused, {report.vectors_encoded} encoded)")
@@ -111,4 +117,5 @@ def register(subparsers: Any) -> None:
         p.add_argument("--log-dir", default=None, help="the write log's directory (default: INDEX.writes beside the index; as writes.log_dir)")
         p.add_argument("--shards", default=None, metavar="RETRIEVER=N[,...]", help="the shard counts the service uses (default: the index's shard sets)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        add_ray_options(p, "the merge writes the new base as `serve-app index --ray` does" + (" (with --merge)" if name == "ingest" else ""))
         p.set_defaults(func=func)

@@ -21,7 +21,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -100,9 +99,37 @@ def _live_at(writer: Any, seq: int) -> tuple[list[Document], list[tuple[str, int
     return docs, sources, logged
 
 
-def merge(writer: Any, *, show_progress: bool = False) -> MergeReport:
+def _assignments(writer: Any, docs: list[Document], sources: list[tuple[str, int, int]], logged: dict[tuple[int, int], Any]) -> dict[str, list[list[int]]]:
+    """Each sharded retriever's shards as lists of merged positions: every document stays in
+    the shard that held it (base documents) or that the writer assigned it (written ones)."""
+    assignments = {}
+    for r, n in writer.shards.items():
+        sets: list[list[int]] = [[] for _ in range(n)]
+        for i, ((kind, a, b), d) in enumerate(zip(sources, docs)):
+            shard = writer._owners_of_base[r][d.id] if kind == "base" else logged[(a, b)].owners[r]
+            sets[shard].append(i)
+        empty = [j for j, p in enumerate(sets) if not p]
+        if empty:
+            raise ValueError(f"{r} shard(s) {empty} would hold no document after the merge; an index shard cannot be empty")
+        assignments[r] = sets
+    return assignments
+
+
+def is_shards_only(manifest: Any) -> bool:
+    """Whether an index holds its retrievers only as shard sets (``serve-app index --ray --shards-only``)."""
+    return any(bool((getattr(manifest, r) or {}).get("shards_only")) for r in ("bm25", "dense"))
+
+
+def merge(writer: Any, *, show_progress: bool = False, ray: Optional[Any] = None) -> MergeReport:
     """Fold the log up to the writer's last batch into a new base index at the writer's index
-    directory (see the module docstring); the writer then reads the new base."""
+    directory (see the module docstring); the writer then reads the new base.
+
+    ``ray`` (:class:`~serve_app.index.ray_build.RayBuildOptions`) runs the merge as a Ray build
+    of the live documents (every vector encoded again, on the encoder actors). A shards-only
+    base always merges that way (on the Ray this process is connected to, else a local
+    instance), and stays shards-only: its workers write the shards, so no process holds the
+    whole BM25 matrix or all vectors.
+    """
     from serve_app.chunking import split_documents
     from serve_app.index import load_dense
     from serve_app.index.build import check_build_request, write_index_atomically
@@ -119,6 +146,30 @@ def merge(writer: Any, *, show_progress: bool = False) -> MergeReport:
     whole_vectors = None
     reused = encoded = 0
     corpus = Corpus(docs)
+    assignments = _assignments(writer, docs, sources, logged)
+    generation = uuid.uuid4().hex[:16]
+    writes = {"generation": generation, "base_seq": seq, "previous_generation": writer.generation}
+    shards_only = is_shards_only(manifest)
+    if shards_only and ray is None:
+        from serve_app.index.ray_build import RayBuildOptions
+
+        ray = RayBuildOptions(show_progress=show_progress)
+    if ray is not None:
+        from serve_app.index.load import dense_config_of
+        from serve_app.index.ray_build import build_index_ray
+        from serve_app.index.ray_shards import build_index_ray_shards_only
+
+        dense_cfg = dense_config_of(writer.index_dir, manifest) if manifest.dense is not None else None
+        build = build_index_ray_shards_only if shards_only else build_index_ray
+        built, _ = build(
+            corpus, writer.index_dir, bm25=bm25, dense=dense_cfg, chunking=manifest.chunking, shards=writer.shards, options=ray,
+            assignments=assignments, writes=writes,
+        )
+        writer.adopt_base()
+        encoded = built.corpus.num_chunks if dense_cfg is not None else 0
+        report = MergeReport(seq, generation, len(docs), time.perf_counter() - t0, 0, encoded)
+        logger.info("merged the log up to batch %d into %s on Ray: %d documents in %.1f s (%d vectors encoded)", seq, writer.index_dir, len(docs), report.seconds, encoded)
+        return report
     if manifest.dense is not None:
         from serve_app.retrieval.dense import DenseRetriever
 
@@ -158,18 +209,6 @@ def merge(writer: Any, *, show_progress: bool = False) -> MergeReport:
         chunk_owner = np.concatenate(owner)
         dense_retriever = DenseRetriever.from_vectors(vectors, corpus.ids, dense_cfg, chunk_owner=chunk_owner, encoder=writer.encoder)
         whole_vectors = (vectors, chunk_owner)
-    assignments = {}
-    for r, n in writer.shards.items():
-        sets: list[list[int]] = [[] for _ in range(n)]
-        for i, ((kind, a, b), d) in enumerate(zip(sources, docs)):
-            shard = writer._owners_of_base[r][d.id] if kind == "base" else logged[(a, b)].owners[r]
-            sets[shard].append(i)
-        empty = [j for j, p in enumerate(sets) if not p]
-        if empty:
-            raise ValueError(f"{r} shard(s) {empty} would hold no document after the merge; an index shard cannot be empty")
-        assignments[r] = sets
-    generation = uuid.uuid4().hex[:16]
-    writes = {"generation": generation, "base_seq": seq, "previous_generation": writer.generation}
     corpus, out, wanted = check_build_request(corpus, writer.index_dir, bm25=bm25, dense=dense_cfg, shards=writer.shards)
     write_index_atomically(
         out, corpus, wanted, bm25=bm25, dense=dense_cfg, chunking=manifest.chunking, encoder=writer.encoder, show_progress=show_progress,
@@ -193,4 +232,4 @@ def merge_due(writer: Any) -> Optional[str]:
     return None
 
 
-__all__ = ["MergeReport", "base_vectors", "live_documents", "merge", "merge_due"]
+__all__ = ["MergeReport", "base_vectors", "is_shards_only", "live_documents", "merge", "merge_due"]

@@ -6,7 +6,9 @@ loaded from its index directory; the batches come through the ``DocumentWriter``
 handle (:class:`HandleSource`), so replicas on other nodes need no shared filesystem for writes.
 After a merge the writer reports a new generation: the replica loads the new base from its
 index directory in the background (when the directory holds it: shared storage, or a copy),
-catches it up with the batches since the merge, and swaps it in between two polls; a replica
+catches it up with the batches since the merge, and swaps it in between two polls, keeping the
+old view for searches pinned below the merged base (:meth:`LiveReplica.view_for`) until every
+replica has passed it, and a grace after that: the new base cannot show an older state; a replica
 that cannot see the new base keeps its old one and the log (the writer keeps the batches any
 live follower's base still needs).
 """
@@ -86,6 +88,8 @@ class LiveReplica:
         self.cfg = cfg
         self.needs_stats = needs_stats
         self.view: Any = None
+        self.previous: Any = None  # the view before a merge's swap, until no search reads below the new base
+        self._previous_until: Optional[float] = None
         self.generation = ""
         self.follower: Optional[Follower] = None
         self.error: Optional[str] = None
@@ -144,12 +148,28 @@ class LiveReplica:
                     self._reload = asyncio.get_running_loop().create_task(self._prepare_reload(answer.generation))
                 if self._reload is not None and self._reload.done():
                     await self._swap(self._reload)
+                self._maybe_drop_previous()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the writer restarting, a network blip
                 self.error = f"{type(exc).__name__}: {exc}"
                 logger.warning("%s: polling the writer failed (%s); retrying", self.what, self.error)
                 await asyncio.sleep(self.cfg.refresh_interval_s)
+
+    def _maybe_drop_previous(self) -> None:
+        """Drop the view from before a merge once every replica has passed the merged base and a
+        grace of ``max(2 s, 4 refresh intervals)`` has gone by since (a search pinned below the
+        base just before may still be on its way: pins come from the ingress's own follower)."""
+        if self.previous is None or self.follower is None:
+            return
+        if self.follower.visible_seq < self.view.base_seq:
+            self._previous_until = None
+            return
+        now = time.monotonic()
+        if self._previous_until is None:
+            self._previous_until = now + max(2.0, 4 * self.cfg.refresh_interval_s)
+        elif now >= self._previous_until:
+            self.previous, self._previous_until = None, None
 
     async def _prepare_reload(self, generation: str) -> Optional[tuple[Any, str]]:
         base_seq, on_disk = await asyncio.to_thread(index_writes, self.index_dir)
@@ -176,6 +196,10 @@ class LiveReplica:
         if view.applied_seq == self.follower.applied_seq:
             self.follower.targets = [view]
             self.follower.base_seq = view.base_seq
+            # Searches pinned below the new base (the ingress pins the batch every replica has
+            # applied: some may not have reached the merge's batch yet) read the old view, which
+            # holds every batch up to here; the new base cannot show an older state.
+            self.previous, self._previous_until = self.view, None
             self.view, self.generation = view, generation
             logger.info("%s: now on the merged base %s (batch %d)", self.what, generation, view.base_seq)
 
@@ -193,7 +217,15 @@ class LiveReplica:
         if at_seq is not None and at_seq > self.follower.applied_seq:
             if not await self.follower.wait_applied(at_seq, self.cfg.wait_for_timeout_s):
                 raise StageUnavailable(self.what, f"behind the writer: batch {at_seq} not applied within {self.cfg.wait_for_timeout_s:g} s")
-        return self.view
+        return self.view_for(at_seq)
+
+    def view_for(self, at_seq: Optional[int]) -> Any:
+        """The view that shows batch ``at_seq``: the current one, or, for a search pinned below a
+        merged base just swapped in, the view from before the swap."""
+        view, previous = self.view, self.previous
+        if at_seq is not None and previous is not None and view is not None and at_seq < view.base_seq:
+            return previous
+        return view
 
     @property
     def ready(self) -> bool:

@@ -151,8 +151,8 @@ class DenseServer:
         groups: dict[tuple[int, Optional[int]], list[int]] = collections.defaultdict(list)
         for i, r in enumerate(requests):
             groups[(int(r[1]), r[2] if len(r) > 2 else None)].append(i)
-        view = self.live.view if self.live is not None and self.live.view is not None else None
         for (k, at_seq), rows in groups.items():
+            view = self.live.view_for(at_seq) if self.live is not None else None
             found = view.search_vectors(vectors[rows], k, at_seq) if view is not None else self.retriever.search_vectors(vectors[rows], k)
             for i, hits in zip(rows, found):
                 out[i] = hits

@@ -115,10 +115,22 @@ class WriterServer:
     async def _run_merge(self) -> dict[str, Any]:
         from serve_app.live.merge import merge
 
-        report = await asyncio.to_thread(merge, self.writer)
+        report = await asyncio.to_thread(merge, self.writer, ray=self._ray_options())
         self.last_merge = asdict(report)
         await self.notifier.notify()
         return self.last_merge
+
+    def _ray_options(self) -> Any:
+        """How a shards-only base merges: a Ray build on this replica's cluster (``writes.merge_ray_*``);
+        None for other bases (merged in this process, reusing their vectors)."""
+        from serve_app.live.merge import is_shards_only
+
+        if not is_shards_only(self.writer.manifest):
+            return None
+        from serve_app.index.ray_build import RayBuildOptions
+
+        w = self.cfg.writes
+        return RayBuildOptions(workers=w.merge_ray_workers, gpus_per_worker=w.merge_ray_gpus_per_worker, show_progress=False)
 
     async def merge(self) -> dict[str, Any]:
         """Merge now (or wait for the merge already running); returns its report."""

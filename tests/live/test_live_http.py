@@ -175,6 +175,43 @@ def test_a_search_sees_a_batch_entirely_or_not_at_all_across_shards(tmp_path, ti
     run(main())
 
 
+def test_a_search_pinned_below_a_merge_reads_the_old_view_on_a_replica_that_swapped(tmp_path, tiny_dense, tiny_encoder):
+    """The regression behind a search seeing half a batch across shards: after a merge at batch
+    S, a replica that swapped in the new base clamped a search pinned below S (the batch every
+    replica has applied) to S, while a shard not yet past S showed the older state. The swapped
+    replica must answer such a search from its view before the swap."""
+    from serve_app.live.changes import owner_shard
+
+    idx = build(tmp_path / "idx", docs(40), tiny_dense, tiny_encoder, shards={"bm25": 2, "dense": 2})
+    late = next(f"late-{i}" for i in range(100) if owner_shard(f"late-{i}", None, 2) == 0)
+
+    async def main():
+        async with live_stack(idx, tiny_dense, shards={"bm25": 2, "dense": 2}, auto_merge=False, follower_timeout_s=120) as (c, ns):
+            await until_ready(c)
+            r = await c.post("/documents", json={"documents": [{"id": "early", "text": "walrus tusk"}], "refresh": "wait_for"})
+            assert r.json()["seq"] == 1
+            stalled = ns.bm25[1].live
+            await stalled.stop()  # shard 1 stops following at batch 1 (still counted live: it holds visibility back)
+            r = await c.post("/documents", json={"documents": [{"id": late, "text": "walrus arctic"}]})
+            assert r.json()["seq"] == 2
+            report = await ns.writer.merge()
+            assert report["base_seq"] == 2
+            swapped = ns.bm25[0].live
+            deadline = time.monotonic() + 30
+            while swapped.view.base_seq != 2:
+                assert time.monotonic() < deadline, "shard 0 never swapped in the merged base"
+                await asyncio.sleep(0.05)
+            assert swapped.follower.visible_seq == 1  # shard 1 is still at batch 1: searches pin 1
+            before = [h.doc_id for h in await ns.bm25[0].search("walrus", 10, 1)]
+            after = [h.doc_id for h in await ns.bm25[0].search("walrus", 10, 2)]
+            assert late not in before, "a search pinned at batch 1 saw batch 2 on the replica that swapped"
+            assert late in after
+            ans = (await c.post("/search", json={"query": "walrus", "rerank_top_m": 0, "retrievers": ["bm25"]})).json()
+            assert ans["seq"] == 1 and {h["id"] for h in ans["results"]} == {"early"}
+
+    run(main())
+
+
 def test_a_replica_started_after_writes_catches_up_before_it_is_ready(index_dir, tiny_dense):
     from serve_app.serve.config import BM25ServerConfig
     from serve_app.serve.retrievers import BM25Server
