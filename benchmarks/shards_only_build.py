@@ -1,20 +1,22 @@
-"""The driver's memory in a Ray build: ``--ray`` (the driver assembles the whole index, then cuts
-its shards) next to ``--ray --shards-only`` (workers write the shards; the driver gathers
-statistics and manifests), on the same synthetic corpus, side by side.
+"""The driver's memory in a Ray build: ``serve-app index --ray`` (the driver loads the corpus and
+assembles the whole index, then cuts its shards) next to ``--ray --shards-only`` (the driver
+streams the corpus into the document store, the workers read it and write the shards), on the
+same synthetic corpus, side by side.
 
 Command::
 
     python -m benchmarks.shards_only_build                       # 50,000 and 200,000 documents, bm25=4, 2 repeats
     python -m benchmarks.shards_only_build --documents 20000 --repeats 1   # a quick look
 
-Each build runs in a fresh process (the driver) that generates the corpus, starts a local Ray
-instance with ``--workers`` CPUs and builds; it reports its own peak resident memory
-(``VmHWM``) after generating the corpus and at the end, so the build's share is the difference.
-The two ways alternate (ABAB...). Two corpus sizes give each way's driver memory per added
-document (the slope between them), what grows with the corpus and decides the head's size. Both indexes must hold the same shards: the benchmark loads
-every shard of both and compares the BM25 top 100 of ``--queries`` queries, and fails if any
-differs. BM25 only (the dense side's vectors follow the same path, and encoding a corpus this size
-on CPU takes hours); synthetic text as in ``benchmarks.sizing`` (sizes and speeds, no relevance).
+The corpus of each size is generated once and written as JSONL. Each build runs in a fresh
+process (the driver) that starts a local Ray instance with ``--workers`` CPUs and builds from
+that file as the command line does; it reports its resident memory before the build and its
+peak (``VmHWM``) at the end. The two ways alternate (ABAB...). Two corpus sizes give each way's
+driver memory per added document (the slope between them), what grows with the corpus and
+decides the head's size. Both indexes must hold the same shards: the benchmark loads every shard
+of both and compares the BM25 top 100 of ``--queries`` queries, and fails if any differs. BM25
+only (the dense side's vectors follow the same path, and encoding a corpus this size on CPU
+takes hours); synthetic text as in ``benchmarks.sizing`` (sizes and speeds, no relevance).
 """
 
 from __future__ import annotations
@@ -32,40 +34,49 @@ from benchmarks.common import DEFAULT_CACHE, PROC_MEMORY_SNIPPET, BenchRun, base
 
 CHILD = PROC_MEMORY_SNIPPET + r"""
 import json, sys, time
-mode, out, n, shards, workers, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-from benchmarks.sizing import synthetic_corpus, vocabulary
-corpus = synthetic_corpus(n, vocabulary(100_000, seed), 140, 1.07, seed)
-after_corpus = mem()
+mode, corpus_file, out, shards, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 import ray
 from serve_app.config import BM25Config, ChunkingConfig
+from serve_app.corpus import read_corpus_source
 from serve_app.index.ray_build import RayBuildOptions, build_index_ray
 from serve_app.index.ray_shards import build_index_ray_shards_only
 from serve_app.serve.runner import start_ray
 start_ray(num_cpus=workers, log_to_driver=False)
-build = build_index_ray_shards_only if mode == "shards-only" else build_index_ray
+before = mem()
+options = RayBuildOptions(workers=workers, batch_documents=2048, show_progress=False)
 t0 = time.perf_counter()
-_, report = build(corpus, out, bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), shards={"bm25": shards},
-                  options=RayBuildOptions(workers=workers, batch_documents=2048, show_progress=False))
+if mode == "shards-only":  # what `serve-app index --ray --shards-only` does: the corpus is streamed
+    _, report = build_index_ray_shards_only(corpus_file, out, bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), shards={"bm25": shards}, options=options)
+else:  # what `serve-app index --ray` does: the corpus is loaded, the whole index assembled
+    corpus = read_corpus_source(corpus_file).corpus
+    _, report = build_index_ray(corpus, out, bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), shards={"bm25": shards}, options=options)
 wall = time.perf_counter() - t0
 ray.shutdown()
 end = mem()
-print("RESULT " + json.dumps({"mode": mode, "wall_s": wall, "peak_rss_mib": end["VmHWM"], "rss_after_corpus_mib": after_corpus["VmRSS"],
-                               "peak_after_corpus_mib": after_corpus["VmHWM"], "stages_s": report.stage_seconds}))
+print("RESULT " + json.dumps({"mode": mode, "wall_s": wall, "peak_rss_mib": end["VmHWM"], "rss_before_mib": before["VmRSS"], "stages_s": report.stage_seconds}))
 """
 
 
-def _run(mode: str, out: Path, n: int, args: Any) -> dict[str, Any]:
+def _run(mode: str, corpus_file: Path, out: Path, n: int, args: Any) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(out), str(n), str(args.shards), str(args.workers), str(args.seed)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(corpus_file), str(out), str(args.shards), str(args.workers)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{mode} build failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     r = json.loads(lines[-1][len("RESULT "):])
-    r["build_peak_mib"] = r["peak_rss_mib"] - r["rss_after_corpus_mib"]
     r["documents"] = n
-    print(f"{mode} ({n} documents): {r['wall_s']:.0f} s, driver peak {r['peak_rss_mib']:.0f} MiB ({r['build_peak_mib']:.0f} above the corpus)", flush=True)
+    r["build_peak_mib"] = r["peak_rss_mib"] - r["rss_before_mib"]
+    print(f"{mode} ({n} documents): {r['wall_s']:.0f} s, driver peak {r['peak_rss_mib']:.0f} MiB ({r['build_peak_mib']:.0f} above the driver before the build)", flush=True)
     return r
+
+
+def _write_corpus(path: Path, n: int, seed: int) -> None:
+    """The synthetic corpus of ``benchmarks.sizing`` as a JSONL file (generated here, read by the builds)."""
+    from benchmarks.sizing import synthetic_corpus, vocabulary
+    from serve_app.corpus import write_documents_jsonl
+
+    write_documents_jsonl(synthetic_corpus(n, vocabulary(100_000, seed), 140, 1.07, seed), path)
 
 
 def _same_shards(a: Path, b: Path, shards: int, n_queries: int, seed: int) -> int:
@@ -102,9 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = ("whole", "shards-only")
     runs: dict[int, dict[str, list[dict[str, Any]]]] = {n: {m: [] for m in modes} for n in sizes}
     for n in sizes:
+        corpus_file = work / f"corpus-{n}.jsonl"
+        _write_corpus(corpus_file, n, args.seed)
         for _ in range(args.repeats):
             for mode in modes:
-                runs[n][mode].append(_run(mode, work / mode, n, args))
+                runs[n][mode].append(_run(mode, corpus_file, work / mode, n, args))
     largest = sizes[-1]
     differ = _same_shards(work / "whole", work / "shards-only", args.shards, args.queries, args.seed)
     bm25_bytes = sum(f.stat().st_size for f in (work / "whole" / "bm25").rglob("*") if f.is_file())
@@ -132,17 +145,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             } for n in sizes
         },
     }
-    rows = [[f"{n:,}", mode, spread(n, mode, "wall_s"), spread(n, mode, "peak_rss_mib"), spread(n, mode, "rss_after_corpus_mib"), spread(n, mode, "build_peak_mib")] for n in sizes for mode in modes]
+    rows = [[f"{n:,}", mode, spread(n, mode, "wall_s"), spread(n, mode, "peak_rss_mib"), spread(n, mode, "rss_before_mib"), spread(n, mode, "build_peak_mib")] for n in sizes for mode in modes]
     md = run.header_markdown("Ray build: the driver's memory, whole index vs shards only")
     md += (
         f"Synthetic documents, BM25 only, `--shards bm25={args.shards}`, {args.workers} Ray workers on this machine; "
         f"each build in a fresh driver process, the two ways alternating, {args.repeats} repeats (median, min-max).\n\n"
-        + md_table(["documents", "build", "wall s", "driver peak RSS MiB", "driver RSS with the corpus MiB", "driver peak above the corpus MiB"], rows)
+        + md_table(["documents", "build", "wall s", "driver peak RSS MiB", "driver RSS before the build MiB", "driver peak above that MiB"], rows)
         + "\n\n"
     )
     r = results["ratios"][str(largest)]
     md += (
-        f"At {largest:,} documents (whole-corpus BM25 index on disk: {bm25_bytes / 2**20:.0f} MiB), shards-only / whole: driver peak above the corpus "
+        f"At {largest:,} documents (whole-corpus BM25 index on disk: {bm25_bytes / 2**20:.0f} MiB), shards-only / whole: driver peak above its start "
         f"{r['driver_build_peak_shards_only_over_whole']:.2f}x, driver peak {r['driver_peak_shards_only_over_whole']:.2f}x, wall time {r['wall_shards_only_over_whole']:.2f}x. "
     )
     if per_doc:

@@ -37,7 +37,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, overload
+from typing import Any, Iterable, Iterator, Literal, Mapping, Optional, Sequence, overload
 
 from serve_app.demo import DEMO_DIR, demo_qrels_path
 from serve_app.errors import CorpusError
@@ -57,6 +57,7 @@ __all__ = [
     "load_qrels",
     "load_queries",
     "read_corpus",
+    "iter_corpus",
     "read_corpus_source",
     "corpus_path",
     "write_documents_jsonl",
@@ -243,16 +244,23 @@ def _parse_document(path: Path, lineno: int, obj: Mapping[str, Any], id_key: str
     return Document(id=doc_id, text=text, title=title, metadata=metadata)
 
 
-def read_corpus(path: str | os.PathLike[str], *, on_error: OnError = "raise") -> CorpusLoadResult:
-    """Read a corpus file (see the module docstring) and report the lines skipped."""
+def iter_corpus(
+    path: str | os.PathLike[str],
+    *,
+    on_error: OnError = "raise",
+    skipped: Optional[list[SkippedLine]] = None,
+    empty: Optional[list[str]] = None,
+    first_line: Optional[dict[str, int]] = None,
+) -> Iterator[Document]:
+    """The documents of a corpus file one at a time, validated as :func:`read_corpus` validates
+    them, without holding the corpus: bad lines go to ``skipped`` (``on_error="skip"``), the ids
+    of empty documents to ``empty``. Repeated ids are refused only with ``first_line`` (a dict it
+    fills: id -> line), which grows with the corpus; a streaming consumer that refuses them
+    itself (the document store's unique ids) passes none."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     p = Path(path)
     _check_suffix(p, (".jsonl", ".jsonl.gz"), "corpus")
-    docs: list[Document] = []
-    first_line: dict[str, int] = {}
-    skipped: list[SkippedLine] = []
-    empty: list[str] = []
     id_key: str | None = None
     fmt_line = 0
     for lineno, raw in _lines(p):
@@ -264,22 +272,37 @@ def read_corpus(path: str | os.PathLike[str], *, on_error: OnError = "raise") ->
             if id_key is None:
                 id_key, fmt_line = _detect_id_key(p, lineno, obj), lineno
             doc = _parse_document(p, lineno, obj, id_key, fmt_line)
-            if doc.id in first_line:
+            if first_line is not None and doc.id in first_line:
                 raise CorpusError(f"{p}: line {lineno}: duplicate document id {doc.id!r} (first seen on line {first_line[doc.id]})")
         except CorpusError as exc:
             if on_error == "raise":
                 raise
-            skipped.append(SkippedLine(lineno, str(exc)))
+            if skipped is not None:
+                skipped.append(SkippedLine(lineno, str(exc)))
             continue
-        first_line[doc.id] = lineno
+        if first_line is not None:
+            first_line[doc.id] = lineno
         if not doc.content.strip():
-            empty.append(doc.id)
+            if empty is not None:
+                empty.append(doc.id)
             continue
-        docs.append(doc)
+        yield doc
+
+
+def no_documents(path: str | os.PathLike[str], skipped: Sequence[SkippedLine], empty: Sequence[str]) -> CorpusError:
+    """The error of a corpus file that yielded no document, saying what was left out."""
+    left = [f"{len(skipped)} bad lines skipped"] if skipped else []
+    left += [f"{len(empty)} empty documents left out"] if empty else []
+    return CorpusError(f"{Path(path)}: no documents" + (f" ({', '.join(left)})" if left else ""))
+
+
+def read_corpus(path: str | os.PathLike[str], *, on_error: OnError = "raise") -> CorpusLoadResult:
+    """Read a corpus file (see the module docstring) and report the lines skipped."""
+    skipped: list[SkippedLine] = []
+    empty: list[str] = []
+    docs = list(iter_corpus(path, on_error=on_error, skipped=skipped, empty=empty, first_line={}))
     if not docs:
-        left = [f"{len(skipped)} bad lines skipped"] if skipped else []
-        left += [f"{len(empty)} empty documents left out"] if empty else []
-        raise CorpusError(f"{p}: no documents" + (f" ({', '.join(left)})" if left else ""))
+        raise no_documents(path, skipped, empty)
     return CorpusLoadResult(Corpus(docs), skipped, empty)
 
 

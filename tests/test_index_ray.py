@@ -203,13 +203,23 @@ def test_shards_only_build_writes_the_local_shards_from_the_workers(tmp_path, ra
     shards = {"bm25": 3, "dense": 2}
     build_index(corpus, tmp_path / "local", bm25=BM25Config(method=method), dense=encoder.cfg, chunking=chunking, encoder=encoder, show_progress=False, shards=shards)
 
+    from serve_app import corpus as corpus_module
+    from serve_app.corpus import write_documents_jsonl
+    from serve_app.index import ray_build
+
+    src = tmp_path / "corpus.jsonl"
+    write_documents_jsonl(corpus, src)
+
     def refuse(*a, **k):
-        raise AssertionError("the driver assembled an index: a shards-only build must leave that to the workers")
+        raise AssertionError("the driver assembled an index or held the corpus: a shards-only build must leave that to the workers")
 
     monkeypatch.setattr(bm25s_engine.Bm25sEngine, "from_postings", classmethod(refuse))
     monkeypatch.setattr(dense.DenseRetriever, "from_vectors", classmethod(refuse))
-    manifest, report = build_index_ray_shards_only(corpus, tmp_path / "ray", bm25=BM25Config(method=method), dense=encoder.cfg, chunking=chunking, shards=shards, options=OPTIONS)
+    monkeypatch.setattr(corpus_module.Corpus, "__init__", refuse)  # the corpus is streamed, never loaded
+    monkeypatch.setattr(ray_build, "_input_dataset", refuse)  # nor turned into blocks on the driver
+    manifest, report = build_index_ray_shards_only(str(src), tmp_path / "ray", bm25=BM25Config(method=method), dense=encoder.cfg, chunking=chunking, shards=shards, options=OPTIONS)
     monkeypatch.undo()
+    assert report.documents == len(corpus) and report.skipped == [] and report.empty == []
     local = read_manifest(tmp_path / "local")
     assert manifest.corpus == local.corpus
     assert manifest.bm25["shards_only"] == 3 and manifest.dense["shards_only"] == 2
@@ -236,14 +246,20 @@ def test_shards_only_refusals_and_explicit_assignments(tmp_path, ray_instance):
     corpus = make_corpus(n=40, seed=4)
     with pytest.raises(ValueError, match="shard count above 1 for every retriever .*dense"):
         build_index_ray_shards_only(corpus, tmp_path / "x", bm25=BM25Config(), dense=DenseConfig(), chunking=ChunkingConfig(), shards={"bm25": 2}, options=OPTIONS)
-    with pytest.raises(ValueError, match="exactly one of 2"):
-        build_index_ray_shards_only(corpus, tmp_path / "x", bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), shards={"bm25": 2}, options=OPTIONS, assignments={"bm25": [[0, 1], [2]]})
-    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="one of 2 shards for each of the 40 documents"):
+        build_index_ray_shards_only(corpus, tmp_path / "x", bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), shards={"bm25": 2}, options=OPTIONS, shard_of={"bm25": [0, 1, 2]})
+    with pytest.raises(ValueError, match=r"shard\(s\) \[1\] would hold no document"):
+        build_index_ray_shards_only(corpus, tmp_path / "x", bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), shards={"bm25": 2}, options=OPTIONS, shard_of={"bm25": [0] * 40})
+    from serve_app.corpus import CorpusError
+
+    with pytest.raises(CorpusError, match="repeats a document id"):
+        build_index_ray_shards_only([*corpus, corpus[3]], tmp_path / "x", bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), shards={"bm25": 2}, options=OPTIONS)
+    assert not (tmp_path / "x").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".x.building")]
     sets = [list(range(0, 40, 3)), [i for i in range(40) if i % 3]]  # interleaved: as a merge of live writes keeps owners
     from serve_app.index import build_shard_set
 
     build_shard_set(corpus, tmp_path / "local", 2, bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), assignment=sets)
-    build_index_ray_shards_only(corpus, tmp_path / "ray", bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), shards={"bm25": 2}, options=OPTIONS, assignments={"bm25": sets})
+    build_index_ray_shards_only(iter(corpus), tmp_path / "ray", bm25=BM25Config(), dense=None, chunking=ChunkingConfig(), shards={"bm25": 2}, options=OPTIONS, shard_of={"bm25": [0 if i % 3 == 0 else 1 for i in range(40)]})
     from serve_app.index.shards import read_shards_manifest
 
     mr, ml = read_shards_manifest(shard_set_dir(tmp_path / "ray", "bm25", 2)), read_shards_manifest(tmp_path / "local")
@@ -351,8 +367,13 @@ def test_cli_shards_only_index_takes_writes_and_merges_on_ray(tmp_path, ray_inst
     assert "add --ray" in capsys.readouterr().err
     assert main(["index", "--corpus", str(src), "--out", str(idx), "--ray", "--shards-only", "--shards", "bm25=2", *base]) == 2
     assert "count above 1 for dense" in capsys.readouterr().err and not idx.exists()
-    assert main(["index", "--corpus", str(src), "--out", str(idx), "--ray", "--ray-workers", "2", "--ray-batch-documents", "16", "--shards-only", "--shards", "bm25=2,dense=2", *base]) == 0
-    capsys.readouterr()
+    with open(src, "a", encoding="utf-8") as f:  # a bad line and an empty document: skipped and counted, as a local build does
+        f.write("{not json\n" + json.dumps({"id": "blank", "title": "", "text": "  "}) + "\n")
+    assert main(["index", "--corpus", str(src), "--out", str(idx), "--ray", "--shards-only", "--shards", "bm25=2,dense=2", *base]) == 2
+    assert "line 61" in capsys.readouterr().err and not idx.exists()
+    assert main(["index", "--corpus", str(src), "--out", str(idx), "--ray", "--ray-workers", "2", "--ray-batch-documents", "16", "--shards-only", "--shards", "bm25=2,dense=2", "--skip-bad-lines", *base]) == 0
+    out = capsys.readouterr().out
+    assert "documents: 60," in out and "1 bad line(s) skipped" in out and "1 empty document(s) left out (no title and no text: blank)" in out
     owners_before = {r: [set(json.loads((open_shard(idx, r, i, 2) / r / "doc_ids.json").read_text())) for i in range(2)] for r in ("bm25", "dense")}
 
     new = tmp_path / "new.jsonl"

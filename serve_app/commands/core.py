@@ -127,19 +127,25 @@ def cmd_index(args: argparse.Namespace) -> int:
                 raise UsageError(f"--shards-only writes every retriever as a shard set only: give --shards a count above 1 for {', '.join(unsharded)}")
     elif args.shards_only:
         raise UsageError("--shards-only applies to a Ray build: add --ray")
-    loaded = read_corpus_source(args.corpus, on_error="skip" if args.skip_bad_lines else "raise")
+    on_error = "skip" if args.skip_bad_lines else "raise"
     start = time.perf_counter()
     if options is not None:
         from serve_app.index.ray_build import build_index_ray
         from serve_app.index.ray_shards import build_index_ray_shards_only
 
-        build = build_index_ray_shards_only if args.shards_only else build_index_ray
-        manifest, report = build(loaded.corpus, args.out, bm25=bm25, dense=dense, chunking=chunking, shards=shards, options=options)
-        print(_summary(manifest, Path(args.out).absolute(), time.perf_counter() - start, _left_out(loaded.skipped, loaded.empty)))
+        if args.shards_only:  # the corpus is streamed, never loaded here
+            manifest, report = build_index_ray_shards_only(args.corpus, args.out, bm25=bm25, dense=dense, chunking=chunking, shards=shards, options=options, on_error=on_error)
+            skipped, empty = report.skipped, report.empty
+        else:
+            loaded = read_corpus_source(args.corpus, on_error=on_error)
+            manifest, report = build_index_ray(loaded.corpus, args.out, bm25=bm25, dense=dense, chunking=chunking, shards=shards, options=options)
+            skipped, empty = loaded.skipped, loaded.empty
+        print(_summary(manifest, Path(args.out).absolute(), time.perf_counter() - start, _left_out(skipped, empty)))
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_seconds.items())
         cpu = ", ".join(f"{k} {v:.1f} CPU-s" for k, v in report.worker_cpu_seconds.items())
         print(f"  ray: {report.workers} workers; {stages}; workers spent {cpu}")
         return 0
+    loaded = read_corpus_source(args.corpus, on_error=on_error)
     manifest = build_index(loaded.corpus, args.out, bm25=bm25, dense=dense, chunking=chunking, shards=shards, show_progress=not args.quiet)
     print(_summary(manifest, Path(args.out).absolute(), time.perf_counter() - start, _left_out(loaded.skipped, loaded.empty)))
     return 0

@@ -6,7 +6,8 @@ spread over the cluster::
 
     driver: read + validate the corpus -> Ray Data blocks of (position, content)
       BM25   1. tokenise (tasks)                -> tokens of each chunk
-             2. per-batch document frequencies (tasks) -> driver: vocabulary, df, N, avgdl
+             2. per-batch document frequencies (tasks), summed by term on the workers
+                -> driver: vocabulary, df, N, avgdl
              3. score postings (actor pool, one copy of the statistics per actor)
              -> driver: CSC score matrix (bm25s's own layout)
       dense  encode chunks (actor pool: the bi-encoder loaded once per actor, ``num_gpus`` per
@@ -99,6 +100,8 @@ class RayBuildReport:
     workers: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     worker_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[Any] = field(default_factory=list)  # bad corpus lines skipped (a build that read the corpus file itself)
+    empty: list[str] = field(default_factory=list)  # ids of empty documents left out (idem)
 
     @property
     def seconds(self) -> float:
@@ -309,16 +312,30 @@ def _chunk_order(owner: np.ndarray, seq: np.ndarray, num_documents: int) -> tupl
     return order, offset[:-1]
 
 
-def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConfig, options: RayBuildOptions, batch: int, report: RayBuildReport, then: Any = None) -> Any:
-    """The whole-corpus BM25 retriever assembled on the driver; with ``then``, what
-    ``then(tokens, stats, chunk_owner, tokenizer, retry)`` returns once the statistics are
-    gathered (a shards-only build scores and writes the shards from there)."""
+@dataclass
+class _BM25Statistics:
+    """What the statistics stage leaves: the tokenised chunks (a materialised dataset), the
+    whole corpus's scoring statistics, every chunk's document and each document's first chunk
+    (corpus chunk order), the tokenizer and the retry options of the tasks."""
+
+    tokens: Any
+    stats: dict[str, Any]
+    chunk_owner: np.ndarray
+    chunk_offset: np.ndarray
+    tokenizer: Any
+    retry: dict[str, Any]
+
+
+def _bm25_statistics(ds: Any, num_documents: int, cfg: BM25Config, chunking: ChunkingConfig, options: RayBuildOptions, batch: int, report: RayBuildReport) -> _BM25Statistics:
+    """Tokenise every chunk (tasks), then gather the statistics exact BM25 needs on the driver:
+    the vocabulary, each term's document frequency (counted per batch by tasks, summed here)
+    and every chunk's length."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray
 
-    from serve_app.retrieval.bm25 import BM25Retriever, Tokenizer
-    from serve_app.retrieval.bm25s_engine import Bm25sEngine, corpus_statistics
+    from serve_app.retrieval.bm25 import Tokenizer
+    from serve_app.retrieval.bm25s_engine import corpus_statistics
 
     tokenizer = Tokenizer.from_config(cfg)
     retry = {"ray_remote_args_fn": functools.partial(dict, max_retries=options.max_retries, retry_exceptions=True)}
@@ -337,24 +354,41 @@ def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConf
     seq = meta_table.column("seq").to_numpy()
     lengths = meta_table.column("length").to_numpy()
     report.worker_cpu_seconds["bm25_tokenize"] = float(pc.sum(meta_table.column("cpu_s")).as_py() or 0.0)
-    order, chunk_offset = _chunk_order(owner, seq, len(corpus))
+    del meta_table
+    order, chunk_offset = _chunk_order(owner, seq, num_documents)
     lengths = np.asarray(lengths[order], dtype=np.int64)
     if not lengths.any():
         raise ValueError("no document has an indexable token (every word is a stopword or shorter than 2 characters)")
-    dfs = _map_batches(tokens, _document_frequencies, batch_size=batch, batch_format="pyarrow", compute=_tasks(options), num_cpus=1, **retry)
-    df_table = pa.concat_tables(ray.get(dfs.to_arrow_refs()))
-    report.worker_cpu_seconds["bm25_statistics"] = float(pc.sum(df_table.column("cpu_s")).as_py() or 0.0)
-    merged = df_table.group_by("term").aggregate([("df", "sum")]).sort_by("term")
+    dfs = _map_batches(tokens, _document_frequencies, batch_size=batch, batch_format="pyarrow", compute=_tasks(options), num_cpus=1, **retry).materialize()
+    report.worker_cpu_seconds["bm25_statistics"] = float(dfs.sum("cpu_s") or 0.0)
+    # the per-batch counts are summed by term on the workers (a shuffle): the driver receives
+    # one row per term of the vocabulary, however many batches the corpus has
+    summed = dfs.select_columns(["term", "df"]).groupby("term", num_partitions=max(1, options.workers)).sum("df")
+    parts = [t for t in ray.get(summed.to_arrow_refs()) if t.num_rows]
+    merged = pa.concat_tables(parts).sort_by("term")
+    del dfs, summed, parts
     terms = merged.column("term").to_pylist()
-    df = merged.column("df_sum").to_numpy().astype(np.int64)
+    df = merged.column("sum(df)").to_numpy().astype(np.int64)
     vocab = {t: i for i, t in enumerate(terms)}
-
-    n_chunks = int(lengths.size)
     stats = corpus_statistics(cfg, vocab, df, lengths)
     report.stage_seconds["bm25_statistics"] = time.perf_counter() - t0
+    return _BM25Statistics(tokens, stats, owner[order], chunk_offset, tokenizer, retry)
 
-    if then is not None:
-        return then(tokens, stats, owner[order], tokenizer, retry)
+
+def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConfig, options: RayBuildOptions, batch: int, report: RayBuildReport) -> Any:
+    """The whole-corpus BM25 retriever: postings scored by an actor pool with the whole
+    corpus's statistics, assembled on the driver."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    from serve_app.retrieval.bm25 import BM25Retriever
+    from serve_app.retrieval.bm25s_engine import Bm25sEngine
+
+    st = _bm25_statistics(ds, len(corpus), cfg, chunking, options, batch, report)
+    tokens, stats, chunk_offset, tokenizer = st.tokens, st.stats, st.chunk_offset, st.tokenizer
+    n_chunks = int(st.chunk_owner.size)
+    vocab = stats["vocab"]
 
     t0 = time.perf_counter()
     stats_ref = ray.put({**stats, "chunk_offset": chunk_offset})
@@ -366,6 +400,7 @@ def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConf
     report.stage_seconds["bm25_score"] = time.perf_counter() - t0
     report.worker_cpu_seconds["bm25_score"] = float(pc.sum(parts.column("cpu_s")).as_py() or 0.0)
     del tokens
+    st.tokens = None
 
     t0 = time.perf_counter()
     lengths_per_chunk = pc.list_value_length(parts.column("terms")).to_numpy(zero_copy_only=False)
@@ -374,10 +409,9 @@ def _build_bm25(ds: Any, corpus: Corpus, cfg: BM25Config, chunking: ChunkingConf
     data = pc.list_flatten(parts.column("scores")).to_numpy()
     del parts
     engine = Bm25sEngine.from_postings(cfg, stats, data, rows, cols, n_chunks)
-    chunk_owner = owner[order]  # chunk i's document, in corpus chunk order
     report.stage_seconds["bm25_assemble"] = time.perf_counter() - t0
     logger.info("BM25 (ray, %s): %d documents, %d chunks, %d terms", cfg.method, len(corpus), n_chunks, len(vocab))
-    return BM25Retriever(engine, tokenizer, cfg, chunking, corpus.ids, chunk_owner)
+    return BM25Retriever(engine, tokenizer, cfg, chunking, corpus.ids, st.chunk_owner)
 
 
 def _encoded(ds: Any, cfg: DenseConfig, chunking: ChunkingConfig, options: RayBuildOptions, batch: int, udf: type) -> Any:

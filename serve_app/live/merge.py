@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -120,6 +120,48 @@ def is_shards_only(manifest: Any) -> bool:
     return any(bool((getattr(manifest, r) or {}).get("shards_only")) for r in ("bm25", "dense"))
 
 
+def _iter_live(writer: Any, seq: int, shard_of: dict[str, Any]) -> Iterator[Document]:
+    """:func:`live_documents` one document at a time (the base read from the document store page
+    by page, each written document from the log when its turn comes), appending each one's
+    shard per sharded retriever to ``shard_of`` as it goes: what a shards-only merge streams."""
+    reader = writer.log.reader()
+    last = reader.last_changes_upto(seq)
+    changed = {doc_id for doc_id, _, _, _ in last}
+    for d in writer.base:
+        if d.id not in changed:
+            for r, out in shard_of.items():
+                out.append(writer._owners_of_base[r][d.id])
+            yield d
+    for _doc_id, s, p, op in last:
+        if op == "upsert":
+            change = reader.change(s, p)
+            assert change.document is not None
+            for r, out in shard_of.items():
+                out.append(change.owners[r])
+            yield change.document
+
+
+def _merge_shards_only(writer: Any, seq: int, manifest: Any, bm25: Optional[BM25Config], ray: Any, writes: dict[str, Any], t0: float, generation: str) -> MergeReport:
+    """The merge of a shards-only base: a shards-only Ray build that streams the live documents
+    (never all in memory), every document kept in its shard."""
+    from array import array
+
+    from serve_app.index.load import dense_config_of
+    from serve_app.index.ray_shards import build_index_ray_shards_only
+
+    dense_cfg = dense_config_of(writer.index_dir, manifest) if manifest.dense is not None else None
+    shard_of = {r: array("i") for r in writer.shards}
+    built, report = build_index_ray_shards_only(
+        _iter_live(writer, seq, shard_of), writer.index_dir, bm25=bm25, dense=dense_cfg, chunking=manifest.chunking, shards=writer.shards,
+        options=ray, shard_of=shard_of, writes=writes,
+    )
+    writer.adopt_base()
+    encoded = built.corpus.num_chunks if dense_cfg is not None else 0
+    out = MergeReport(seq, generation, report.documents, time.perf_counter() - t0, 0, encoded)
+    logger.info("merged the log up to batch %d into %s on Ray (shards only): %d documents in %.1f s (%d vectors encoded)", seq, writer.index_dir, out.documents, out.seconds, encoded)
+    return out
+
+
 def merge(writer: Any, *, show_progress: bool = False, ray: Optional[Any] = None) -> MergeReport:
     """Fold the log up to the writer's last batch into a new base index at the writer's index
     directory (see the module docstring); the writer then reads the new base.
@@ -127,8 +169,9 @@ def merge(writer: Any, *, show_progress: bool = False, ray: Optional[Any] = None
     ``ray`` (:class:`~serve_app.index.ray_build.RayBuildOptions`) runs the merge as a Ray build
     of the live documents (every vector encoded again, on the encoder actors). A shards-only
     base always merges that way (on the Ray this process is connected to, else a local
-    instance), and stays shards-only: its workers write the shards, so no process holds the
-    whole BM25 matrix or all vectors.
+    instance), and stays shards-only: the live documents are streamed to the build one at a
+    time and its workers write the shards, so no process holds the live corpus, the whole BM25
+    matrix or all vectors.
     """
     from serve_app.chunking import split_documents
     from serve_app.index import load_dense
@@ -137,31 +180,30 @@ def merge(writer: Any, *, show_progress: bool = False, ray: Optional[Any] = None
     t0 = time.perf_counter()
     seq = writer.last_seq
     manifest = writer.manifest
+    bm25 = BM25Config(**{k: manifest.bm25[k] for k in BM25Config.model_fields}) if manifest.bm25 else None
+    generation = uuid.uuid4().hex[:16]
+    writes = {"generation": generation, "base_seq": seq, "previous_generation": writer.generation}
+    if is_shards_only(manifest):  # an empty result is refused by the build (nothing is replaced)
+        if ray is None:
+            from serve_app.index.ray_build import RayBuildOptions
+
+            ray = RayBuildOptions(show_progress=show_progress)
+        return _merge_shards_only(writer, seq, manifest, bm25, ray, writes, t0, generation)
     docs, sources, logged = _live_at(writer, seq)
     if not docs:
         raise ValueError("every document is deleted: an index cannot be empty; add documents before merging")
-    bm25 = BM25Config(**{k: manifest.bm25[k] for k in BM25Config.model_fields}) if manifest.bm25 else None
     dense_cfg = None
     dense_retriever = None
     whole_vectors = None
     reused = encoded = 0
     corpus = Corpus(docs)
     assignments = _assignments(writer, docs, sources, logged)
-    generation = uuid.uuid4().hex[:16]
-    writes = {"generation": generation, "base_seq": seq, "previous_generation": writer.generation}
-    shards_only = is_shards_only(manifest)
-    if shards_only and ray is None:
-        from serve_app.index.ray_build import RayBuildOptions
-
-        ray = RayBuildOptions(show_progress=show_progress)
     if ray is not None:
         from serve_app.index.load import dense_config_of
         from serve_app.index.ray_build import build_index_ray
-        from serve_app.index.ray_shards import build_index_ray_shards_only
 
         dense_cfg = dense_config_of(writer.index_dir, manifest) if manifest.dense is not None else None
-        build = build_index_ray_shards_only if shards_only else build_index_ray
-        built, _ = build(
+        built, _ = build_index_ray(
             corpus, writer.index_dir, bm25=bm25, dense=dense_cfg, chunking=manifest.chunking, shards=writer.shards, options=ray,
             assignments=assignments, writes=writes,
         )
