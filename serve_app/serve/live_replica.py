@@ -8,7 +8,8 @@ After a merge the writer reports a new generation: the replica loads the new bas
 index directory in the background (when the directory holds it: shared storage, or a copy),
 catches it up with the batches since the merge, and swaps it in between two polls, keeping the
 old view for searches pinned below the merged base (:meth:`LiveReplica.view_for`) until every
-replica has passed it, and a grace after that: the new base cannot show an older state; a replica
+replica has passed it, and a grace after that (``wait_for_timeout_s`` by default): the new base
+cannot show an older state; a replica
 that cannot see the new base keeps its old one and the log (the writer keeps the batches any
 live follower's base still needs).
 """
@@ -88,7 +89,9 @@ class LiveReplica:
         self.cfg = cfg
         self.needs_stats = needs_stats
         self.view: Any = None
-        self.previous: Any = None  # the view before a merge's swap, until no search reads below the new base
+        # views from before the last merges' swaps, oldest first, each kept until no search can
+        # still read below the base that replaced it (several when merges come in quick succession)
+        self.previous: list[Any] = []
         self._previous_until: Optional[float] = None
         self.generation = ""
         self.follower: Optional[Follower] = None
@@ -157,19 +160,22 @@ class LiveReplica:
                 await asyncio.sleep(self.cfg.refresh_interval_s)
 
     def _maybe_drop_previous(self) -> None:
-        """Drop the view from before a merge once every replica has passed the merged base and a
-        grace of ``max(2 s, 4 refresh intervals)`` has gone by since (a search pinned below the
-        base just before may still be on its way: pins come from the ingress's own follower)."""
-        if self.previous is None or self.follower is None:
+        """Drop the views from before the merges once every replica has passed the newest merged
+        base and a grace of ``max(2 s, 4 refresh intervals, wait_for_timeout_s)`` has gone by
+        since (a search pinned below that base just before may still be on its way: pins come
+        from the ingress's own follower, which learns the visible batch on its next poll). A
+        search delayed past the grace would read the merged base on this replica: newer than its
+        pin."""
+        if not self.previous or self.follower is None:
             return
         if self.follower.visible_seq < self.view.base_seq:
             self._previous_until = None
             return
         now = time.monotonic()
         if self._previous_until is None:
-            self._previous_until = now + max(2.0, 4 * self.cfg.refresh_interval_s)
+            self._previous_until = now + max(2.0, 4 * self.cfg.refresh_interval_s, self.cfg.wait_for_timeout_s)
         elif now >= self._previous_until:
-            self.previous, self._previous_until = None, None
+            self.previous, self._previous_until = [], None
 
     async def _prepare_reload(self, generation: str) -> Optional[tuple[Any, str]]:
         base_seq, on_disk = await asyncio.to_thread(index_writes, self.index_dir)
@@ -199,7 +205,8 @@ class LiveReplica:
             # Searches pinned below the new base (the ingress pins the batch every replica has
             # applied: some may not have reached the merge's batch yet) read the old view, which
             # holds every batch up to here; the new base cannot show an older state.
-            self.previous, self._previous_until = self.view, None
+            self.previous.append(self.view)
+            self._previous_until = None
             self.view, self.generation = view, generation
             logger.info("%s: now on the merged base %s (batch %d)", self.what, generation, view.base_seq)
 
@@ -221,11 +228,14 @@ class LiveReplica:
 
     def view_for(self, at_seq: Optional[int]) -> Any:
         """The view that shows batch ``at_seq``: the current one, or, for a search pinned below a
-        merged base just swapped in, the view from before the swap."""
-        view, previous = self.view, self.previous
-        if at_seq is not None and previous is not None and view is not None and at_seq < view.base_seq:
-            return previous
-        return view
+        merged base swapped in since, the newest earlier view whose base is not above the pin."""
+        view = self.view
+        if at_seq is None or view is None or at_seq >= view.base_seq:
+            return view
+        for older in reversed(self.previous):
+            if at_seq >= older.base_seq:
+                return older
+        return self.previous[0] if self.previous else view
 
     @property
     def ready(self) -> bool:
