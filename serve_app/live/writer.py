@@ -206,8 +206,12 @@ class DocumentWriter:
 
     def base_info(self, with_stats: bool = False) -> dict[str, Any]:
         """What a follower needs to start: the base's sequence number and generation, the last
-        batch, and (``with_stats``: shards) the whole base's BM25 statistics."""
-        return {"base_seq": self.base_seq, "generation": self.generation, "last_seq": self.last_seq, "stats": self.base_stats() if with_stats else None}
+        batch, and (``with_stats``: shards) the whole base's BM25 statistics, all of one base:
+        read under the write lock, so a merge's :meth:`adopt_base` cannot pair the new base's
+        generation with the previous base's statistics (a shard replica that loaded such a pair
+        missed every term written between the two bases)."""
+        with self._lock:
+            return {"base_seq": self.base_seq, "generation": self.generation, "last_seq": self.last_seq, "stats": self.base_stats() if with_stats else None}
 
     def get(self, doc_id: str) -> Optional[Document]:
         """The live document ``doc_id`` (None when absent or deleted)."""

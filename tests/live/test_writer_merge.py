@@ -169,3 +169,45 @@ def test_sharded_merge_keeps_every_document_in_its_shard(tmp_path, tiny_dense, t
         for i in range(10):
             assert f"n{i}" in held[owners[f"n{i}"][r]]
     w.close()
+
+
+def test_base_info_never_pairs_a_new_base_with_the_previous_statistics(tmp_path, tiny_dense, tiny_encoder, monkeypatch):
+    """The race behind a sharded search seeing half a batch after a merge: a replica asking for
+    the base while the writer adopted a merged one got the new generation with the previous
+    base's cached statistics (every term written between the two bases missing). base_info is
+    asked while adopt_base is held half-way; it must answer one base's facts."""
+    import threading
+
+    from serve_app.index import load_document_store
+    from serve_app.live.merge import merge
+
+    idx = build(tmp_path / "idx", docs(40), tiny_dense, tiny_encoder, shards={"bm25": 2, "dense": 2})
+    w = DocumentWriter(idx, WritesConfig(), encoder=tiny_encoder, shards={"bm25": 2, "dense": 2})
+    before = w.base_info(with_stats=True)  # the previous base's statistics, cached
+    assert "narwhal" not in before["stats"].df
+    w.upsert([{"id": "n1", "text": "narwhal tusk"}])
+    halfway, release = threading.Event(), threading.Event()
+
+    def slow_store(*args, **kwargs):  # adopt_base has set the new generation and waits here
+        halfway.set()
+        assert release.wait(10)
+        return load_document_store(*args, **kwargs)
+
+    import serve_app.index as index_module
+
+    monkeypatch.setattr(index_module, "load_document_store", slow_store)
+    merger = threading.Thread(target=merge, args=(w,))
+    merger.start()
+    assert halfway.wait(60), "the merge never reached adopt_base"
+    answers: list = []
+    asker = threading.Thread(target=lambda: answers.append(w.base_info(with_stats=True)))
+    asker.start()
+    asker.join(0.5)
+    release.set()
+    merger.join(60)
+    asker.join(60)
+    (info,) = answers
+    assert info["generation"] != before["generation"] and info["base_seq"] == 1
+    assert info["stats"].df.get("narwhal") == 1, "the merged base's generation came with the previous base's statistics"
+    monkeypatch.undo()
+    w.close()
