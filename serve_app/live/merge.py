@@ -77,37 +77,49 @@ def live_documents(writer: Any, seq: int) -> tuple[list[Document], list[tuple[st
     return docs, sources
 
 
-def _live_at(writer: Any, seq: int) -> tuple[list[Document], list[tuple[str, int, int]], dict[tuple[int, int], Any]]:
-    """:func:`live_documents` and the log's changes they come from, each read once."""
+def _live(writer: Any, seq: int) -> Iterator[tuple[Document, tuple[str, int, int], Any]]:
+    """The live documents as of batch ``seq`` in merge order, one at a time (the base read from
+    the document store page by page, each written document from the log when its turn comes),
+    with where each comes from and its logged change (None for a base document)."""
     reader = writer.log.reader()
     last = reader.last_changes_upto(seq)
     changed = {doc_id for doc_id, _, _, _ in last}
-    docs: list[Document] = []
-    sources: list[tuple[str, int, int]] = []
     for pos, d in enumerate(writer.base):
         if d.id not in changed:
-            docs.append(d)
-            sources.append(("base", pos, 0))
-    logged = {}
-    for doc_id, s, p, op in last:
+            yield d, ("base", pos, 0), None
+    for _doc_id, s, p, op in last:
         if op == "upsert":
             change = reader.change(s, p)
             assert change.document is not None
-            docs.append(change.document)
-            sources.append(("log", s, p))
-            logged[(s, p)] = change
+            yield change.document, ("log", s, p), change
+
+
+def _owner(writer: Any, retriever: str, doc: Document, change: Any) -> int:
+    """The shard of ``retriever`` a merged document stays in: the one that held it (base
+    documents) or the one the writer assigned it (written ones)."""
+    return writer._owners_of_base[retriever][doc.id] if change is None else change.owners[retriever]
+
+
+def _live_at(writer: Any, seq: int) -> tuple[list[Document], list[tuple[str, int, int]], dict[tuple[int, int], Any]]:
+    """:func:`live_documents` and the log's changes they come from, each read once."""
+    docs: list[Document] = []
+    sources: list[tuple[str, int, int]] = []
+    logged = {}
+    for doc, source, change in _live(writer, seq):
+        docs.append(doc)
+        sources.append(source)
+        if change is not None:
+            logged[source[1:]] = change
     return docs, sources, logged
 
 
 def _assignments(writer: Any, docs: list[Document], sources: list[tuple[str, int, int]], logged: dict[tuple[int, int], Any]) -> dict[str, list[list[int]]]:
-    """Each sharded retriever's shards as lists of merged positions: every document stays in
-    the shard that held it (base documents) or that the writer assigned it (written ones)."""
+    """Each sharded retriever's shards as lists of merged positions (:func:`_owner`)."""
     assignments = {}
     for r, n in writer.shards.items():
         sets: list[list[int]] = [[] for _ in range(n)]
         for i, ((kind, a, b), d) in enumerate(zip(sources, docs)):
-            shard = writer._owners_of_base[r][d.id] if kind == "base" else logged[(a, b)].owners[r]
-            sets[shard].append(i)
+            sets[_owner(writer, r, d, logged.get((a, b)) if kind == "log" else None)].append(i)
         empty = [j for j, p in enumerate(sets) if not p]
         if empty:
             raise ValueError(f"{r} shard(s) {empty} would hold no document after the merge; an index shard cannot be empty")
@@ -121,24 +133,21 @@ def is_shards_only(manifest: Any) -> bool:
 
 
 def _iter_live(writer: Any, seq: int, shard_of: dict[str, Any]) -> Iterator[Document]:
-    """:func:`live_documents` one document at a time (the base read from the document store page
-    by page, each written document from the log when its turn comes), appending each one's
-    shard per sharded retriever to ``shard_of`` as it goes: what a shards-only merge streams."""
-    reader = writer.log.reader()
-    last = reader.last_changes_upto(seq)
-    changed = {doc_id for doc_id, _, _, _ in last}
-    for d in writer.base:
-        if d.id not in changed:
-            for r, out in shard_of.items():
-                out.append(writer._owners_of_base[r][d.id])
-            yield d
-    for _doc_id, s, p, op in last:
-        if op == "upsert":
-            change = reader.change(s, p)
-            assert change.document is not None
-            for r, out in shard_of.items():
-                out.append(change.owners[r])
-            yield change.document
+    """:func:`_live`'s documents, appending each one's shard per sharded retriever to
+    ``shard_of`` as it goes: what a shards-only merge streams."""
+    for doc, _source, change in _live(writer, seq):
+        for r, out in shard_of.items():
+            out.append(_owner(writer, r, doc, change))
+        yield doc
+
+
+def _finish_ray_merge(writer: Any, seq: int, generation: str, documents: int, built: Any, encoded_dense: bool, t0: float) -> MergeReport:
+    """The writer adopts the base a Ray build wrote; the merge's report (every vector encoded)."""
+    writer.adopt_base()
+    encoded = built.corpus.num_chunks if encoded_dense else 0
+    report = MergeReport(seq, generation, documents, time.perf_counter() - t0, 0, encoded)
+    logger.info("merged the log up to batch %d into %s on Ray: %d documents in %.1f s (%d vectors encoded)", seq, writer.index_dir, documents, report.seconds, encoded)
+    return report
 
 
 def _merge_shards_only(writer: Any, seq: int, manifest: Any, bm25: Optional[BM25Config], ray: Any, writes: dict[str, Any], t0: float, generation: str) -> MergeReport:
@@ -155,11 +164,7 @@ def _merge_shards_only(writer: Any, seq: int, manifest: Any, bm25: Optional[BM25
         _iter_live(writer, seq, shard_of), writer.index_dir, bm25=bm25, dense=dense_cfg, chunking=manifest.chunking, shards=writer.shards,
         options=ray, shard_of=shard_of, writes=writes,
     )
-    writer.adopt_base()
-    encoded = built.corpus.num_chunks if dense_cfg is not None else 0
-    out = MergeReport(seq, generation, report.documents, time.perf_counter() - t0, 0, encoded)
-    logger.info("merged the log up to batch %d into %s on Ray (shards only): %d documents in %.1f s (%d vectors encoded)", seq, writer.index_dir, out.documents, out.seconds, encoded)
-    return out
+    return _finish_ray_merge(writer, seq, generation, report.documents, built, dense_cfg is not None, t0)
 
 
 def merge(writer: Any, *, show_progress: bool = False, ray: Optional[Any] = None) -> MergeReport:
@@ -207,11 +212,7 @@ def merge(writer: Any, *, show_progress: bool = False, ray: Optional[Any] = None
             corpus, writer.index_dir, bm25=bm25, dense=dense_cfg, chunking=manifest.chunking, shards=writer.shards, options=ray,
             assignments=assignments, writes=writes,
         )
-        writer.adopt_base()
-        encoded = built.corpus.num_chunks if dense_cfg is not None else 0
-        report = MergeReport(seq, generation, len(docs), time.perf_counter() - t0, 0, encoded)
-        logger.info("merged the log up to batch %d into %s on Ray: %d documents in %.1f s (%d vectors encoded)", seq, writer.index_dir, len(docs), report.seconds, encoded)
-        return report
+        return _finish_ray_merge(writer, seq, generation, len(docs), built, dense_cfg is not None, t0)
     if manifest.dense is not None:
         from serve_app.retrieval.dense import DenseRetriever
 
