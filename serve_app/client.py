@@ -73,8 +73,8 @@ def _body(required: dict[str, Any], **optional: Any) -> dict[str, Any]:
     return body
 
 
-def _search_body(query: str, top_k: Optional[int], rerank_top_m: Optional[int], top_n: Optional[int], retrievers: Optional[Sequence[str]], return_documents: bool, reranker: Optional[str] = None, instruction: Optional[str] = None) -> dict[str, Any]:
-    return _body({"query": query, "return_documents": return_documents}, top_k=top_k, rerank_top_m=rerank_top_m, top_n=top_n, retrievers=retrievers, reranker=reranker, instruction=instruction)
+def _search_body(query: str, top_k: Optional[int], rerank_top_m: Optional[int], top_n: Optional[int], retrievers: Optional[Sequence[str]], return_documents: bool, reranker: Optional[str] = None, instruction: Optional[str] = None, filter: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    return _body({"query": query, "return_documents": return_documents}, top_k=top_k, rerank_top_m=rerank_top_m, top_n=top_n, retrievers=retrievers, reranker=reranker, instruction=instruction, filter=filter)
 
 
 def _rerank_body(query: str, documents: Sequence[DocumentIn], top_n: Optional[int], return_documents: bool, model: Optional[str], max_tokens_per_doc: Optional[int], rank_fields: Optional[Sequence[str]] = None, max_chunks_per_doc: Optional[int] = None, instruction: Optional[str] = None) -> dict[str, Any]:
@@ -150,9 +150,9 @@ class ServeAppClient(_Base):
             return self._check(response)
         raise AssertionError("unreachable")
 
-    def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False, reranker: Optional[str] = None, instruction: Optional[str] = None) -> dict[str, Any]:
-        """``POST /search``; ``reranker`` names one of the configured rerankers; ``instruction``: a decoder reranker's prompt instruction."""
-        return self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents, reranker, instruction))
+    def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False, reranker: Optional[str] = None, instruction: Optional[str] = None, filter: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """``POST /search``; ``reranker`` names one of the configured rerankers; ``instruction``: a decoder reranker's prompt instruction; ``filter``: a metadata filter (docs/API.md#filters). A collection's client: ``base_url`` ending in ``/collections/{name}``."""
+        return self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents, reranker, instruction, filter))
 
     def rerank(
         self, query: str, documents: Sequence[DocumentIn], *, top_n: Optional[int] = None, return_documents: bool = False, model: Optional[str] = None,
@@ -230,9 +230,9 @@ class AsyncServeAppClient(_Base):
             return self._check(response)
         raise AssertionError("unreachable")
 
-    async def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False, reranker: Optional[str] = None, instruction: Optional[str] = None) -> dict[str, Any]:
-        """``POST /search``; ``reranker`` names one of the configured rerankers; ``instruction``: a decoder reranker's prompt instruction."""
-        return await self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents, reranker, instruction))
+    async def search(self, query: str, *, top_k: Optional[int] = None, rerank_top_m: Optional[int] = None, top_n: Optional[int] = None, retrievers: Optional[Sequence[str]] = None, return_documents: bool = False, reranker: Optional[str] = None, instruction: Optional[str] = None, filter: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """``POST /search``; ``reranker`` names one of the configured rerankers; ``instruction``: a decoder reranker's prompt instruction; ``filter``: a metadata filter (docs/API.md#filters). A collection's client: ``base_url`` ending in ``/collections/{name}``."""
+        return await self._request("POST", "/search", _search_body(query, top_k, rerank_top_m, top_n, retrievers, return_documents, reranker, instruction, filter))
 
     async def rerank(
         self, query: str, documents: Sequence[DocumentIn], *, top_n: Optional[int] = None, return_documents: bool = False, model: Optional[str] = None,

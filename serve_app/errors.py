@@ -101,6 +101,11 @@ class InputRejected(UserFacingError):
     answered as such, never degraded."""
 
 
+class Forbidden(InputRejected):
+    """The request's API key may not do this: an operation outside its scope, or a write that
+    would touch a document outside the key's bound filter. Answered 403 (``forbidden``)."""
+
+
 class ModelNotFound(InputRejected, LookupError):
     """The request names a model (reranker) that is not configured; ``available`` lists those that are."""
 

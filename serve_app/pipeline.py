@@ -121,8 +121,10 @@ class LocalStages:
     def documents(self, doc_ids: Sequence[str]) -> list[Optional[Document]]:
         return [self._documents.get(d) for d in doc_ids]
 
-    async def retrieve(self, name: str, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        return await self._call(self.retrievers[name].search_batch, list(queries), k)
+    async def retrieve(self, name: str, queries: Sequence[str], k: int, where: Any = None) -> list[list[Hit]]:
+        if where is None:
+            return await self._call(self.retrievers[name].search_batch, list(queries), k)
+        return await self._call(self.retrievers[name].search_batch, list(queries), k, where)
 
     async def rerank(self, requests: Sequence[RerankRequest], stage: Optional[str] = None) -> list[RerankOutcome]:
         from serve_app.progress import progress

@@ -350,3 +350,22 @@ def test_shards_only_build_tiny(tmp_path):
         for mode in ("whole", "shards-only"):
             (run,) = r["runs"][n][mode]
             assert run["documents"] == int(n) and run["peak_rss_mib"] >= run["rss_before_mib"] > 0 and run["wall_s"] > 0
+
+
+def test_filtered_search_tiny(tmp_path, scifact_dir, tiny_bi_encoder_dir):
+    """The filtered-search benchmark: filtered BM25 and Flat equal brute force at every
+    selectivity, never short; post-filtering top-10 comes back short once the filter is selective."""
+    import json
+
+    from benchmarks import filtered_search
+
+    assert filtered_search.main(["--scifact", str(scifact_dir), "--docs", "400", "--dense-model", str(tiny_bi_encoder_dir), "--queries", "20", "--synthetic", "3000", "--repeats", "1", "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "out")]) == 0
+    r = json.loads((tmp_path / "out" / "filtered_search.json").read_text())["results"]
+    rows = {(x["selectivity"], x["mode"]): x for x in r["scifact"]["rows"]}
+    for s in filtered_search.SELECTIVITIES:
+        for mode in ("bm25 filtered", "flat filtered", "hnsw filtered"):
+            assert rows[(s, mode)]["short_answers"] == 0, (s, mode)
+        assert rows[(s, "bm25 filtered")]["exact_lists"] == 1.0 and rows[(s, "flat filtered")]["exact_lists"] == 1.0
+    assert rows[(0.01, "hnsw post-filter top-10")]["short_answers"] > 0.5
+    assert {x["mode"] for x in r["synthetic"]["rows"]} == {"hnsw + selector (in the index only)", "exact (flat scan of the admitted)", "filtered (default switch)"}
+    assert all(x["recall_at_10"] >= 0.999 for x in r["synthetic"]["rows"] if x["mode"] == "exact (flat scan of the admitted)")  # float rounding may swap near-ties

@@ -28,6 +28,7 @@ class FunnelRequest:
     reranker: str | None = None
     instruction: str | None = None  # decoder rerankers: the prompt's instruction for this request
     cascade: Mapping[str, int] | None = None  # depth of each cascade stage by name (absent: its default)
+    where: Any = None  # a parsed metadata filter (serve_app.filters): every retriever searches only what it admits
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class ResolvedFunnel:
     reranker: str | None = None  # the configured model's name (None: the only/default one)
     instruction: str | None = None
     cascade: tuple[tuple[str, int], ...] = ()  # (stage, depth) of each cascade stage, in order
+    where: Any = None  # the parsed metadata filter, or None
 
     @property
     def rerank(self) -> bool:
@@ -157,7 +159,7 @@ def resolve_funnel(
         raise FunnelError(f"instruction must be a non-empty string or null, got {request.instruction!r}")
     reranker = models(request.reranker)
     stages, rerank_top_m = _resolve_cascade(request, cascade, pool, rerank_top_m)
-    return ResolvedFunnel(request.query, top_k, rerank_top_m, top_n, retrievers, bool(request.return_documents), reranker, request.instruction, stages)
+    return ResolvedFunnel(request.query, top_k, rerank_top_m, top_n, retrievers, bool(request.return_documents), reranker, request.instruction, stages, request.where)
 
 
 def _resolve_cascade(request: FunnelRequest, cascade: Sequence[CascadeDepths], pool: int, rerank_top_m: int) -> tuple[tuple[tuple[str, int], ...], int]:

@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Optional, Sequence, TypeVar
 
 from serve_app.config import FunnelLimits, FusionConfig
 from serve_app.errors import StageOutputError, StageOverloaded, StageTimeout, StageUnavailable
+from serve_app.filters import matches
 from serve_app.funnel.request import KNOWN_RETRIEVERS, CascadeDepths, FunnelRequest, ModelResolver, ResolvedFunnel, resolve_funnel, single_model
 from serve_app.funnel.results import FUSION, RERANK, SKIPPED, SearchResult, StageReport, apply_rerank, assemble, order_by_scores, stage_key
 from serve_app.funnel.stages import FunnelStages, FunnelTimeouts, check_hits, check_scores, describe_exception, elapsed_ms, gather_all, input_rejected, run_with_deadline
@@ -133,7 +134,9 @@ class Funnel:
 
     async def _retrieve(self, name: str, group: list[_Query]) -> None:
         queries = [q.funnel.query for q in group]
-        lists, report = await self._stage(name, self.stages.retrieve(name, queries, group[0].funnel.top_k), self.timeouts.retriever_s, "retriever_timeout_s")
+        where = group[0].funnel.where
+        call = self.stages.retrieve(name, queries, group[0].funnel.top_k) if where is None else self.stages.retrieve(name, queries, group[0].funnel.top_k, where=where)  # type: ignore[call-arg]
+        lists, report = await self._stage(name, call, self.timeouts.retriever_s, "retriever_timeout_s")
         problem = check_hits(lists, len(group)) if report.status == "ok" else None
         if problem is not None:
             logger.warning("retriever %s %s", name, problem)
@@ -243,24 +246,27 @@ class Funnel:
         t_start = time.perf_counter()
         n = len(queries)
 
-        # Retrieval: one call per retriever and group of queries sharing retrievers and top_k.
-        groups: dict[tuple[tuple[str, ...], int], list[_Query]] = {}
+        # Retrieval: one call per retriever and group of queries sharing retrievers, top_k and filter.
+        groups: dict[tuple[tuple[str, ...], int, Any], list[_Query]] = {}
         for q in queries:
-            groups.setdefault((q.funnel.retrievers, q.funnel.top_k), []).append(q)
-        for (names, _), group in groups.items():
+            groups.setdefault((q.funnel.retrievers, q.funnel.top_k, q.funnel.where), []).append(q)
+        for (names, _, _), group in groups.items():
             await gather_all(self._retrieve(name, group) for name in names)
             failed = [q for q in group if not q.hits]
             if failed:
                 self._raise_retrieval_failure(failed[0])
 
-        # Fusion, and the documents of the fused candidates (absent ones are dropped).
+        # Fusion, and the documents of the fused candidates (absent ones are dropped; with a
+        # filter, so is any document whose stored metadata it does not admit: the retrievers
+        # filtered already, and this check keeps the reranker and the answer to admitted
+        # documents whatever a retriever returned).
         t0 = time.perf_counter()
         for q in queries:
             fused = fuse(q.hits, self.fusion)
             stored = self.stages.documents([h.doc_id for h in fused])
             if inspect.isawaitable(stored):  # the ingress looks documents up off its event loop
                 stored = await stored
-            q.docs = {h.doc_id: d for h, d in zip(fused, stored) if d is not None}
+            q.docs = {h.doc_id: d for h, d in zip(fused, stored) if d is not None and (q.funnel.where is None or matches(q.funnel.where, d.metadata))}
             q.fused = [h for h in fused if h.doc_id in q.docs]
         fusion_ms = elapsed_ms(t0) / n
         for q in queries:

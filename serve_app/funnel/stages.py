@@ -51,7 +51,9 @@ class FunnelStages(Protocol):
         ...
 
     async def retrieve(self, name: str, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        """Top-``k`` hits of retriever ``name`` for each query, best first."""
+        """Top-``k`` hits of retriever ``name`` for each query, best first. A request with a
+        metadata filter calls it with ``where=`` (the parsed filter) as well: the stages that
+        serve filtered requests take that keyword and search only the documents it admits."""
         ...
 
     async def rerank(self, requests: Sequence[RerankRequest], stage: Optional[str] = None) -> list[RerankOutcome]:

@@ -19,7 +19,7 @@ ids included; this package never looks inside them.
 from serve_app.index.build import IndexBuildError, build_index, build_shard_set, ensure_index, index_is_current
 from serve_app.index.files import BM25_DIR, DENSE_DIR, DOCUMENTS, FORMAT_VERSION, MANIFEST, Manifest, read_manifest, verify_files
 from serve_app.index.docstore import DOCSTORE, SqliteDocumentStore, write_document_store
-from serve_app.index.load import LoadedIndex, load_bm25, load_dense, load_document_store, load_documents, load_index, load_query_encoder, load_shards, open_shard
+from serve_app.index.load import LoadedIndex, load_bm25, load_dense, load_document_store, load_documents, load_index, load_metadata_columns, load_query_encoder, load_shards, open_shard
 from serve_app.index.shards import SHARDS_MANIFEST, ShardSetManifest, read_shards_manifest, shard_dir, shard_set_dir
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "load_query_encoder",
     "load_document_store",
     "load_documents",
+    "load_metadata_columns",
     "load_index",
     "load_shards",
     "open_shard",

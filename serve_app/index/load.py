@@ -21,6 +21,7 @@ from typing import Any, Optional
 from serve_app.config import DenseConfig
 from serve_app.corpus import Corpus, load_corpus
 from serve_app.errors import CorpusError, IndexLoadError, UserFacingError
+from serve_app.filters import MetadataColumns
 from serve_app.index.consistency import load_consistent
 from serve_app.index.files import BM25_DIR, DENSE_DIR, DOCUMENTS, Manifest, log_version_changes, read_manifest, verify_files, verify_once
 from serve_app.index.shards import read_shards_manifest, shard_dir, shard_set_dir
@@ -161,6 +162,17 @@ def load_document_store(index_dir: str | os.PathLike[str], *, checksums: bool = 
         return store, manifest
 
     return load_consistent(index_dir, load)
+
+
+def load_metadata_columns(index_dir: str | os.PathLike[str], doc_ids: list[str], fields: dict[str, str]) -> Optional[MetadataColumns]:
+    """The declared ``fields`` of the documents ``doc_ids`` (a retriever's, in its order), read
+    from the index's documents (None without declared fields). A document whose value has the
+    wrong type for a field has no value for it (the writer refuses such writes)."""
+    if not fields:
+        return None
+    corpus = load_documents(index_dir)[0]
+    metadata = {doc.id: doc.metadata for doc in corpus}
+    return MetadataColumns(fields, [metadata.get(i) or {} for i in doc_ids])
 
 
 def load_bm25(index_dir: str | os.PathLike[str]) -> BM25Retriever:

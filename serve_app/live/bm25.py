@@ -34,10 +34,13 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from serve_app.arrays import GrowingArray
 from serve_app.chunking import split_documents
+from serve_app.filters import MetadataColumns, Node
 from serve_app.live.changes import UPSERT, Batch, StatsDelta
 from serve_app.retrieval.bm25 import BM25Retriever, _top_documents
 from serve_app.retrieval.bm25s_engine import NONOCCURRENCE_METHODS, scoring_functions
+from serve_app.retrieval.filtered import allowed_documents
 from serve_app.types import Document, Hit
 
 ALIVE = np.iinfo(np.int64).max
@@ -107,24 +110,8 @@ class VersionedStats:
         return self.base.df.get(term, 0)
 
 
-class _Grow:
-    """A growable 1-D numpy array (appends are amortised; readers use a prefix)."""
-
-    def __init__(self, values: np.ndarray) -> None:
-        self.a = np.asarray(values).copy()
-        self.n = int(self.a.size)
-
-    def extend(self, values: Sequence[int]) -> None:
-        need = self.n + len(values)
-        if need > self.a.size:
-            bigger = np.empty(max(need, 2 * self.a.size, 64), dtype=self.a.dtype)
-            bigger[: self.n] = self.a[: self.n]
-            self.a = bigger
-        self.a[self.n : need] = values
-        self.n = need
-
-    def view(self) -> np.ndarray:
-        return self.a[: self.n]
+#: The live structures' growable arrays (``live.dense`` imports it from here too).
+_Grow = GrowingArray
 
 
 class LiveBM25:
@@ -139,7 +126,7 @@ class LiveBM25:
 
     name = "bm25"
 
-    def __init__(self, base: BM25Retriever, documents: Sequence[Document], stats: Optional[CorpusStats] = None, *, base_seq: int = 0, shard: Optional[int] = None) -> None:
+    def __init__(self, base: BM25Retriever, documents: Sequence[Document], stats: Optional[CorpusStats] = None, *, base_seq: int = 0, shard: Optional[int] = None, fields: Optional[Mapping[str, str]] = None) -> None:
         if len(documents) != base.num_documents:
             raise ValueError(f"{len(documents)} documents for a BM25 index of {base.num_documents}")
         self.base = base
@@ -169,6 +156,8 @@ class LiveBM25:
         self._base_postings = {t: (np.asarray(c, dtype=np.int64), np.asarray(f, dtype=np.int64)) for t, (c, f) in postings.items()}
         self._delta_postings: dict[str, tuple[list[int], list[int]]] = {}
         self.stats = VersionedStats(stats if stats is not None else CorpusStats.of_tokens(tokens), base_seq)
+        self.columns: Optional[MetadataColumns] = MetadataColumns(fields, [d.metadata for d in documents]) if fields else None
+        base.columns = self.columns
         self._lock = threading.Lock()
 
     @property
@@ -197,6 +186,8 @@ class LiveBM25:
                 for i, d in enumerate(upserts):
                     self._pos[d.id] = first_doc + i
                     self.doc_ids.append(d.id)
+                if self.columns is not None:
+                    self.columns.append([d.metadata for d in upserts])
                 starts = np.searchsorted(owner, np.arange(len(upserts) + 1), side="left")
                 self._doc_chunks.extend((first_chunk + int(starts[i]), first_chunk + int(starts[i + 1])) for i in range(len(upserts)))
                 for j, toks in enumerate(tokens):
@@ -223,20 +214,22 @@ class LiveBM25:
 
     # ----------------------------------------------------------------- search
 
-    def search(self, query: str, k: int, at_seq: Optional[int] = None) -> list[Hit]:
-        return self.search_batch([query], k, at_seq)[0]
+    def search(self, query: str, k: int, at_seq: Optional[int] = None, where: Optional[Node] = None) -> list[Hit]:
+        return self.search_batch([query], k, at_seq, where)[0]
 
-    def search_batch(self, queries: Sequence[str], k: int, at_seq: Optional[int] = None) -> list[list[Hit]]:
-        """Top-``k`` documents for each query as of batch ``at_seq`` (default: the latest applied)."""
+    def search_batch(self, queries: Sequence[str], k: int, at_seq: Optional[int] = None, where: Optional[Node] = None) -> list[list[Hit]]:
+        """Top-``k`` documents for each query as of batch ``at_seq`` (default: the latest applied);
+        with a filter ``where``, only the documents it admits are candidates (before the top-k)."""
         if isinstance(queries, str):
             raise TypeError("search_batch takes a sequence of queries, not a string")
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         seq = self.applied_seq if at_seq is None else max(min(int(at_seq), self.applied_seq), self.base_seq)
         if seq == self.base_seq and self.applied_seq == self.base_seq:
-            return self.base.search_batch(queries, k)  # nothing written yet: bm25s's own index is exact
+            return self.base.search_batch(queries, k, where)  # nothing written yet: bm25s's own index is exact
         n_chunks = self._length.n
         length, owner, born, died = self._length.a[:n_chunks], self._owner.a[:n_chunks], self._born.a[:n_chunks], self._died.a[:n_chunks]
+        allowed = allowed_documents(self.columns, where, len(self.doc_ids))
         n_total, total_length = self.stats.totals(seq)
         avg = np.float64(total_length) / np.float64(n_total) if n_total else np.float64(0)
         cfg = self.config
@@ -274,6 +267,8 @@ class LiveBM25:
                 out.append([])
                 continue
             candidates = np.unique(np.concatenate(hit_chunks))
+            if allowed is not None:
+                candidates = candidates[allowed[owner[candidates]]]
             top = _top_documents(scores, candidates, owner, k)
             out.append([Hit(self.doc_ids[d], s) for d, s in top])
         return out

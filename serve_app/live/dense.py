@@ -28,48 +28,25 @@ import numpy as np
 
 from serve_app.live.bm25 import ALIVE, _Grow
 from serve_app.live.changes import UPSERT, Batch
+from serve_app.filters import MetadataColumns, Node
 from serve_app.retrieval.dense import collect_documents, order_hits
-from serve_app.retrieval.faiss_index import _unwrap
+from serve_app.retrieval.filtered import MAX_WIDENING, BitmapSelector, allowed_documents, exact_documents, fill_short, flat_storage, reconstruct, search_parameters, use_exact
 from serve_app.types import Hit
-
-
-#: Most a selector may widen efSearch / nprobe (see :func:`search_parameters`).
-MAX_WIDENING = 4.0
-
-
-def search_parameters(index: faiss.Index, selector: Optional[faiss.IDSelector], *, ef_search: int, nprobe: int, live_fraction: float = 1.0) -> Optional[Any]:
-    """FAISS search parameters for ``index`` carrying ``selector`` and the configured efSearch /
-    nprobe (which per-call parameters would otherwise reset); None without a selector.
-
-    With a fraction ``1 - live_fraction`` of the vectors excluded, HNSW's candidate list and
-    IVF's probed lists hold that much fewer live vectors, so efSearch and nprobe are widened by
-    ``1 / live_fraction`` (at most :data:`MAX_WIDENING` times) to keep the recall of the same
-    search over the live vectors alone."""
-    if selector is None:
-        return None
-    widen = min(MAX_WIDENING, 1.0 / max(live_fraction, 1e-9))
-    transforms, core = _unwrap(index)
-    if isinstance(core, faiss.IndexIVF):
-        params: Any = faiss.SearchParametersIVF(sel=selector, nprobe=min(int(round(nprobe * widen)), int(core.nlist)))
-    elif hasattr(core, "hnsw"):
-        params = faiss.SearchParametersHNSW(sel=selector, efSearch=int(round(ef_search * widen)))
-    else:
-        params = faiss.SearchParameters(sel=selector)
-    if transforms:
-        params = faiss.SearchParametersPreTransform(index_params=params)
-        params.sel = selector
-    return params
 
 
 class LiveDense:
     """A dense retriever over a base :class:`~serve_app.retrieval.dense.DenseRetriever` plus the
     batches applied to it (see the module docstring). ``shard``: this replica's shard when the
-    dense retriever is sharded (it keeps only the changes it owns)."""
+    dense retriever is sharded (it keeps only the changes it owns); ``columns``: the declared
+    metadata of the base's documents in their order (filters), extended by every upsert."""
 
     name = "dense"
 
-    def __init__(self, base: Any, *, base_seq: int = 0, shard: Optional[int] = None) -> None:
+    def __init__(self, base: Any, *, base_seq: int = 0, shard: Optional[int] = None, columns: Optional[MetadataColumns] = None) -> None:
         self.base = base
+        self.columns = columns
+        if columns is not None:
+            base.columns = columns  # the base's documents are the first positions
         self.encoder = base.encoder
         self.shard = shard
         self.base_seq = base_seq
@@ -119,6 +96,8 @@ class LiveDense:
                 first = self._owner.n
                 self._doc_vectors.append((first, first + len(vec)))
                 self._delta.add(vec)
+                if self.columns is not None:
+                    self.columns.append([c.document.metadata if c.document is not None else {}])
                 self._owner.extend([pos] * len(vec))
                 self._born.extend([batch.seq] * len(vec))
                 self._died.extend([ALIVE] * len(vec))
@@ -127,15 +106,15 @@ class LiveDense:
 
     # ----------------------------------------------------------------- search
 
-    def search(self, query: str, k: int, at_seq: Optional[int] = None) -> list[Hit]:
-        return self.search_batch([query], k, at_seq)[0]
+    def search(self, query: str, k: int, at_seq: Optional[int] = None, where: Optional[Node] = None) -> list[Hit]:
+        return self.search_batch([query], k, at_seq, where)[0]
 
-    def search_batch(self, queries: list[str], k: int, at_seq: Optional[int] = None) -> list[list[Hit]]:
+    def search_batch(self, queries: list[str], k: int, at_seq: Optional[int] = None, where: Optional[Node] = None) -> list[list[Hit]]:
         if self.encoder is None:
             raise RuntimeError("this dense retriever has no encoder: use search_vectors")
         if not queries:
             return []
-        return self.search_vectors(self.encoder.encode_queries(list(queries)), k, at_seq)
+        return self.search_vectors(self.encoder.encode_queries(list(queries)), k, at_seq, where)
 
     def _base_excluded(self, seq: int, n: int) -> Optional[np.ndarray]:
         cached_seq, cached_n, ids = self._excluded_cache
@@ -147,8 +126,10 @@ class LiveDense:
         self._excluded_cache = (seq, n, ids)
         return ids
 
-    def search_vectors(self, query_vectors: np.ndarray, k: int, at_seq: Optional[int] = None) -> list[list[Hit]]:
-        """Top-``k`` live documents for each query vector as of batch ``at_seq`` (default: latest)."""
+    def search_vectors(self, query_vectors: np.ndarray, k: int, at_seq: Optional[int] = None, where: Optional[Node] = None) -> list[list[Hit]]:
+        """Top-``k`` live documents for each query vector as of batch ``at_seq`` (default: latest);
+        with a filter ``where``, among the live documents it admits (inside FAISS or exactly, as
+        :mod:`serve_app.retrieval.filtered` decides)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         q = np.ascontiguousarray(np.asarray(query_vectors, dtype=np.float32))
@@ -157,28 +138,67 @@ class LiveDense:
         seq = self.applied_seq if at_seq is None else max(min(int(at_seq), self.applied_seq), self.base_seq)
         n = self._owner.n
         if seq == self.base_seq and self.applied_seq == self.base_seq:
-            return self.base.search_vectors(q, k)
+            return self.base.search_vectors(q, k, where)
         owner, born, died = self._owner.a[:n], self._born.a[:n], self._died.a[:n]
+        if where is not None:
+            allowed = allowed_documents(self.columns, where, len(self.doc_ids))
+            assert allowed is not None
+            return self._filtered(q, int(k), (born <= seq) & (died > seq) & allowed[owner], owner)
         nd = n - self._nb
         live_delta = np.flatnonzero((born[self._nb :] <= seq) & (died[self._nb :] > seq)) if nd else np.zeros(0, dtype=np.int64)
         excluded = self._base_excluded(seq, n)
         live_base = self._nb - (0 if excluded is None else excluded.size)
         total_live = live_base + live_delta.size
-        results = collect_documents(lambda rows, fetch: self._search(rows, fetch, excluded, live_delta, seq), q, int(k), owner, total_live, self.max_chunks_per_doc)
+        base_sel = None if excluded is None else faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded))
+        live_fraction = 1.0 - (0 if excluded is None else excluded.size) / max(self._nb, 1)
+        results = collect_documents(lambda rows, fetch: self._search(rows, fetch, base_sel, live_fraction, live_delta), q, int(k), owner, total_live, self.max_chunks_per_doc)
         return [[Hit(self.doc_ids[d], s) for d, s in hits] for hits in results]
 
-    def _search(self, q: np.ndarray, fetch: int, excluded: Optional[np.ndarray], live_delta: np.ndarray, seq: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``fetch`` best live vectors per query over base and delta: (scores, vector ids
-        in one numbering, base first), padded with -1."""
+    def _filtered(self, q: np.ndarray, k: int, admitted: np.ndarray, owner: np.ndarray) -> list[list[Hit]]:
+        """Top-``k`` of the ``admitted`` vectors (live at the search's batch and passing its filter)."""
+        nb = self._nb
+        ids = np.flatnonzero(admitted)
+        k_docs = min(k, int(np.unique(owner[ids]).size))
+        if k_docs == 0:
+            return [[] for _ in range(q.shape[0])]
+
+        sel = BitmapSelector(admitted[:nb])
+        live_delta = ids[ids >= nb] - nb
+        fraction = float(admitted[:nb].sum()) / max(nb, 1)
+        flat = flat_storage(self.base._cpu_index)
+
+        def exact(rows: np.ndarray) -> list[list[tuple[int, float]]]:
+            if flat is not None:  # a flat scan of the admitted base vectors, and the (flat) delta
+                search = lambda r, fetch: self._search(r, fetch, sel.selector, fraction, live_delta, base_index=flat)  # noqa: E731
+                return collect_documents(search, q[rows], k_docs, owner, int(ids.size), self.max_chunks_per_doc)
+            parts = [reconstruct(self.base._cpu_index, ids[ids < nb])]
+            if live_delta.size:
+                parts.append(self._delta.reconstruct_batch(np.ascontiguousarray(live_delta, dtype=np.int64)))
+            return exact_documents(q[rows], np.concatenate(parts), ids, owner, k_docs)
+
+        if use_exact(int(ids.size), int(admitted.size), self.base.cfg):
+            results = exact(np.arange(q.shape[0]))
+        else:
+            results = collect_documents(lambda rows, fetch: self._search(rows, fetch, sel.selector, fraction, live_delta), q, k_docs, owner, int(ids.size), self.max_chunks_per_doc)
+            results = fill_short(results, k_docs, exact)
+        return [[Hit(self.doc_ids[d], s) for d, s in hits] for hits in results]
+
+    def _search(self, q: np.ndarray, fetch: int, base_sel: Optional[Any], live_fraction: float, live_delta: np.ndarray, base_index: Optional[Any] = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``fetch`` best vectors per query over the base (those ``base_sel`` selects; None:
+        all) and the ``live_delta`` vectors of the delta: (scores, vector ids in one numbering,
+        base first), padded with -1. ``base_index``: a flat index of the base's vectors to scan
+        exactly instead of searching the base index."""
         cfg = self.base.cfg
         parts_s, parts_i = [], []
-        if self._nb:
-            if excluded is None:
+        if self._nb and base_index is not None:
+            s, i = base_index.search(q, min(fetch, self._nb), params=faiss.SearchParameters(sel=base_sel))
+            parts_s.append(s)
+            parts_i.append(i)
+        elif self._nb:
+            if base_sel is None:
                 s, i = self.base._raw_search(q, min(fetch, self._nb))
             else:
-                sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded))
-                live_fraction = 1.0 - excluded.size / self._nb
-                params = search_parameters(self.base._cpu_index, sel, ef_search=cfg.hnsw_ef_search, nprobe=cfg.ivf_nprobe, live_fraction=live_fraction)
+                params = search_parameters(self.base._cpu_index, base_sel, ef_search=cfg.hnsw_ef_search, nprobe=cfg.ivf_nprobe, live_fraction=live_fraction)
                 s, i = self.base._cpu_index.search(q, min(fetch, self._nb), params=params)
             parts_s.append(s)
             parts_i.append(i)
@@ -191,4 +211,4 @@ class LiveDense:
         return scores[:, :fetch], ids[:, :fetch]
 
 
-__all__ = ["LiveDense", "search_parameters"]
+__all__ = ["MAX_WIDENING", "LiveDense", "search_parameters"]

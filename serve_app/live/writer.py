@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from serve_app.config import WritesConfig
-from serve_app.errors import IndexLoadError
+from serve_app.errors import Forbidden, IndexLoadError
+from serve_app.filters import Node, matches
 from serve_app.live.bm25 import CorpusStats, batch_stats
 from serve_app.live.changes import DELETE, UPSERT, Batch, Change, StatsDelta, check_deletes, check_upserts, owner_shard
 from serve_app.live.log import LogReader, WriteLog
@@ -224,9 +225,17 @@ class DocumentWriter:
 
     # ----------------------------------------------------------------- writes
 
-    def upsert(self, items: Sequence[Any]) -> WriteResult:
-        """Add or replace documents (one batch); returns once the batch is durable."""
+    def upsert(self, items: Sequence[Any], guard: Optional[Node] = None) -> WriteResult:
+        """Add or replace documents (one batch); returns once the batch is durable.
+
+        ``guard``: the bound filter of the API key that writes (:mod:`serve_app.filters`): every
+        document written, and the version it replaces, must pass it, else :class:`Forbidden`
+        and nothing is written (a key bound to one tenant cannot overwrite another's document)."""
         docs = check_upserts(items, self.cfg)
+        if guard is not None:
+            for i, d in enumerate(docs):
+                if not matches(guard, d.metadata):
+                    raise Forbidden(f"documents[{i}]: its metadata is outside the API key's filter; nothing was written")
         vectors: list[Any] = [None] * len(docs)
         if self.encoder is not None:
             from serve_app.chunking import split_documents
@@ -238,6 +247,11 @@ class DocumentWriter:
 
         def prepare(reader: LogReader) -> tuple[list[Change], StatsDelta]:
             live = self._live(reader, [d.id for d in docs])
+            if guard is not None:
+                for i, d in enumerate(docs):
+                    old = live.get(d.id)
+                    if old is not None and old[0] is not None and not matches(guard, old[0].metadata):
+                        raise Forbidden(f"documents[{i}]: the id is held by a document outside the API key's filter; nothing was written")
             changes = [Change(UPSERT, d.id, d, v, self._owners(d.id, live.get(d.id))) for d, v in zip(docs, vectors)]
             return changes, self._stats([live[d.id][0] for d in docs if d.id in live], docs)
 
@@ -245,20 +259,28 @@ class DocumentWriter:
             batch = self.log.append(prepare)
         return WriteResult(batch.seq, tuple(d.id for d in docs))
 
-    def delete(self, ids: Sequence[Any]) -> WriteResult:
-        """Delete documents by id (one batch; idempotent): the answer lists the ids that were absent."""
+    def delete(self, ids: Sequence[Any], guard: Optional[Node] = None) -> WriteResult:
+        """Delete documents by id (one batch; idempotent): the answer lists the ids that were
+        absent. ``guard``: the writing key's bound filter: a document outside it is neither
+        deleted nor revealed (it is listed as absent, as an id never written is)."""
         wanted = check_deletes(ids, self.cfg)
         absent: list[str] = []
 
-        def prepare(reader: LogReader) -> tuple[list[Change], StatsDelta]:
+        def visible(reader: LogReader) -> dict[str, tuple[Optional[Document], dict[str, int]]]:
             live = self._live(reader, wanted)
+            if guard is None:
+                return live
+            return {i: v for i, v in live.items() if v[0] is not None and matches(guard, v[0].metadata)}
+
+        def prepare(reader: LogReader) -> tuple[list[Change], StatsDelta]:
+            live = visible(reader)
             absent.extend(i for i in wanted if i not in live)
             changes = [Change(DELETE, i, None, None, live[i][1]) for i in wanted if i in live]
             return changes, self._stats([live[i][0] for i in wanted if i in live], [])
 
         with self._lock:
             # nothing to delete: no batch (a delete of absent ids changes nothing)
-            live_now = self._live(self.log.reader(), wanted)
+            live_now = visible(self.log.reader())
             if not live_now:
                 return WriteResult(None, (), tuple(wanted))
             batch = self.log.append(prepare)

@@ -41,16 +41,18 @@ from collections import defaultdict
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
 from serve_app.chunking import collapse_to_documents, split_documents
 from serve_app.config import BM25Config, ChunkingConfig
 from serve_app.errors import IndexLoadError
+from serve_app.filters import MetadataColumns, Node
 from serve_app.fsutil import read_json
 from serve_app.progress import is_terminal
 from serve_app.retrieval.bm25s_engine import Bm25sEngine
+from serve_app.retrieval.filtered import allowed_documents
 from serve_app.types import Document, Hit
 
 logger = logging.getLogger(__name__)
@@ -224,6 +226,8 @@ class BM25Retriever:
         self.chunking = chunking
         self.doc_ids = list(doc_ids)
         self.chunk_owner = np.asarray(chunk_owner, dtype=np.int64)
+        #: The declared metadata fields of the documents (filters), in ``doc_ids`` order; None: none declared.
+        self.columns: Optional[MetadataColumns] = None
 
     @property
     def num_documents(self) -> int:
@@ -267,18 +271,21 @@ class BM25Retriever:
 
     # ----------------------------------------------------------------- search
 
-    def search(self, query: str, k: int) -> list[Hit]:
-        """Top-``k`` documents containing a token of ``query``, best first."""
-        return self.search_batch([query], k)[0]
+    def search(self, query: str, k: int, where: Optional[Node] = None) -> list[Hit]:
+        """Top-``k`` documents containing a token of ``query``, best first (among those ``where`` admits)."""
+        return self.search_batch([query], k, where)[0]
 
-    def search_batch(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        """Top-``k`` documents for each query, best first."""
+    def search_batch(self, queries: Sequence[str], k: int, where: Optional[Node] = None) -> list[list[Hit]]:
+        """Top-``k`` documents for each query, best first. With a filter ``where``, only the
+        chunks of the documents it admits are candidates, before the top-k is taken (so k
+        documents come back whenever k admitted documents match)."""
         if isinstance(queries, str):
             raise TypeError("search_batch takes a sequence of queries, not a string")
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         if not queries:
             return []
+        allowed = allowed_documents(self.columns, where, self.num_documents)
         results: list[list[Hit]] = []
         for tokens in self.tokenizer(list(queries)):
             matched = self._engine.match(tokens) if k > 0 else None
@@ -286,6 +293,8 @@ class BM25Retriever:
                 results.append([])
                 continue
             scores, candidates = matched
+            if allowed is not None:
+                candidates = candidates[allowed[self.chunk_owner[candidates]]]
             top = _top_documents(scores, candidates, self.chunk_owner, k)
             results.append([Hit(self.doc_ids[d], s) for d, s in top])
         return results
@@ -380,6 +389,8 @@ class BM25Retriever:
         out = []
         for (start, end), (c0, c1), shard in zip(bounds, chunk_bounds, engine.split(chunk_bounds)):
             out.append(BM25Retriever(shard, self.tokenizer, self.config, self.chunking, self.doc_ids[start:end], owner[c0:c1] - start))
+            if self.columns is not None:
+                out[-1].columns = self.columns.take(range(start, end))
         return out
 
     def split_by_documents(self, positions: Sequence[Sequence[int]]) -> list["BM25Retriever"]:
@@ -397,4 +408,6 @@ class BM25Retriever:
             chunks = np.flatnonzero(np.isin(self.chunk_owner, pos))
             (shard,) = engine.split([chunks])
             out.append(BM25Retriever(shard, self.tokenizer, self.config, self.chunking, [self.doc_ids[i] for i in pos], np.searchsorted(pos, self.chunk_owner[chunks])))
+            if self.columns is not None:
+                out[-1].columns = self.columns.take(pos)
         return out

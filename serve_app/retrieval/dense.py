@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import faiss
 import numpy as np
@@ -31,6 +31,8 @@ from serve_app.config import ChunkingConfig, DenseConfig
 from serve_app.errors import IndexLoadError
 from serve_app.fsutil import read_json
 from serve_app.models import effective_max_length, load_pretrained, mean_pool, pick_device, same_model, tokenize_texts
+from serve_app.filters import MetadataColumns, Node
+from serve_app.retrieval.filtered import BitmapSelector, allowed_documents, exact_documents, fill_short, flat_storage, reconstruct, search_parameters, use_exact
 from serve_app.retrieval.faiss_index import (
     GPU_MAX_K,
     DenseIndexError,
@@ -212,6 +214,8 @@ class DenseRetriever:
         set_search_params(index, ef_search=cfg.hnsw_ef_search, nprobe=cfg.ivf_nprobe)
         self._index, self._gpu_resources = maybe_to_gpu(index, enabled=cfg.use_gpu_index, device=cfg.device)
         counts = np.bincount(owner, minlength=len(self.doc_ids)) if owner.size else np.zeros(0, dtype=np.int64)
+        #: The declared metadata fields of the documents (filters), in ``doc_ids`` order; None: none declared.
+        self.columns: Optional[MetadataColumns] = None
         self._max_chunks_per_doc = int(counts.max()) if counts.size else 0
 
     # ----------------------------------------------------------------- build
@@ -276,21 +280,23 @@ class DenseRetriever:
         """Indexed vectors (chunks)."""
         return int(self._cpu_index.ntotal)
 
-    def search(self, query: str, k: int) -> list[Hit]:
-        """Top-``k`` documents for one query, best first."""
-        return self.search_batch([query], k)[0]
+    def search(self, query: str, k: int, where: Optional[Node] = None) -> list[Hit]:
+        """Top-``k`` documents for one query, best first (among those ``where`` admits)."""
+        return self.search_batch([query], k, where)[0]
 
-    def search_batch(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        """Top-``k`` documents for each query, best first."""
+    def search_batch(self, queries: Sequence[str], k: int, where: Optional[Node] = None) -> list[list[Hit]]:
+        """Top-``k`` documents for each query, best first (among those ``where`` admits)."""
         if self.encoder is None:
             raise RuntimeError("this DenseRetriever has no encoder: pass one to build/load, or use search_vectors")
         queries = _check_texts(queries, "queries")
         if not queries:
             return []
-        return self.search_vectors(self.encoder.encode_queries(queries), k)
+        return self.search_vectors(self.encoder.encode_queries(queries), k, where)
 
-    def search_vectors(self, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-``k`` documents for each row of ``query_vectors`` (shape ``(n, dim)``, L2-normalised)."""
+    def search_vectors(self, query_vectors: np.ndarray, k: int, where: Optional[Node] = None) -> list[list[Hit]]:
+        """Top-``k`` documents for each row of ``query_vectors`` (shape ``(n, dim)``, L2-normalised);
+        with a filter ``where``, among the documents it admits, searched inside FAISS or exactly
+        (:mod:`serve_app.retrieval.filtered`)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         q = np.ascontiguousarray(np.asarray(query_vectors, dtype=np.float32))
@@ -298,9 +304,42 @@ class DenseRetriever:
             raise ValueError(f"query vectors must have shape (n, {self.dim}), got {q.shape}")
         if q.shape[0] == 0:
             return []
-        k_docs = min(int(k), len(self.doc_ids))
-        results = collect_documents(self._raw_search, q, k_docs, self.chunk_owner, self.num_vectors, self._max_chunks_per_doc)
+        if where is not None:
+            results = self._filtered(q, int(k), where)
+        else:
+            k_docs = min(int(k), len(self.doc_ids))
+            results = collect_documents(self._raw_search, q, k_docs, self.chunk_owner, self.num_vectors, self._max_chunks_per_doc)
         return [[Hit(self.doc_ids[d], s) for d, s in hits] for hits in results]
+
+    def _filtered(self, q: np.ndarray, k: int, where: Node) -> list[list[tuple[int, float]]]:
+        allowed = allowed_documents(self.columns, where, len(self.doc_ids))
+        assert allowed is not None
+        k_docs = min(k, int(allowed.sum()))
+        if k_docs == 0:
+            return [[] for _ in range(q.shape[0])]
+        vmask = allowed[self.chunk_owner]
+        ids = np.flatnonzero(vmask)
+        owner = self.chunk_owner
+
+        sel = BitmapSelector(vmask)
+        flat = flat_storage(self._cpu_index)
+
+        def exact(rows: np.ndarray) -> list[list[tuple[int, float]]]:
+            if flat is None:
+                return exact_documents(q[rows], reconstruct(self._cpu_index, ids), ids, owner, k_docs)
+            scan = faiss.SearchParameters(sel=sel.selector)
+            return collect_documents(lambda r, fetch: order_hits(*flat.search(r, fetch, params=scan)), q[rows], k_docs, owner, int(ids.size), self._max_chunks_per_doc)
+
+        if use_exact(ids.size, self.num_vectors, self.cfg):
+            return exact(np.arange(q.shape[0]))
+        params = search_parameters(self._cpu_index, sel.selector, ef_search=self.cfg.hnsw_ef_search, nprobe=self.cfg.ivf_nprobe, live_fraction=ids.size / max(self.num_vectors, 1))
+
+        def search(rows: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+            scores, found = self._cpu_index.search(rows, fetch, params=params)
+            return order_hits(scores, found)
+
+        results = collect_documents(search, q, k_docs, owner, int(ids.size), self._max_chunks_per_doc)
+        return fill_short(results, k_docs, exact)
 
     def _raw_search(self, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         index = self._index

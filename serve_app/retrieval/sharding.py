@@ -100,17 +100,20 @@ class ShardedRetriever:
         self.shards = list(shards)
         self.name: str = names.pop()
 
-    def search(self, query: str, k: int) -> list[Hit]:
+    def search(self, query: str, k: int, where: Any = None) -> list[Hit]:
         """Top-``k`` documents over all shards, best first."""
-        return self.search_batch([query], k)[0]
+        return self.search_batch([query], k, where)[0]
 
-    def search_batch(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+    def search_batch(self, queries: Sequence[str], k: int, where: Any = None) -> list[list[Hit]]:
         """Top-``k`` documents for each query over all shards. Dense shards share one encoding of
-        the queries (the first shard's encoder; every shard of an index was built with one model)."""
+        the queries (the first shard's encoder; every shard of an index was built with one model).
+        A filter ``where`` is applied by each shard inside its own search (each holds the metadata
+        of its documents), so each shard's top-k, and the merge, hold only admitted documents."""
+        extra = () if where is None else (where,)
         encoder = getattr(self.shards[0], "encoder", None)
         if encoder is not None and all(hasattr(s, "search_vectors") for s in self.shards):
             vectors = encoder.encode_queries(list(queries))
-            per_shard = [s.search_vectors(vectors, k) for s in self.shards]
+            per_shard = [s.search_vectors(vectors, k, *extra) for s in self.shards]
         else:
-            per_shard = [s.search_batch(queries, k) for s in self.shards]
+            per_shard = [s.search_batch(queries, k, *extra) for s in self.shards]
         return [merge_top_k([lists[q] for lists in per_shard], k) for q in range(len(queries))]

@@ -41,6 +41,8 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
     "deadline_exceeded": (504, "The request did not complete within timeouts.request_timeout_s; its pending stage calls were cancelled."),
     "model_not_found": (404, "The request names a reranker model (`model`, or `reranker` on /search) that is not configured; the message lists the available names and aliases."),
     "document_not_found": (404, "GET /documents/{id}: no live document has this id."),
+    "invalid_filter": (422, "/search: the filter names a field the collection does not declare, an operator its type does not have, or a value of the wrong type; a write: a document's metadata gives a declared field a value of the wrong type. The message names the path (e.g. filter.and[1].year.gte)."),
+    "forbidden": (403, "The API key's scope does not allow this operation (search, rerank, write, admin), or a write would touch a document outside the key's bound filter."),
     "input_too_long": (413, "TEI shape with truncate=false: a query and document pair is longer than the model reads (its max_length tokens); or, for a decoder reranker, the query with its prompt and instruction leaves no room for a document token (queries are never cut)."),
 }
 
@@ -198,6 +200,7 @@ def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> Request
         return_documents: bool = Field(False, strict=True, description="Include each result's title and text.")
         reranker: Optional[Annotated[str, StringConstraints(strict=True, min_length=1, max_length=256)]] = Field(None, description="A configured reranker name or alias (default: the default model).")
         instruction: Instruction = Field(None, description=INSTRUCTION_DOC)
+        filter: Optional[dict[str, Any]] = Field(None, description="Metadata filter over the collection's declared fields: {field: value}, {field: {in: [...]}}, {field: {gte: x, lt: y}}, {field: {exists: true}}, and/or/not (docs/API.md#filters). Applied inside every retriever before its top-k; an unknown field or a value of the wrong type is refused (422 invalid_filter). An API key's bound filter is ANDed to it.")
         cascade: Optional[dict[Annotated[str, StringConstraints(max_length=32)], Annotated[int, Field(strict=True, ge=0)]]] = Field(
             None, max_length=16, description="Depth of each rerank cascade stage by name (default: the stage's default_top_m); each at most the stage's max_top_m and the depth of the stage before it; 0 skips a stage. An unknown name is refused (422)."
         )

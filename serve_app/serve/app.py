@@ -63,70 +63,98 @@ CONDITIONAL_DEFAULTS: dict[str, dict[str, Any]] = {
 WRITER = "DocumentWriter"
 
 
-def _deployment(cls: type, name: str, base: str, options: Mapping[str, Mapping[str, Any]], user_config: Optional[dict[str, Any]] = None) -> Any:
-    """``cls`` as the deployment ``name``: the defaults of ``base``, then ``options[base]``, then
-    ``options[name]`` (a shard's own options win over those of its retriever)."""
+def _deployment(cls: type, name: str, base: str, options: Mapping[str, Mapping[str, Any]], user_config: Optional[dict[str, Any]] = None, prefix: str = "") -> Any:
+    """``cls`` as the deployment ``prefix + name``: the defaults of ``base``, then ``options[base]``,
+    then ``options[name]`` (a shard's own options win over those of its retriever), then, for a
+    collection's deployment, ``options[prefix + base]`` and ``options[prefix + name]``."""
     opts: dict[str, Any] = {"max_constructor_retry_count": CONSTRUCTOR_RETRIES, **{**DEPLOYMENT_DEFAULTS, **CONDITIONAL_DEFAULTS}[base]}
     if user_config is not None:
         opts["user_config"] = user_config
-    opts.update(options.get(base, {}))
-    if name != base:
-        opts.update(options.get(name, {}))
-    return serve.deployment(cls, name=name, **opts)
+    for key in dict.fromkeys([base, name, prefix + base, prefix + name]):
+        opts.update(options.get(key, {}))
+    return serve.deployment(cls, name=prefix + name, **opts)
 
 
-def build_application(cfg: AppConfig, options: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Application:
-    """Bind the deployments for ``cfg``; ``options`` maps deployment names to deployment options.
+def collection_prefix(collection: Optional[str]) -> str:
+    """The prefix of a named collection's deployment names (``papers.BM25Retriever``); none for the default one."""
+    return "" if collection is None else f"{collection}."
 
-    Pure wiring: no file is read or written (the index is :func:`build_app`'s business).
-    """
-    options = dict(options or {})
-    known = ["SearchIngress", *deployment_names(cfg), *([QUERY_ENCODER] if encodes_queries_once(cfg) else []), CascadeNames(None).deployment, *(c.deployment_name() for c in cfg.cascade), *([WRITER] if cfg.writes.enabled else [])]
-    unknown = sorted(set(options) - set(DEPLOYMENT_NAMES) - set(CONDITIONAL_DEFAULTS) - set(known))
-    if unknown:
-        raise ValueError(f"unknown deployment name(s) {unknown}; expected among {known}")
-    w_opts = options.get(WRITER, {})
+
+def stage_deployment_names(cfg: AppConfig, collection: Optional[str] = None) -> list[str]:
+    """The names of the stage deployments ``cfg`` deploys for one collection (all but the ingress)."""
+    prefix = collection_prefix(collection)
+    names = [*deployment_names(cfg), *([QUERY_ENCODER] if encodes_queries_once(cfg) else []), CascadeNames(None).deployment, *(c.deployment_name() for c in cfg.cascade), *([WRITER] if cfg.writes.enabled else [])]
+    return [prefix + n for n in names]
+
+
+def _bind_stages(cfg: AppConfig, options: Mapping[str, Mapping[str, Any]], collection: Optional[str] = None) -> dict[str, Any]:
+    """The bound stage deployments of one collection: bm25, dense, reranker, cascade, dense_encoder, writer."""
+    prefix = collection_prefix(collection)
+    w_opts = {**options.get(WRITER, {}), **options.get(prefix + WRITER, {})}
     if w_opts.get("autoscaling_config") or w_opts.get("num_replicas", 1) != 1:
-        raise ValueError(f"{WRITER} runs exactly one replica (it serialises the index's writes): remove num_replicas/autoscaling_config from its options")
+        raise ValueError(f"{prefix}{WRITER} runs exactly one replica (it serialises the index's writes): remove num_replicas/autoscaling_config from its options")
 
     writer = None
     if cfg.writes.enabled:
         shards = {r: getattr(cfg.sharding, r) for r in cfg.retrievers if getattr(cfg.sharding, r) > 1}
-        writer = _deployment(WriterServer, WRITER, WRITER, options).bind(
+        writer = _deployment(WriterServer, WRITER, WRITER, options, prefix=prefix).bind(
             WriterServerConfig(index_dir=cfg.index_dir, writes=cfg.writes, dense=cfg.dense if "dense" in cfg.retrievers else None, shards=shards)
         )
     follow = cfg.writes if cfg.writes.enabled else None
     follows = (writer,) if writer is not None else ()  # the writer's handle, bound only with live writes
+    fields = dict(cfg.fields)
 
     def retriever(name: str, cls: type, make_config: Any) -> Any:
         n = getattr(cfg.sharding, name)
         base = RETRIEVER_DEPLOYMENTS[name]
         uc = cfg.retriever_user_config(name)
         if n == 1:
-            return _deployment(cls, base, base, options, uc).bind(make_config(None), *follows)
-        return [_deployment(cls, shard_deployment_name(name, i), base, options, uc).bind(make_config(ShardRef(index=i, num_shards=n)), *follows) for i in range(n)]
+            return _deployment(cls, base, base, options, uc, prefix).bind(make_config(None), *follows)
+        return [_deployment(cls, shard_deployment_name(name, i), base, options, uc, prefix).bind(make_config(ShardRef(index=i, num_shards=n)), *follows) for i in range(n)]
 
     bm25 = dense = encoder = None
     if "bm25" in cfg.retrievers:
-        bm25 = retriever("bm25", BM25Server, lambda shard: BM25ServerConfig(index_dir=cfg.index_dir, shard=shard, writes=follow))
+        bm25 = retriever("bm25", BM25Server, lambda shard: BM25ServerConfig(index_dir=cfg.index_dir, shard=shard, writes=follow, fields=fields))
     if "dense" in cfg.retrievers:
         sharded = encodes_queries_once(cfg)  # the shards get vectors from one query encoder
-        dense = retriever("dense", DenseServer, lambda shard: DenseServerConfig(index_dir=cfg.index_dir, dense=cfg.dense, batching=cfg.dense_batching, shard=shard, encode_queries=not sharded, writes=follow))
+        dense = retriever("dense", DenseServer, lambda shard: DenseServerConfig(index_dir=cfg.index_dir, dense=cfg.dense, fields=fields, batching=cfg.dense_batching, shard=shard, encode_queries=not sharded, writes=follow))
         if sharded:
-            encoder = _deployment(QueryEncoderServer, QUERY_ENCODER, QUERY_ENCODER, options, cfg.retriever_user_config("dense")).bind(
+            encoder = _deployment(QueryEncoderServer, QUERY_ENCODER, QUERY_ENCODER, options, cfg.retriever_user_config("dense"), prefix).bind(
                 QueryEncoderServerConfig(index_dir=cfg.index_dir, dense=cfg.dense, batching=cfg.dense_batching)
             )
-    reranker = _deployment(RerankerServer, CascadeNames(None).deployment, "CrossEncoderReranker", options, cfg.reranker_user_config()).bind(
+    reranker = _deployment(RerankerServer, CascadeNames(None).deployment, "CrossEncoderReranker", options, cfg.reranker_user_config(), prefix).bind(
         RerankerServerConfig(reranker=cfg.reranker, batching=cfg.batching)
     )
     cascade = [
-        _deployment(RerankerServer, c.deployment_name(), "CrossEncoderReranker", options, RerankerUserConfig(**c.batching.model_dump()).model_dump()).bind(
+        _deployment(RerankerServer, c.deployment_name(), "CrossEncoderReranker", options, RerankerUserConfig(**c.batching.model_dump()).model_dump(), prefix).bind(
             RerankerServerConfig(reranker=c.reranker_config(), batching=c.batching, stage=c.name)
         )
         for c in cfg.cascade
     ]
+    return {"bm25": bm25, "dense": dense, "reranker": reranker, "cascade": cascade, "dense_encoder": encoder, "writer": writer}
+
+
+def build_application(cfg: AppConfig, options: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Application:
+    """Bind the deployments for ``cfg``; ``options`` maps deployment names to deployment options.
+
+    Each named collection (``cfg.collections``) gets its own stage deployments, named
+    ``{collection}.{deployment}``; one ingress serves them all. Pure wiring: no file is read or
+    written (the indexes are :func:`build_app`'s business).
+    """
+    options = dict(options or {})
+    collections = cfg.collection_configs()
+    known = ["SearchIngress", *stage_deployment_names(cfg)]
+    for name, c in collections.items():
+        known += stage_deployment_names(c, name)
+    bases = {f"{collection_prefix(n)}{b}" for n in collections for b in (*DEPLOYMENT_NAMES[1:], *CONDITIONAL_DEFAULTS)}
+    unknown = sorted(set(options) - set(DEPLOYMENT_NAMES) - set(CONDITIONAL_DEFAULTS) - bases - set(known))
+    if unknown:
+        raise ValueError(f"unknown deployment name(s) {unknown}; expected among {known}")
+    stages = _bind_stages(cfg, options)
+    named = {name: _bind_stages(c, options, name) for name, c in collections.items()}
     ingress = _deployment(serve.ingress()(SearchIngress), "SearchIngress", "SearchIngress", options)
-    return ingress.bind(cfg, bm25, dense, reranker, cascade, encoder, *follows)
+    follows = (stages["writer"],) if stages["writer"] is not None else ()  # bound only with live writes
+    return ingress.bind(cfg, stages["bm25"], stages["dense"], stages["reranker"], stages["cascade"], stages["dense_encoder"], *follows, **({"collections": named} if named else {}))
 
 
 def build_app(args: Optional[dict[str, Any]] = None) -> Application:
@@ -135,4 +163,6 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
 
     cfg = parse_app_config(args)
     ensure_index(cfg.index_dir, **cfg.index_build_args())
+    for c in cfg.collection_configs().values():
+        ensure_index(c.index_dir, **c.index_build_args())
     return build_application(cfg)

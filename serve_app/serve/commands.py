@@ -94,7 +94,7 @@ def demo_reranker_model(cache: Path) -> Optional[str]:
 
 def demo_config(*, host: str, port: int, index_dir: str, reranker_model: Optional[str], num_cpus_per_replica: float = 0.5) -> dict[str, Any]:
     """The Serve config of the demo: one application on the demo corpus, small CPU replicas."""
-    args: dict[str, Any] = {"index_dir": index_dir, "corpus": "builtin:demo"}
+    args: dict[str, Any] = {"index_dir": index_dir, "corpus": "builtin:demo", "fields": {"topic": "keyword"}}  # the demo documents carry a topic
     if reranker_model:
         args["reranker"] = {"model": reranker_model}
     small = {"ray_actor_options": {"num_cpus": num_cpus_per_replica}}
@@ -291,8 +291,33 @@ def run_export_reranker(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_collections(args: argparse.Namespace) -> int:
+    """List the collections of a Serve config file's serve_app applications (each one's index
+    directory, corpus, declared fields and whether its index is built); with --build, build the
+    indexes that are missing from their corpus and settings (what deploying would do, ahead of
+    it: in a Job, or before a rolling update). Search and writes of a collection go to
+    /collections/{name}/...; `serve-app eval --index DIR --reranker MODEL` evaluates one."""
+    import json
+
+    from serve_app.index import ensure_index
+    from serve_app.index.files import MANIFEST
+    from serve_app.serve.runner import load_serve_config
+
+    for app in load_serve_config(args.config).applications:
+        if not str(app.import_path).startswith("serve_app."):
+            continue
+        app_cfg = parse_app_config(dict(app.args or {}))
+        for name, cfg in {"default": app_cfg, **app_cfg.collection_configs()}.items():
+            if args.collection and name not in args.collection:
+                continue
+            built = ensure_index(cfg.index_dir, **{**cfg.index_build_args(), "build_if_missing": True}, show_progress=not args.quiet) if args.build else []
+            present = os.path.exists(os.path.join(cfg.index_dir, MANIFEST))
+            print(json.dumps({"application": app.name, "collection": name, "index_dir": cfg.index_dir, "corpus": cfg.corpus, "index": "built now" if built else ("present" if present else "missing"), "retrievers": list(cfg.retrievers), "fields": cfg.fields, "reranker": cfg.reranker.model}), flush=True)
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    """Add ``demo``, ``serve`` and ``export-reranker`` to the ``serve-app`` command line."""
+    """Add ``demo``, ``serve``, ``collections`` and ``export-reranker`` to the ``serve-app`` command line."""
     p = subparsers.add_parser("demo", help="serve the packaged demo corpus locally and show an example query")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -320,6 +345,13 @@ def register(subparsers: Any) -> None:
     s.add_argument("--timeout", type=float, default=900, help="seconds to wait for the deployment (default 900)")
     s.add_argument("--dashboard-port", type=int, default=None, help=f"start the local Ray instance's dashboard on 127.0.0.1 at this port (e.g. {DASHBOARD_PORT}; default: no dashboard)")
     s.set_defaults(func=run_serve)
+
+    c = subparsers.add_parser("collections", help="list the collections of a Serve config file and build their missing indexes", description=run_collections.__doc__)
+    c.add_argument("--config", default="deployments.yaml", help="Serve config file (default deployments.yaml)")
+    c.add_argument("--collection", action="append", default=None, help="only this collection (repeatable; `default` is the top-level one)")
+    c.add_argument("--build", action="store_true", help="build each listed collection's index when it is missing")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=run_collections)
 
     x = subparsers.add_parser("export-reranker", help="load rerankers as a replica would: make ONNX/OpenVINO exports ahead of time and show each runtime's drift", description=run_export_reranker.__doc__)
     src = x.add_mutually_exclusive_group(required=True)

@@ -22,13 +22,14 @@ without restarting replicas. The application args give their defaults.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Mapping, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from serve_app.config import BM25Config, CascadeStage, ChunkingConfig, RerankerModelConfig, DenseConfig, FunnelLimits, FusionConfig, ScoreCacheConfig, SloConfig, WritesConfig
 from serve_app.corpus import BUILTIN_PREFIX
 from serve_app.errors import UserFacingError
+from serve_app.filters import FilterLimits
 from serve_app.funnel import DEFAULT_MODEL, CascadeNames, FunnelTimeouts
 
 RetrieverName = Literal["bm25", "dense"]
@@ -179,10 +180,15 @@ class StageTimeouts(_Strict):
         return FunnelTimeouts(retriever_s=self.retriever_timeout_s, rerank_s=self.rerank_timeout_s, request_s=self.request_timeout_s)
 
 
+ENV_SCOPED_KEYS = "SERVE_APP_SCOPED_KEYS"
+
+
 class AuthConfig(_Strict):
     """HTTP API key authentication (serve_app.serve.auth): the key itself never goes in the config."""
 
-    api_key_env: str = Field(ENV_API_KEY, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable of the ingress replicas holding the API key (several: comma-separated, for rotation). Unset or empty: no authentication. Every request but GET /healthz then needs Authorization: Bearer <key>.")
+    api_key_env: str = Field(ENV_API_KEY, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable of the ingress replicas holding the API key (several: comma-separated, for rotation). Unset or empty: no authentication. Every request but GET /healthz then needs Authorization: Bearer <key>. Such a key may do everything.")
+    scoped_keys_file: Optional[str] = Field(None, description="A file (a mounted secret) holding scoped API keys: a YAML/JSON list of {name, key, operations: [search, rerank, write, admin], collections: [names] or ['*'], filter: {...}} (docs/API.md#scoped-api-keys). null: none.")
+    scoped_keys_env: str = Field(ENV_SCOPED_KEYS, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding scoped API keys in the same format as scoped_keys_file (unset or empty: none).")
 
 
 class ShardingConfig(_Strict):
@@ -190,6 +196,26 @@ class ShardingConfig(_Strict):
 
     bm25: int = Field(1, ge=1, le=64, description="BM25 shards: N > 1 deploys BM25Retriever-shard0..N-1, each holding the postings of 1/N of the documents (whole-corpus statistics, exact merge). Needs bm25.engine bm25s.")
     dense: int = Field(1, ge=1, le=64, description="Dense shards: N > 1 deploys DenseRetriever-shard0..N-1, each holding the vectors of 1/N of the documents.")
+
+
+FieldType = Literal["keyword", "keywords", "integer", "float", "datetime", "boolean"]
+
+
+class FilterLimitsConfig(_Strict):
+    """How large a /search filter may be (422 invalid_filter beyond)."""
+
+    max_conditions: int = Field(64, ge=1, le=4096, description="Most field conditions in one filter (an API key's bound filter included).")
+    max_depth: int = Field(8, ge=1, le=64, description="Deepest nesting of and/or/not.")
+    max_in_values: int = Field(1024, ge=1, le=65536, description="Most values in one `in` list.")
+
+    def limits(self) -> FilterLimits:
+        return FilterLimits(self.max_conditions, self.max_depth, self.max_in_values)
+
+
+#: A collection's name (also a part of its deployments' names and of its URL path).
+COLLECTION_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+#: The sections a collection may set (the rest is the application's: auth, limits, timeouts).
+COLLECTION_KEYS = frozenset({"index_dir", "corpus", "build_index_if_missing", "retrievers", "bm25", "dense", "reranker", "fusion", "funnel", "chunking", "batching", "dense_batching", "sharding", "cascade", "slo", "writes", "fields", "filters", "faults"})
 
 
 class AppConfig(_Strict):
@@ -215,6 +241,12 @@ class AppConfig(_Strict):
     cascade: tuple[ServeCascadeStage, ...] = Field((), max_length=8, description="Cheaper rerank stages run before the reranker, in order, each its own deployment CrossEncoderReranker-<name> (e.g. [{name: small, reranker: {model: /models/ce-2l}, default_top_m: 100}] with funnel.default_rerank_top_m 20).")
     slo: SloConfig = Field(default_factory=SloConfig, description="SLO-aware rerank depth: with search_p95_ms set, the ingress lowers a request's rerank_top_m (never below min_rerank_top_m) when its predicted latency would exceed the objective. Off by default.")
     writes: WritesConfig = Field(default_factory=WritesConfig, description="Live writes (POST/DELETE/GET /documents): off by default; enabled deploys the DocumentWriter deployment, which every retriever replica and the ingress follow.")
+    fields: dict[Annotated[str, StringConstraints(min_length=1, max_length=128)], FieldType] = Field(default_factory=dict, description="Filterable metadata fields and their types (keyword, keywords, integer, float, datetime, boolean), e.g. {tenant: keyword, year: integer}: /search's `filter` may name these; every retriever replica holds their columns; writes refuse a value of the wrong type.")
+    filters: FilterLimitsConfig = Field(default_factory=FilterLimitsConfig, description="Size limits of /search filters.")
+    collections: dict[Annotated[str, StringConstraints(pattern=COLLECTION_NAME)], dict[str, Any]] = Field(
+        default_factory=dict,
+        description="More named corpora in the same application, each served under /collections/{name}/ with its own index, retrievers and reranker deployments ({name}.BM25Retriever ...): {papers: {index_dir: ..., corpus: ..., fields: ..., reranker: ...}}. A collection's key replaces the top-level section whole; what it does not give is inherited. The top-level settings are the `default` collection (the routes at the root). Keys it may set: " + ", ".join(sorted(COLLECTION_KEYS)) + ".",
+    )
 
     @field_validator("index_dir")
     @classmethod
@@ -238,7 +270,40 @@ class AppConfig(_Strict):
         names = [c.name for c in self.cascade]
         if len(set(names)) != len(names):
             raise ValueError(f"cascade stage names must be unique: {names}")
+        reserved = sorted(set(self.fields) & {"and", "or", "not"})
+        if reserved:
+            raise ValueError(f"fields: {reserved} are operators of the filter language and cannot name a field")
+        self.collection_configs()  # each collection's configuration is valid
         return self
+
+    def collection_configs(self) -> dict[str, "AppConfig"]:
+        """The configuration of each named collection: the application's, with the sections the
+        collection gives replacing the top-level ones whole."""
+        if not self.collections:
+            return {}
+        base = self.model_dump(exclude={"collections"})
+        out: dict[str, AppConfig] = {}
+        dirs = {os.path.abspath(self.index_dir): "default"}
+        for name, over in self.collections.items():
+            if name == "default":
+                raise ValueError("collections: 'default' is the top-level collection; give another name")
+            unknown = sorted(set(over) - COLLECTION_KEYS)
+            if unknown:
+                raise ValueError(f"collections.{name}: unknown or application-wide key(s) {unknown}; a collection may set {sorted(COLLECTION_KEYS)}")
+            if "index_dir" not in over:
+                raise ValueError(f"collections.{name}: needs its own index_dir")
+            try:
+                cfg = AppConfig.model_validate({**base, **over, "collections": {}})
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                loc = ".".join(str(p) for p in first.get("loc", ()))
+                raise ValueError(f"collections.{name}.{loc}: {first.get('msg')}") from None
+            d = os.path.abspath(cfg.index_dir)
+            if d in dirs:
+                raise ValueError(f"collections.{name}: index_dir {cfg.index_dir} is already the index of collection {dirs[d]!r}")
+            dirs[d] = name
+            out[name] = cfg
+        return out
 
     def index_build_args(self) -> dict[str, Any]:
         """Keyword arguments of :func:`serve_app.index.ensure_index` for this application."""
@@ -275,12 +340,14 @@ class ShardRef(_Strict):
 class BM25ServerConfig(_Strict):
     index_dir: str
     shard: Optional[ShardRef] = None
+    fields: dict[str, str] = Field(default_factory=dict, description="The declared metadata fields (filters).")
     writes: Optional[WritesConfig] = Field(None, description="Follow the DocumentWriter's log (live writes), or None.")
 
 
 class DenseServerConfig(_Strict):
     index_dir: str
     dense: DenseConfig
+    fields: dict[str, str] = Field(default_factory=dict, description="The declared metadata fields (filters).")
     batching: BatchingConfig = DENSE_BATCHING
     shard: Optional[ShardRef] = None
     encode_queries: bool = Field(True, description="Whether the replica encodes queries itself (unsharded dense); the shards of a sharded dense retriever receive vectors from DenseQueryEncoder and load no model.")

@@ -16,7 +16,7 @@ Request bodies are never logged nor echoed.
 import json
 import logging
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -43,8 +43,9 @@ from serve_app.serve.api import (
     envelope,
     is_rerank_path,
 )
-from serve_app.errors import DeadlineExceeded, FunnelError, InputRejected, InputTooLong, ModelNotFound, StageError, StageOutputError, StageOverloaded, StageTimeout, StageUnavailable
-from serve_app.serve.auth import install_api_key_auth, load_api_keys
+from serve_app.errors import DeadlineExceeded, Forbidden, FunnelError, InputRejected, InputTooLong, ModelNotFound, StageError, StageOutputError, StageOverloaded, StageTimeout, StageUnavailable
+from serve_app.filters import FilterError, check_metadata
+from serve_app.serve.auth import COLLECTIONS_PREFIX, DEFAULT_COLLECTION, install_api_key_auth, key_scope, load_api_keys, load_scoped_keys
 from serve_app.serve.service import SearchService
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,8 @@ def _format_validation(exc: RequestValidationError) -> tuple[str, str]:
 #: place where they meet HTTP. Order matters: the first matching class wins.
 CORE_ERROR_TYPES: tuple[tuple[type[Exception], str], ...] = (
     (FunnelError, "validation_error"),
+    (FilterError, "invalid_filter"),
+    (Forbidden, "forbidden"),
     (ModelNotFound, "model_not_found"),
     (InputTooLong, "input_too_long"),
     (InputRejected, "validation_error"),  # after its subclasses above
@@ -292,55 +295,61 @@ _WRITE_ERRORS_DOC = _errors_doc(
 
 
 def _document_routes(app: FastAPI, service: SearchService) -> None:
-    """POST, DELETE and GET /documents (live writes)."""
+    """POST, DELETE and GET /documents (live writes). A key's bound filter guards all three:
+    a write outside it is refused (403), a document outside it is not found (404)."""
     from serve_app.live.changes import check_deletes, check_upserts
 
     UpsertRequest, DeleteRequest = build_document_models(service.cfg.writes)
 
     @app.post("/documents", response_model=WriteResponse, response_model_exclude_unset=True, responses=_WRITE_ERRORS_DOC, summary="Add or replace documents (one durable batch)")
-    async def upsert_documents(body: UpsertRequest) -> Any:  # type: ignore[valid-type]
-        check_upserts([d.model_dump(exclude_none=True) for d in body.documents], service.cfg.writes)  # 422 before any round trip
-        return await service.upsert_documents(body)
+    async def upsert_documents(body: UpsertRequest, request: Request) -> Any:  # type: ignore[valid-type]
+        docs = [d.model_dump(exclude_none=True) for d in body.documents]
+        check_upserts(docs, service.cfg.writes)  # 422 before any round trip
+        for i, d in enumerate(docs):
+            try:
+                check_metadata(d.get("metadata") or {}, service.cfg.fields, f"documents[{i}].metadata")
+            except FilterError as exc:
+                raise ApiError("validation_error", f"{exc}; nothing was written") from None
+        return await service.upsert_documents(body, guard=key_scope(request).bound_filter(service.collection))
 
     @app.delete("/documents", response_model=WriteResponse, response_model_exclude_unset=True, responses=_WRITE_ERRORS_DOC, summary="Delete documents by id (one durable batch; idempotent)")
-    async def delete_documents(body: DeleteRequest) -> Any:  # type: ignore[valid-type]
+    async def delete_documents(body: DeleteRequest, request: Request) -> Any:  # type: ignore[valid-type]
         check_deletes(list(body.ids), service.cfg.writes)
-        return await service.delete_documents(body)
+        return await service.delete_documents(body, guard=key_scope(request).bound_filter(service.collection))
 
     @app.get("/documents/{doc_id:path}", response_model=DocumentOut, responses=_errors_doc((404, "document_not_found"), (503, "service_unavailable")), summary="The latest acknowledged version of a document")
-    async def get_document(doc_id: str) -> Any:
+    async def get_document(doc_id: str, request: Request) -> Any:
         if not doc_id or len(doc_id) > service.cfg.writes.max_id_chars:
             raise ApiError("validation_error", f"doc_id: must be 1 to {service.cfg.writes.max_id_chars} characters")
-        doc = await service.get_document(doc_id)
+        doc = await service.get_document(doc_id, bound=key_scope(request).bound_filter(service.collection))
         if doc is None:
-            raise ApiError("document_not_found", f"no document with this id (it was never written, or it was deleted)")
+            raise ApiError("document_not_found", "no document with this id (it was never written, or it was deleted)")
         return doc
 
 
-def create_app(service: SearchService, *, api_keys: Optional[Sequence[str]] = None) -> FastAPI:
-    """The ASGI app serving ``service``.
-
-    ``api_keys``: keys accepted as ``Authorization: Bearer`` tokens; None reads them from the
-    environment variable ``service.cfg.auth.api_key_env`` (none: no authentication).
-    """
+def _service_app(service: SearchService, *, mounted: bool, collections: Sequence[str] = ()) -> FastAPI:
+    """The routes of one collection's service (``mounted``: under /collections/{name} of the main app)."""
     SearchRequest = service.models.search
     RerankRequest = service.models.rerank
     CohereV1Request = service.models.cohere_v1
     CohereV2Request = service.models.cohere_v2
 
-    app = FastAPI(title="serve_app", version=serve_app.__version__, description=DESCRIPTION)
+    title = "serve_app" if not mounted else f"serve_app: collection {service.collection}"
+    app = FastAPI(title=title, version=serve_app.__version__, description=DESCRIPTION)
     app.router.route_class = json_route_class(service.cfg.limits.max_body_bytes)
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]
-        response = await call_next(request)
-        metrics.count_request(_endpoint(request), response.status_code)
-        return response
+    if not mounted:  # a mounted collection's requests are counted by the main app
+
+        @app.middleware("http")
+        async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]
+            response = await call_next(request)
+            metrics.count_request(_endpoint(request), response.status_code)
+            return response
 
     @app.post("/search", response_model=SearchResponse, response_model_exclude_unset=True, responses=_ERRORS_DOC, summary="Hybrid search with reranking")
-    async def search(body: SearchRequest) -> Any:  # type: ignore[valid-type]
-        return await service.search(body)
+    async def search(body: SearchRequest, request: Request) -> Any:  # type: ignore[valid-type]
+        return await service.search(body, bound=key_scope(request).bound_filter(service.collection))
 
     @app.post("/rerank", response_model=Union[list[TEIRankOut], V1RerankResponse], response_model_exclude_none=True, responses=_RERANK_ERRORS_DOC, summary="Rerank: Text Embeddings Inference's shape (body with `texts`) or Cohere v1's")
     async def rerank(body: RerankRequest) -> Any:  # type: ignore[valid-type]
@@ -366,10 +375,35 @@ def create_app(service: SearchService, *, api_keys: Optional[Sequence[str]] = No
         return {"status": "ok", "stages": stages}
 
     @app.get("/info", summary="Models, index size, limits, funnel defaults")
-    async def info() -> Any:
-        return {**await service.info(), "auth": {"api_key_required": auth.enabled, "api_key_env": service.cfg.auth.api_key_env}}
+    async def info(request: Request) -> Any:
+        scope = key_scope(request)
+        out = {**await service.info(), "collection": service.collection}
+        if not mounted:
+            out["collections"] = [c for c in (DEFAULT_COLLECTION, *collections) if scope.sees(c)]
+            enabled = bool(getattr(app.state, "auth_enabled", False))
+            out["auth"] = {"api_key_required": enabled, "api_key_env": service.cfg.auth.api_key_env, **({"key": scope.name} if enabled else {})}
+        return out
 
+    return app
+
+
+def create_app(service: SearchService, *, api_keys: Optional[Sequence[Any]] = None, collections: Optional[Mapping[str, SearchService]] = None) -> FastAPI:
+    """The ASGI app serving ``service`` (the default collection) at the root and each of
+    ``collections`` under ``/collections/{name}``.
+
+    ``api_keys``: keys accepted as ``Authorization: Bearer`` tokens, plain (every operation) or
+    (key, :class:`~serve_app.serve.auth.KeyScope`); None reads them from the environment variable
+    ``service.cfg.auth.api_key_env`` and the scoped keys of ``service.cfg.auth`` (none: no
+    authentication).
+    """
+    collections = dict(collections or {})
+    app = _service_app(service, mounted=False, collections=list(collections))
+    for name, svc in collections.items():
+        app.mount(f"{COLLECTIONS_PREFIX}{name}", _service_app(svc, mounted=True))
+    if api_keys is None:
+        fields_of = {DEFAULT_COLLECTION: service.cfg.fields, **{n: s.cfg.fields for n, s in collections.items()}}
+        api_keys = [*load_api_keys(service.cfg.auth.api_key_env), *load_scoped_keys(service.cfg.auth, fields_of, service.cfg.filters.limits())]
     # Last: the outermost middleware, so that requests without a valid key are refused before
     # anything reads their body.
-    auth = install_api_key_auth(app, load_api_keys(service.cfg.auth.api_key_env) if api_keys is None else api_keys)
+    app.state.auth_enabled = install_api_key_auth(app, api_keys).enabled
     return app

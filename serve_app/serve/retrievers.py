@@ -36,11 +36,13 @@ class BM25Server:
     ingress pins (``at_seq``), exact after every write."""
 
     def __init__(self, cfg: BM25ServerConfig, writer: Any = None) -> None:
-        from serve_app.index import load_bm25
+        from serve_app.index import load_bm25, load_metadata_columns
 
         self.shard = cfg.shard  # this replica serves one shard of the index (serve_app.serve.shards)
         self.index_dir = index_dir_of("BM25Retriever", cfg.index_dir, "bm25", cfg.shard)
         self.retriever = load_or_explain("BM25Retriever", load_bm25, self.index_dir)
+        self.fields = dict(cfg.fields)
+        self.retriever.columns = load_or_explain("BM25Retriever", load_metadata_columns, self.index_dir, self.retriever.doc_ids, self.fields)
         self.fault = FaultInjection()
         self.live = _follow("BM25Retriever", "bm25", cfg, writer, self._live_view, needs_stats=cfg.shard is not None)
 
@@ -49,20 +51,21 @@ class BM25Server:
         from serve_app.live.bm25 import LiveBM25
 
         d = self.index_dir
-        return LiveBM25(load_bm25(d), list(load_documents(d)[0]), info.get("stats"), base_seq=info["base_seq"], shard=self.shard.index if self.shard else None)
+        return LiveBM25(load_bm25(d), list(load_documents(d)[0]), info.get("stats"), base_seq=info["base_seq"], shard=self.shard.index if self.shard else None, fields=self.fields)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.fault = parse_user_config(RetrieverUserConfig, user_config, "BM25Retriever").fault
 
-    async def search(self, query: str, k: int, at_seq: Optional[int] = None) -> list[Hit]:
-        """Top-``k`` documents; with live writes as of batch ``at_seq`` (default: the latest applied)."""
+    async def search(self, query: str, k: int, at_seq: Optional[int] = None, where: Any = None) -> list[Hit]:
+        """Top-``k`` documents; with live writes as of batch ``at_seq`` (default: the latest
+        applied); with a filter ``where`` (:mod:`serve_app.filters`), among the documents it admits."""
         await apply_fault(self.fault, "bm25")
         t0 = time.perf_counter()
         if self.live is not None:
             view = await self.live.view_at(at_seq)
-            hits = await asyncio.to_thread(view.search, query, k, at_seq)
+            hits = await asyncio.to_thread(view.search, query, k, at_seq, where)
         else:
-            hits = await asyncio.to_thread(self.retriever.search, query, k)
+            hits = await asyncio.to_thread(self.retriever.search, query, k, where)
         metrics.observe_latency("bm25_search", (time.perf_counter() - t0) * 1000)
         return hits
 
@@ -90,7 +93,7 @@ class DenseServer:
     """
 
     def __init__(self, cfg: DenseServerConfig, writer: Any = None) -> None:
-        from serve_app.index import load_dense
+        from serve_app.index import load_dense, load_metadata_columns
 
         self.shard = cfg.shard
         self.encodes = cfg.encode_queries
@@ -98,34 +101,37 @@ class DenseServer:
         self.index_dir = index_dir_of("DenseRetriever", cfg.index_dir, "dense", cfg.shard)
         hint = f"For the Serve app, {ENV_DENSE_MODEL}=/path/to/model also overrides dense.model."
         self.retriever = load_or_explain("DenseRetriever", functools.partial(load_dense, load_encoder=cfg.encode_queries), self.index_dir, cfg.dense, hint=hint)
+        self.retriever.columns = load_or_explain("DenseRetriever", load_metadata_columns, self.index_dir, self.retriever.doc_ids, dict(cfg.fields))
         self.model_name = cfg.dense.model
         self.fault = FaultInjection()
         self._search_batched = serve_batch(self._search_many_async, cfg.batching)
         self.live = _follow("DenseRetriever", "dense", cfg, writer, self._live_view)
 
     def _live_view(self, info: dict[str, Any]) -> Any:
-        from serve_app.index import load_dense
+        from serve_app.index import load_dense, load_metadata_columns
         from serve_app.live.dense import LiveDense
 
         base = load_dense(self.index_dir, self.cfg.dense, load_encoder=False)
-        return LiveDense(base, base_seq=info["base_seq"], shard=self.shard.index if self.shard else None)
+        columns = load_metadata_columns(self.index_dir, base.doc_ids, dict(self.cfg.fields))
+        return LiveDense(base, base_seq=info["base_seq"], shard=self.shard.index if self.shard else None, columns=columns)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.fault = parse_user_config(RetrieverUserConfig, user_config, "DenseRetriever").fault
 
-    async def search(self, query: str, k: int, at_seq: Optional[int] = None) -> list[Hit]:
-        """Top-``k`` documents for ``query`` (encoded here); with live writes as of batch ``at_seq``."""
+    async def search(self, query: str, k: int, at_seq: Optional[int] = None, where: Any = None) -> list[Hit]:
+        """Top-``k`` documents for ``query`` (encoded here); with live writes as of batch ``at_seq``;
+        with a filter ``where``, among the documents it admits."""
         if not self.encodes:
             raise RuntimeError("this dense shard loads no query encoder: send it vectors (search_vector)")
         await apply_fault(self.fault, "dense")
         await self._pin(at_seq)
-        return await self._search_batched((query, k, at_seq))
+        return await self._search_batched((query, k, at_seq, where))
 
-    async def search_vector(self, vector: Any, k: int, at_seq: Optional[int] = None) -> list[Hit]:
+    async def search_vector(self, vector: Any, k: int, at_seq: Optional[int] = None, where: Any = None) -> list[Hit]:
         """Top-``k`` documents for a query vector (from :class:`QueryEncoderServer`)."""
         await apply_fault(self.fault, "dense")
         await self._pin(at_seq)
-        return await self._search_batched((np.asarray(vector, dtype=np.float32).reshape(-1), k, at_seq))
+        return await self._search_batched((np.asarray(vector, dtype=np.float32).reshape(-1), k, at_seq, where))
 
     async def _pin(self, at_seq: Optional[int]) -> None:
         if self.live is not None:
@@ -139,7 +145,7 @@ class DenseServer:
 
     def _search_many(self, requests: list[tuple[Any, ...]]) -> list[list[Hit]]:
         """One encoder call for the queries sent as text, then one FAISS search per distinct
-        (k, batch read as of)."""
+        (k, batch read as of, filter)."""
         texts = [i for i, r in enumerate(requests) if isinstance(r[0], str)]
         vectors = np.empty((len(requests), self.retriever.dim), dtype=np.float32)
         if texts:
@@ -148,12 +154,12 @@ class DenseServer:
             if not isinstance(r[0], str):
                 vectors[i] = r[0]
         out: list[list[Hit]] = [[] for _ in requests]
-        groups: dict[tuple[int, Optional[int]], list[int]] = collections.defaultdict(list)
+        groups: dict[tuple[int, Optional[int], Any], list[int]] = collections.defaultdict(list)
         for i, r in enumerate(requests):
-            groups[(int(r[1]), r[2] if len(r) > 2 else None)].append(i)
-        for (k, at_seq), rows in groups.items():
+            groups[(int(r[1]), r[2] if len(r) > 2 else None, r[3] if len(r) > 3 else None)].append(i)
+        for (k, at_seq, where), rows in groups.items():
             view = self.live.view_for(at_seq) if self.live is not None else None
-            found = view.search_vectors(vectors[rows], k, at_seq) if view is not None else self.retriever.search_vectors(vectors[rows], k)
+            found = view.search_vectors(vectors[rows], k, at_seq, where) if view is not None else self.retriever.search_vectors(vectors[rows], k, where)
             for i, hits in zip(rows, found):
                 out[i] = hits
         return out

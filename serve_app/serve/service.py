@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
 from serve_app.errors import StageError
+from serve_app.filters import all_of, matches, parse_filter
 from serve_app.funnel import FUSION, RERANK, CascadeDepths, CascadeNames, Funnel, FunnelRequest, StageReport, gather_all, describe_exception
 from serve_app.serve import metrics
 from serve_app.serve.api import RequestModels, build_request_models
@@ -85,11 +86,12 @@ class IngressStages:
             return await asyncio.to_thread(view.get_many, doc_ids, seq)
         return await asyncio.to_thread(self.store.get_many, doc_ids)
 
-    async def retrieve(self, name: str, queries: Sequence[str], k: int) -> list[list[Hit]]:
+    async def retrieve(self, name: str, queries: Sequence[str], k: int, where: Any = None) -> list[list[Hit]]:
         seq = READ_SEQ.get()
-        if seq is None:
-            return [list(hits) for hits in await gather_all(self.backends.retrieve(name, q, k) for q in queries)]
-        return [list(hits) for hits in await gather_all(self.backends.retrieve(name, q, k, at_seq=seq) for q in queries)]  # type: ignore[call-arg]
+        pin: dict[str, Any] = {} if seq is None else {"at_seq": seq}
+        if where is not None:
+            pin["where"] = where
+        return [list(hits) for hits in await gather_all(self.backends.retrieve(name, q, k, **pin) for q in queries)]
 
     async def rerank(self, requests: Sequence[RerankRequest], stage: Optional[str] = None) -> list[RerankOutcome]:
         if stage is None:
@@ -126,6 +128,8 @@ class SearchService:
     index_info: dict[str, Any] = field(default_factory=dict)
     #: The ingress's LiveReplica when live writes are on (its view: the document lookups).
     live: Any = None
+    #: The collection this service answers for (``default``: the routes at the root).
+    collection: str = "default"
 
     def __post_init__(self) -> None:
         self.models: RequestModels = build_request_models(self.cfg.limits, self.cfg.funnel)
@@ -157,12 +161,21 @@ class SearchService:
         await self.live.view_at(None)
         return self.live.follower.visible_seq
 
-    async def search(self, req: Any) -> dict[str, Any]:
-        """Answer a validated search request (``self.models.search``)."""
+    def where(self, requested: Optional[Mapping[str, Any]], bound: Any = None) -> Any:
+        """The filter a search runs with: the request's (checked against the declared fields;
+        ``FilterError`` names what is wrong) ANDed with the API key's ``bound`` one, which the
+        request therefore cannot widen."""
+        parsed = None if requested is None else parse_filter(requested, self.cfg.fields, self.cfg.filters.limits())
+        return all_of(bound, parsed)
+
+    async def search(self, req: Any, bound: Any = None) -> dict[str, Any]:
+        """Answer a validated search request (``self.models.search``); ``bound``: the API key's
+        filter in this collection (parsed), ANDed to the request's."""
+        where = self.where(getattr(req, "filter", None), bound)
         seq = await self.read_seq()
         token = READ_SEQ.set(seq)
         try:
-            result = await self.funnel.search(FunnelRequest(req.query, req.top_k, req.rerank_top_m, req.top_n, req.retrievers, req.return_documents, req.reranker, req.instruction, req.cascade))
+            result = await self.funnel.search(FunnelRequest(req.query, req.top_k, req.rerank_top_m, req.top_n, req.retrievers, req.return_documents, req.reranker, req.instruction, req.cascade, where))
         except StageError as exc:
             record_stages(exc.stages)
             raise
@@ -252,18 +265,24 @@ class SearchService:
 
     # ------------------------------------------------------------------ /documents
 
-    async def upsert_documents(self, req: Any) -> dict[str, Any]:
-        """POST /documents: one batch through the writer; acknowledged once durable."""
+    async def upsert_documents(self, req: Any, guard: Any = None) -> dict[str, Any]:
+        """POST /documents: one batch through the writer; acknowledged once durable. ``guard``:
+        the API key's bound filter (each document and the version it replaces must pass it)."""
         docs = [d.model_dump(exclude_none=True) for d in req.documents]
-        answer = await self.backends.write("upsert", docs, req.refresh)  # type: ignore[attr-defined]
+        answer = await self._write("upsert", docs, req.refresh, guard)
         self._saw_visible(answer)
         return {"seq": answer["seq"], "upserted": answer["ids"], "refresh": req.refresh, **({"visible": answer["visible"]} if req.refresh == "wait_for" else {}), **_timings(answer)}
 
-    async def delete_documents(self, req: Any) -> dict[str, Any]:
-        """DELETE /documents: one batch; ids that were not there are listed, not an error."""
-        answer = await self.backends.write("delete", list(req.ids), req.refresh)  # type: ignore[attr-defined]
+    async def delete_documents(self, req: Any, guard: Any = None) -> dict[str, Any]:
+        """DELETE /documents: one batch; ids that were not there (or are outside ``guard``) are listed, not an error."""
+        answer = await self._write("delete", list(req.ids), req.refresh, guard)
         self._saw_visible(answer)
         return {"seq": answer["seq"], "deleted": answer["ids"], "absent": answer["absent"], "refresh": req.refresh, **({"visible": answer["visible"]} if req.refresh == "wait_for" else {}), **_timings(answer)}
+
+    async def _write(self, op: str, payload: list[Any], refresh: str, guard: Any) -> dict[str, Any]:
+        if guard is None:
+            return await self.backends.write(op, payload, refresh)  # type: ignore[attr-defined]
+        return await self.backends.write(op, payload, refresh, guard)  # type: ignore[attr-defined]
 
     def _saw_visible(self, answer: Mapping[str, Any]) -> None:
         """A wait_for answer says every follower, this ingress included, applied the batch: the
@@ -273,10 +292,11 @@ class SearchService:
             f = self.live.follower
             f.visible_seq = max(f.visible_seq, min(int(answer["seq"]), f.applied_seq))
 
-    async def get_document(self, doc_id: str) -> Optional[dict[str, Any]]:
-        """GET /documents/{id}: the latest acknowledged version (read from the writer), or None."""
+    async def get_document(self, doc_id: str, bound: Any = None) -> Optional[dict[str, Any]]:
+        """GET /documents/{id}: the latest acknowledged version (read from the writer), or None
+        (also when the API key's ``bound`` filter does not admit it: not found, as if absent)."""
         doc = await self.backends.get_document(doc_id)  # type: ignore[attr-defined]
-        if doc is None:
+        if doc is None or not matches(bound, doc.metadata):
             return None
         return {"id": doc.id, "title": doc.title, "text": doc.text, "metadata": dict(doc.metadata)}
 
@@ -323,6 +343,7 @@ class SearchService:
             "retrievers": list(self.retrievers),
             "index": {"dir": c.index_dir, "documents": len(self.live.view) if self.live is not None and self.live.view is not None else len(self.documents), **self.index_info},
             "writes": {**c.writes.model_dump(), **({"live": self.live.state()} if self.live is not None else {})},
+            "fields": dict(c.fields),
             "limits": c.limits.model_dump(),
             "funnel": c.funnel.model_dump(),
             "fusion": c.fusion.model_dump(),

@@ -10,6 +10,7 @@ background when a threshold of ``writes`` is passed (``auto_merge``) or on :meth
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import asdict
@@ -64,13 +65,14 @@ class WriterServer:
         self._maybe_merge()
         return {"seq": result.seq, "ids": list(result.ids), "absent": list(result.absent), "visible": visible, "timings_ms": timings}
 
-    async def upsert(self, documents: list[dict[str, Any]], refresh: str = "false") -> dict[str, Any]:
-        """Add or replace documents: one batch, answered once durable (and visible, with wait_for)."""
-        return await self._write("upsert", self.writer.upsert, documents, refresh)
+    async def upsert(self, documents: list[dict[str, Any]], refresh: str = "false", guard: Any = None) -> dict[str, Any]:
+        """Add or replace documents: one batch, answered once durable (and visible, with wait_for).
+        ``guard``: the writing API key's bound filter (see :meth:`DocumentWriter.upsert`)."""
+        return await self._write("upsert", functools.partial(self.writer.upsert, guard=guard), documents, refresh)
 
-    async def delete(self, ids: list[str], refresh: str = "false") -> dict[str, Any]:
-        """Delete documents by id: one batch; absent ids are listed, not refused."""
-        return await self._write("delete", self.writer.delete, ids, refresh)
+    async def delete(self, ids: list[str], refresh: str = "false", guard: Any = None) -> dict[str, Any]:
+        """Delete documents by id: one batch; absent ids (and, with ``guard``, ids outside it) are listed, not refused."""
+        return await self._write("delete", functools.partial(self.writer.delete, guard=guard), ids, refresh)
 
     async def _write(self, op: str, write: Any, payload: list[Any], refresh: str) -> dict[str, Any]:
         t0 = time.perf_counter()

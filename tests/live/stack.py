@@ -19,25 +19,29 @@ class InProcessBackends:
         self.w = writer
         self.retrievers = retrievers
         self.searches = 0
+        self.filters: list[Any] = []  # the filter of every retriever call
+        self.reranked: list[RerankRequest] = []  # every request the reranker got
 
-    async def retrieve(self, name: str, query: str, k: int, at_seq: Optional[int] = None) -> list:
+    async def retrieve(self, name: str, query: str, k: int, at_seq: Optional[int] = None, where: Any = None) -> list:
         self.searches += 1
+        self.filters.append(where)
         servers = self.retrievers[name]
         if len(servers) == 1:
-            return await servers[0].search(query, k, at_seq)
+            return await servers[0].search(query, k, at_seq, where)
         if name == "dense":  # shards get vectors, as from the query encoder
             vec = servers[0]._encoder.encode_queries([query])[0]
-            return merge_top_k([await s.search_vector(vec, k, at_seq) for s in servers], k)
-        return merge_top_k([await s.search(query, k, at_seq) for s in servers], k)
+            return merge_top_k([await s.search_vector(vec, k, at_seq, where) for s in servers], k)
+        return merge_top_k([await s.search(query, k, at_seq, where) for s in servers], k)
 
     async def rerank(self, request: RerankRequest, stage: Optional[str] = None) -> RerankOutcome:
+        self.reranked.append(request)
         scores = [float(len(set(request.query.split()) & set(d.split()))) for d in request.documents]
         return RerankOutcome(scores, 1, len(scores), len(scores))
 
-    async def write(self, op: str, payload: list, refresh: str) -> dict:
+    async def write(self, op: str, payload: list, refresh: str, guard: Any = None) -> dict:
         from serve_app.serve.ingress import call_writer
 
-        return await call_writer(lambda: (self.w.upsert if op == "upsert" else self.w.delete)(payload, refresh))
+        return await call_writer(lambda: (self.w.upsert if op == "upsert" else self.w.delete)(payload, refresh, guard))
 
     async def get_document(self, doc_id: str) -> Any:
         return await self.w.get(doc_id)
@@ -51,7 +55,7 @@ class InProcessBackends:
 
 
 @contextlib.asynccontextmanager
-async def live_stack(index_dir: Any, dense: Any, *, shards: Optional[dict[str, int]] = None, refresh_interval_s: float = 0.2, api_keys: Any = (), **writes: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+async def live_stack(index_dir: Any, dense: Any, *, shards: Optional[dict[str, int]] = None, refresh_interval_s: float = 0.2, api_keys: Any = (), fields: Optional[dict[str, str]] = None, **writes: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     """(client of the app, namespace with writer, servers, source, service) inside a running loop."""
     from types import SimpleNamespace
 
@@ -74,11 +78,12 @@ async def live_stack(index_dir: Any, dense: Any, *, shards: Optional[dict[str, i
         n = shards.get(r, 1)
         return [None] if n == 1 else [ShardRef(index=i, num_shards=n) for i in range(n)]
 
-    bm25 = [BM25Server(BM25ServerConfig(index_dir=idx, shard=s, writes=wcfg), source) for s in refs("bm25")]
-    dense_servers = [DenseServer(DenseServerConfig(index_dir=idx, dense=dense, shard=s, encode_queries=s is None, writes=wcfg), source) for s in refs("dense")]
+    fields = dict(fields or {})
+    bm25 = [BM25Server(BM25ServerConfig(index_dir=idx, shard=s, writes=wcfg, fields=fields), source) for s in refs("bm25")]
+    dense_servers = [DenseServer(DenseServerConfig(index_dir=idx, dense=dense, shard=s, encode_queries=s is None, writes=wcfg, fields=fields), source) for s in refs("dense")]
     if len(dense_servers) > 1:
         dense_servers[0]._encoder = writer.writer.encoder
-    cfg = parse_app_config({"index_dir": idx, "dense": dense.model_dump(), "writes": wcfg.model_dump(), "sharding": {"bm25": shards.get("bm25", 1), "dense": shards.get("dense", 1)}}, use_env=False)
+    cfg = parse_app_config({"index_dir": idx, "dense": dense.model_dump(), "writes": wcfg.model_dump(), "sharding": {"bm25": shards.get("bm25", 1), "dense": shards.get("dense", 1)}, "fields": fields}, use_env=False)
     live = LiveReplica("SearchIngress", idx, source, functools.partial(_live_documents, idx), wcfg, stage="ingress")
     backends = InProcessBackends(writer, {"bm25": bm25, "dense": dense_servers})
     service = SearchService(cfg, backends, load_document_store(idx)[0], {}, live=live)

@@ -58,12 +58,16 @@ class FakeBackends:
         if mode == "hang":
             await asyncio.sleep(self.hang_s)
 
-    async def retrieve(self, name: str, query: str, k: int) -> list[Hit]:
+    async def retrieve(self, name: str, query: str, k: int, where: Any = None) -> list[Hit]:
+        from serve_app.filters import matches
+
         self.calls.append((name, (query, k)))
         await self._fault(name)
         q = set(query.lower().split())
         scored = []
         for d in self.corpus:
+            if not matches(where, d.metadata):  # filtered before the top-k, as the real retrievers do
+                continue
             overlap = len(q & set(d.content.lower().split()))
             score = overlap + (_h(name, d.id) * 0.5 if name == "dense" else 0.0)
             if overlap or name == "dense":

@@ -175,7 +175,7 @@ def test_no_key_configured_means_open_and_env_is_read(monkeypatch):
     assert_unauthorized(call(app, "POST", "/search", json=SEARCH), invalid_token=False)
     assert call(app, "POST", "/search", OLD_KEY, json=SEARCH).status_code == 200
     info = call(app, "GET", "/info", KEY)
-    assert info.json()["auth"] == {"api_key_required": True, "api_key_env": "TEAM_API_KEY"}
+    assert info.json()["auth"] == {"api_key_required": True, "api_key_env": "TEAM_API_KEY", "key": "api_key"}  # the name of the key that asked, never the key
     assert KEY not in info.text and OLD_KEY not in info.text
 
     monkeypatch.setenv("TEAM_API_KEY", "too-short")

@@ -478,3 +478,47 @@ def test_the_default_dtype_auto_serves_end_to_end(serve_stack, tiny_cross_encode
         assert got == pytest.approx({i: float(w) for i, w in enumerate(want)}, abs=tolerance)
     finally:
         serve_stack.remove("auto")
+
+
+# --------------------------------------------------------------------------- collections
+
+
+def test_two_collections_answer_as_each_corpus_alone(serve_stack, tmp_path, tiny_bi_encoder_dir):
+    """A second collection with its own corpus, fields and reranker in the same application: its
+    own deployments; each collection's answers equal the in-process pipeline over its index alone."""
+    from serve_app.config import CrossEncoderConfig, DenseConfig
+    from serve_app.corpus import write_documents_jsonl
+    from serve_app.pipeline import SearchPipeline
+    from serve_app.testing import build_tiny_cross_encoder
+    from serve_app.types import Document
+
+    other = str(build_tiny_cross_encoder(tmp_path / "other-ce", seed=7, hidden_size=16, num_hidden_layers=1))
+    papers = [Document(f"p{i}", DOCS[i % len(DOCS)] + f" paper {i}", metadata={"tenant": ["acme", "globex"][i % 2]}) for i in range(24)]
+    write_documents_jsonl(papers, tmp_path / "papers.jsonl")
+    app = serve_stack.app_config(
+        "colls",
+        args={"retrievers": ["bm25"], "collections": {"papers": {"index_dir": str(tmp_path / "papers-index"), "corpus": str(tmp_path / "papers.jsonl"), "fields": {"tenant": "keyword"}, "reranker": {"model": other}}}},
+        deployments={"papers.BM25Retriever": {"ray_actor_options": {"num_cpus": 0.1}}, "papers.CrossEncoderReranker": {"ray_actor_options": {"num_cpus": 0.1}}},
+    )
+    serve_stack.deploy(app)
+    try:
+        assert serve_stack.replicas("colls", "papers.BM25Retriever") == 1 and serve_stack.replicas("colls", "papers.CrossEncoderReranker") == 1
+        url = serve_stack.url("colls")
+        alone = {
+            "": SearchPipeline.from_index(serve_stack.base_args["index_dir"], reranker_cfg=CrossEncoderConfig(model=serve_stack.base_args["reranker"]["model"]), dense_config=DenseConfig(model=str(tiny_bi_encoder_dir)), retrievers=["bm25"]),
+            "/collections/papers": SearchPipeline.from_index(str(tmp_path / "papers-index"), reranker_cfg=CrossEncoderConfig(model=other), retrievers=["bm25"]),
+        }
+        for prefix, pipeline in alone.items():
+            for q in ("protein gene study", "space planet moon"):
+                got = httpx.post(url + prefix + "/search", json={"query": q, "top_k": 12, "rerank_top_m": 6, "top_n": 8}, timeout=120).json()
+                want = pipeline.search(q, top_k=12, rerank_top_m=6, top_n=8)
+                assert [r["id"] for r in got["results"]] == [r.doc_id for r in want.results], prefix
+                assert [r["rerank_score"] for r in got["results"][:6]] == pytest.approx([r.rerank_score for r in want.results[:6]], abs=1e-4)
+        flt = httpx.post(url + "/collections/papers/search", json={"query": "protein gene", "filter": {"tenant": "globex"}, "rerank_top_m": 0, "return_documents": True}, timeout=60).json()
+        assert flt["results"] and all(r["metadata"]["tenant"] == "globex" for r in flt["results"])
+        assert httpx.post(url + "/search", json={"query": "x", "filter": {"tenant": "globex"}}, timeout=60).status_code == 422  # the default collection declares no fields
+        assert httpx.post(url + "/collections/nope/search", json={"query": "x"}, timeout=60).status_code == 404
+        assert httpx.get(url + "/info", timeout=60).json()["collections"] == ["default", "papers"]
+        assert httpx.get(url + "/collections/papers/healthz", timeout=60).json()["status"] == "ok"
+    finally:
+        serve_stack.remove("colls")
