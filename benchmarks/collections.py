@@ -127,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from benchmarks.serving import free_port
     from serve_app.config import BM25Config, ChunkingConfig, DenseConfig
-    from serve_app.corpus import load_corpus
+    from serve_app.corpus import read_corpus_source
     from serve_app.index import build_index
     from serve_app.serve.runner import start_ray
 
@@ -136,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reranker = args.reranker or str(speed_model_dir())
     first = work / "index-0"
     if not (first / "manifest.json").exists():
-        build_index(load_corpus("builtin:demo"), first, bm25=BM25Config(), dense=dense, chunking=ChunkingConfig(), show_progress=False)
+        build_index(read_corpus_source("builtin:demo").corpus, first, bm25=BM25Config(), dense=dense, chunking=ChunkingConfig(), show_progress=False)
     indexes = [first]
     for i in range(1, args.max_added + 1):
         d = work / f"index-{i}"
