@@ -3,10 +3,10 @@ named collections besides the default one, each with its own index and stage dep
 
 Command::
 
-    python -m benchmarks.collections                        # 0..3 added collections, 2 repeats
+    python -m benchmarks.collections                        # 0..3 added collections, 3 repeats
     python -m benchmarks.collections --max-added 1 --repeats 1 --dense-model DIR   # a quick look
 
-Every collection (the default one included) is the packaged demo corpus (60 documents) with BM25,
+Every collection (the default one included) is the packaged demo corpus (324 documents) with BM25,
 dense (all-MiniLM-L6-v2, ``Flat``) and a cross-encoder with the shape and cost of
 ms-marco-MiniLM-L-6-v2 (random weights: cost, not quality), each on its own copy of one built
 index; so a collection here costs what a small collection costs (a large index adds its own
@@ -178,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     mem_slope, mem0 = _slope(xs, [by[x]["pss_total_mib"]["median"] for x in xs])
     time_slope, time0 = _slope(xs, [by[x]["start_s"]["median"] for x in xs])
     results = {
-        "collection": "builtin:demo (60 documents), BM25 + MiniLM Flat + MiniLM-L6-shaped cross-encoder",
+        "collection": "builtin:demo (324 documents), BM25 + MiniLM Flat + MiniLM-L6-shaped cross-encoder",
         "by_added": by,
         "samples": samples,
         "per_added_collection": {"pss_mib": mem_slope, "start_s": time_slope},
