@@ -41,7 +41,7 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
     "deadline_exceeded": (504, "The request did not complete within timeouts.request_timeout_s; its pending stage calls were cancelled."),
     "model_not_found": (404, "The request names a reranker model (`model`, or `reranker` on /search) that is not configured; the message lists the available names and aliases."),
     "document_not_found": (404, "GET /documents/{id}: no live document has this id."),
-    "invalid_filter": (422, "/search: the filter names a field the collection does not declare, an operator its type does not have, or a value of the wrong type; a write: a document's metadata gives a declared field a value of the wrong type. The message names the path (e.g. filter.and[1].year.gte)."),
+    "invalid_filter": (422, "/search: the filter names a field the collection does not declare, uses an operator its type does not have or a value of the wrong type, or is larger than the filters limits. The message names the path (e.g. filter.and[1].year.gte). (A write whose metadata gives a declared field a value of the wrong type is a validation_error naming documents[i].metadata.field.)"),
     "forbidden": (403, "The API key's scope does not allow this operation (search, rerank, write, admin), or a write would touch a document outside the key's bound filter."),
     "input_too_long": (413, "TEI shape with truncate=false: a query and document pair is longer than the model reads (its max_length tokens); or, for a decoder reranker, the query with its prompt and instruction leaves no room for a document token (queries are never cut)."),
 }

@@ -473,7 +473,7 @@ def test_api_key_over_http_and_never_in_ray_logs(rel):
     assert httpx.post(base + "/search", json=SEARCH, headers=auth_headers(), timeout=60).status_code == 200
     with ServeAppClient(base, api_key=API_KEY) as c:
         info = c.info()
-    assert info["auth"] == {"api_key_required": True, "api_key_env": KEY_ENV} and API_KEY not in str(info)
+    assert info["auth"] == {"api_key_required": True, "api_key_env": KEY_ENV, "key": "api_key"} and API_KEY not in str(info)  # the name of the key that asked
     assert httpx.post(rel.url() + "/search", json=SEARCH, timeout=60).status_code == 200  # the main app has no key
     time.sleep(2.0)  # let the replicas flush their logs
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
