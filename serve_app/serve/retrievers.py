@@ -19,9 +19,15 @@ from serve_app.serve.shards import QUERY_ENCODER_KEY
 from serve_app.types import Hit
 
 
+def _follows_log(cfg: Any, writer: Any) -> bool:
+    """Whether the replica follows the writer's log (live writes): its searches then read a live
+    view, never the base retriever loaded at start."""
+    return cfg.writes is not None and writer is not None
+
+
 def _follow(what: str, stage: str, cfg: Any, writer: Any, build_view: Any, *, needs_stats: bool = False) -> Any:
     """The replica's :class:`~serve_app.serve.live_replica.LiveReplica` when live writes are on, else None."""
-    if cfg.writes is None or writer is None:
+    if not _follows_log(cfg, writer):
         return None
     from serve_app.serve.live_replica import LiveReplica, source_of
 
@@ -42,7 +48,8 @@ class BM25Server:
         self.index_dir = index_dir_of("BM25Retriever", cfg.index_dir, "bm25", cfg.shard)
         self.retriever = load_or_explain("BM25Retriever", load_bm25, self.index_dir)
         self.fields = dict(cfg.fields)
-        self.retriever.columns = load_or_explain("BM25Retriever", load_metadata_columns, self.index_dir, self.retriever.doc_ids, self.fields)
+        if not _follows_log(cfg, writer):  # a live replica's view builds the columns from the documents it loads anyway
+            self.retriever.columns = load_or_explain("BM25Retriever", load_metadata_columns, self.index_dir, self.retriever.doc_ids, self.fields)
         self.fault = FaultInjection()
         self.live = _follow("BM25Retriever", "bm25", cfg, writer, self._live_view, needs_stats=cfg.shard is not None)
 
@@ -101,7 +108,8 @@ class DenseServer:
         self.index_dir = index_dir_of("DenseRetriever", cfg.index_dir, "dense", cfg.shard)
         hint = f"For the Serve app, {ENV_DENSE_MODEL}=/path/to/model also overrides dense.model."
         self.retriever = load_or_explain("DenseRetriever", functools.partial(load_dense, load_encoder=cfg.encode_queries), self.index_dir, cfg.dense, hint=hint)
-        self.retriever.columns = load_or_explain("DenseRetriever", load_metadata_columns, self.index_dir, self.retriever.doc_ids, dict(cfg.fields))
+        if not _follows_log(cfg, writer):  # a live replica's view loads the columns for its own base
+            self.retriever.columns = load_or_explain("DenseRetriever", load_metadata_columns, self.index_dir, self.retriever.doc_ids, dict(cfg.fields))
         self.model_name = cfg.dense.model
         self.fault = FaultInjection()
         self._search_batched = serve_batch(self._search_many_async, cfg.batching)
