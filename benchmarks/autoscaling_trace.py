@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from serve_app.corpus import read_corpus_source
     from serve_app.index import build_index, index_is_current
 
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser(__doc__.split("\n")[0], repeats=False)
     p.add_argument("--steps", default="1:40,12:90,1:80", help="clients:seconds of each step")
     p.add_argument("--rerank-top-m", type=int, default=10, help="documents reranked per request")
     p.add_argument("--max-length", type=int, default=256, help="cross-encoder tokens per pair")

@@ -252,11 +252,19 @@ class BenchRun:
             f"Command: `{self.command}`  \n"
             f"Run: {self.started} (git {git_commit()}), {time.perf_counter() - self.t0:.0f} s  \n"
             f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_total_gib']} GiB; "
-            f"load average at start {m['loadavg'][0]:.2f} / end {os.getloadavg()[0]:.2f} (1-min)\n\n"
+            f"load average at start {m['loadavg'][0]:.2f} / end {os.getloadavg()[0]:.2f} (1-min)  \n"
+            f"Repeats: {self._repeats_text()}\n\n"
         )
+
+    def _repeats_text(self) -> str:
+        n = self.args.get("repeats", 1)
+        return "one run (each figure is a single measurement)" if n == 1 else f"{n} (figures are median [min-max] over them)"
 
     @property
     def command(self) -> str:
+        return public_command(self._command())
+
+    def _command(self) -> str:
         argv = list(sys.argv)
         if argv and argv[0].endswith(".py"):
             mod = Path(argv[0]).resolve()
@@ -294,6 +302,15 @@ class BenchRun:
         return path
 
 
+def public_command(command: str) -> str:
+    """A command as published: this machine's cache, dataset and repository paths written as
+    ``$BENCH_CACHE``, ``$SCIFACT_DIR`` and relative paths, so that a reader can run it."""
+    for path, name in ((DEFAULT_CACHE, "$BENCH_CACHE"), (DEFAULT_SCIFACT, "$SCIFACT_DIR")):
+        for form in {str(path), str(Path(path).resolve())}:
+            command = command.replace(form, name)
+    return command.replace(str(REPO_ROOT) + os.sep, "")
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -319,11 +336,17 @@ def mem():
 """
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    """Argument parser with the options every benchmark has (--out, --repeats, --seed)."""
+def base_parser(description: str, repeats: bool = True) -> argparse.ArgumentParser:
+    """Argument parser with the options every benchmark has (--out, --repeats, --seed).
+
+    ``repeats=False``: a benchmark that runs each configuration once has no ``--repeats`` flag
+    and records ``repeats: 1``, so that its results say it was one run."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=None, help="results directory (default: benchmarks/results/<name>)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of every measurement (median and spread are reported)")
+    if repeats:
+        p.add_argument("--repeats", type=int, default=3, help="timed repeats of every measurement (median and spread are reported)")
+    else:
+        p.set_defaults(repeats=1)
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     return p
 

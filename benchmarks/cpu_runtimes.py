@@ -2,7 +2,7 @@
 
 Command::
 
-    python -m benchmarks.cpu_runtimes --model /work/cache/scifact-reranker      # the fine-tuned SciFact cross-encoder
+    python -m benchmarks.cpu_runtimes --model $BENCH_CACHE/scifact-reranker      # the fine-tuned SciFact cross-encoder
     python -m benchmarks.cpu_runtimes --decoder --queries 2 --depth 8           # Qwen3-Reranker-0.6B's shape, random weights
 
 Why: on a CPU every server in ``rerank_peers`` runs at the model's speed, so beating another

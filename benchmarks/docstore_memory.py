@@ -70,7 +70,7 @@ print(json.dumps({"mode": mode, "open_s": open_s, "peak_rss_mib": end["VmHWM"], 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser(__doc__.split("\n")[0], repeats=False)
     p.add_argument("--documents", type=int, default=1_000_000)
     p.add_argument("--doc-bytes", type=int, default=1000, help="approximate text bytes per document")
     p.add_argument("--lookups", type=int, default=20_000)

@@ -36,7 +36,7 @@ def _cpu() -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser(__doc__.split("\n")[0], repeats=False)
     p.add_argument("--dataset", default=None, help="BEIR dataset directory (default: ../shared/datasets/scifact)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)

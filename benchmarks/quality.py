@@ -3,7 +3,7 @@
 Command::
 
     python -m benchmarks.quality                                       # bm25, dense, hybrid
-    python -m benchmarks.quality --reranker /work/cache/scifact-reranker --rerank-top-m 100
+    python -m benchmarks.quality --reranker $BENCH_CACHE/scifact-reranker --rerank-top-m 100
 
 It runs the project's own evaluation CLI, exactly as a user would::
 

@@ -47,7 +47,7 @@ def zipf_stream(n_items: int, n: int, s: float, seed: int) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser(__doc__.split("\n")[0], repeats=False)
     p.add_argument("--scifact", default=None, help="SciFact BEIR directory")
     p.add_argument("--index", default=str(DEFAULT_CACHE / "bench" / "scifact-index"), help="index directory (built if missing)")
     p.add_argument("--model", default=None, help="cross-encoder directory (default: the MiniLM-L6 speed model)")

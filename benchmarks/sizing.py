@@ -120,7 +120,7 @@ def dir_bytes(d: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser(__doc__.split("\n")[0], repeats=False)
     p.add_argument("--documents", type=int, default=1_000_000)
     p.add_argument("--vocabulary", type=int, default=200_000)
     p.add_argument("--words", type=int, default=140, help="mean words per document (~1 KB of text)")

@@ -7,6 +7,13 @@ writes reports.
 Averaging convention (the library's): the mean is taken over the queries of ``qrels``; a query
 with judgements but no ranking in the run scores 0, and run queries without judgements are
 ignored.
+
+**Fidelity** (:func:`fidelity`) measures a cheaper configuration against a reference ranking
+(the full-depth reranker) rather than against relevance labels, the way approximate nearest
+neighbour search is measured against exact search: the share of the reference's top k that the
+cheaper run also returns in its top k (``overlap@k``), and Kendall's tau-b between the two
+orders of the reference's top k (``kendall_tau@k``). Both hold whatever the reference's own
+quality: a configuration that answers "the same" scores 1.0 even where the reference is wrong.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import ir_measures
+from scipy.stats import kendalltau
 
 DEFAULT_MEASURES: tuple[str, ...] = ("nDCG@10", "R@100", "RR@10")
 
@@ -72,6 +80,71 @@ def run_from_results(results: Mapping[str, Any]) -> Run:
     for qid, ranking in results.items():
         ids = list(dict.fromkeys(_doc_ids(ranking)))
         run[str(qid)] = {d: float(len(ids) - i) for i, d in enumerate(ids)}
+    return run
+
+
+def ranked_ids(docs: Mapping[str, float]) -> list[str]:
+    """Document ids of one query's run, best first: by descending score, ties by doc id
+    (trec_eval's order, so the order is the one :func:`evaluate` scores)."""
+    return [d for d, _ in sorted(docs.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def query_fidelity(ranking: Sequence[str], reference: Sequence[str], k: int = 10) -> tuple[float, float]:
+    """(overlap@k, kendall_tau@k) of one ranking against the reference ranking, both best first.
+
+    ``overlap@k``: the share of the reference's first k documents found in the ranking's first
+    k (divided by how many the reference has, at most k). ``kendall_tau@k``: Kendall's tau-b
+    between the reference's order of its first k documents and their positions in the
+    ranking's first k, where every one missing from it ties below position k; 1.0 for the
+    same top k in the same order, lower for reordering or for documents lost, -1.0 for the
+    reversed order. A reference with one document has no order to compare: tau is then 1.0 when
+    the ranking's first k hold it and 0.0 when not.
+
+    >>> query_fidelity(["a", "b", "c"], ["a", "b", "c"], k=3)
+    (1.0, 1.0)
+    >>> query_fidelity(["a", "c", "x"], ["a", "b", "c"], k=3)[0]
+    0.6666666666666666
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    ref = list(dict.fromkeys(reference))[:k]
+    if not ref:
+        raise ValueError("the reference ranking is empty: fidelity to it is undefined")
+    top = list(dict.fromkeys(ranking))[:k]
+    position = {d: i for i, d in enumerate(top)}
+    overlap = sum(d in position for d in ref) / len(ref)
+    if len(ref) == 1:
+        return overlap, float(ref[0] in position)
+    placed = [position.get(d, k) for d in ref]
+    if len(set(placed)) == 1:  # every reference document missing: no order kept at all
+        return overlap, 0.0
+    tau = kendalltau(list(range(len(ref))), placed, variant="b").statistic
+    return overlap, round(float(tau), 12)  # scipy may leave 1 - 1e-16 for an identical order
+
+
+def fidelity(run: Mapping[str, Mapping[str, float]], reference: Mapping[str, Mapping[str, float]], k: int = 10) -> dict[str, float]:
+    """Mean ``overlap@k`` and ``kendall_tau@k`` of ``run`` against ``reference`` (both runs as
+    :func:`evaluate` takes them), over the reference's queries that have a ranking; a query the
+    run lacks scores 0 overlap and tau 0 (nothing of the answer kept)."""
+    queries = [q for q, docs in reference.items() if docs]
+    if not queries:
+        raise ValueError("the reference run has no ranked query: fidelity to it is undefined")
+    overlap = tau = 0.0
+    for q in queries:
+        mine = run.get(q) or {}
+        if not mine:
+            continue
+        o, t = query_fidelity(ranked_ids(mine), ranked_ids(reference[q]), k)
+        overlap += o
+        tau += t
+    return {f"overlap@{k}": overlap / len(queries), f"kendall_tau@{k}": tau / len(queries)}
+
+
+def read_trec_run(path: str | Path) -> Run:
+    """A TREC run file (``qid Q0 doc rank score tag``) as the run dict :func:`evaluate` takes."""
+    run: Run = {}
+    for item in ir_measures.read_trec_run(str(path)):
+        run.setdefault(str(item.query_id), {})[str(item.doc_id)] = float(item.score)
     return run
 
 

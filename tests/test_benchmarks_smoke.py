@@ -262,17 +262,21 @@ def test_zipf_query_stream_is_seeded_and_skewed():
     assert counts[0] > 10 * counts[len(counts) // 2] and all(0 <= i < 300 for i in a)
 
 
-def test_adaptive_depth_reads_quality_by_depth_and_interpolates(tmp_path):
-    import json
+def test_adaptive_depth_reads_the_shipped_bounds_and_scores_served_answers(tmp_path):
+    from benchmarks.adaptive_depth import answer_ndcg, shipped_bounds
+    from benchmarks.common import REPO_ROOT
 
-    from benchmarks.adaptive_depth import interpolate, quality_by_depth
-
-    path = tmp_path / "metrics.json"
-    path.write_text(json.dumps({"results": {"hybrid+rerank@50": {"nDCG@10": 0.7}, "hybrid+rerank@10": {"nDCG@10": 0.6}, "hybrid+rerank@10 (rrf blend)": {"nDCG@10": 0.9}, "hybrid": {"nDCG@10": 0.5}}}))
-    q = quality_by_depth(str(path))
-    assert q == {10: 0.6, 50: 0.7}
-    assert interpolate(q, 30) == pytest.approx(0.65) and interpolate(q, 5) == 0.6 and interpolate(q, 80) == 0.7
-    assert quality_by_depth(None) == {} and interpolate({}, 10) is None
+    bounds, timeouts = shipped_bounds(REPO_ROOT / "deployments.yaml")
+    assert bounds["CrossEncoderReranker"]["max_queued_requests"] > 0 and "backpressure_config" in bounds["CrossEncoderReranker"]
+    assert timeouts["request_timeout_s"] < 600 and timeouts["rerank_timeout_s"] < 600  # bounds a slow configuration can hit
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("applications: [{name: a, import_path: x:y, args: {}}]\n")
+    with pytest.raises(SystemExit):
+        shipped_bounds(bare)
+    qrels = {"q1": {"d1": 1, "d2": 1}}
+    assert answer_ndcg(qrels, "q1", ["d1", "d2", "x"]) == 1.0
+    assert answer_ndcg(qrels, "q1", ["x", "y"]) == 0.0
+    assert 0.0 < answer_ndcg(qrels, "q1", ["x", "d2"]) < 1.0
 
 
 @pytest.mark.slow
@@ -369,3 +373,75 @@ def test_filtered_search_tiny(tmp_path, scifact_dir, tiny_bi_encoder_dir):
     assert rows[(0.01, "hnsw post-filter top-10")]["short_answers"] > 0.5
     assert {x["mode"] for x in r["synthetic"]["rows"]} == {"hnsw + selector (in the index only)", "exact (flat scan of the admitted)", "filtered (default switch)"}
     assert all(x["recall_at_10"] >= 0.999 for x in r["synthetic"]["rows"] if x["mode"] == "exact (flat scan of the admitted)")  # float rounding may swap near-ties
+
+
+def toy_beir_index(tmp_path, bi_encoder_dir):
+    """The toy BEIR set of tests/test_cli_core.py (8 documents, 5 judged queries) and its index."""
+    import json
+
+    from serve_app import cli
+    from tests.test_cli_core import QRELS, QUERIES, TOPICS
+
+    d = tmp_path / "toy"
+    (d / "qrels").mkdir(parents=True)
+    (d / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n" for i, (t, x) in TOPICS.items()))
+    (d / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in QUERIES.items()))
+    (d / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{doc}\t1\n" for q, doc in QRELS.items()))
+    index = tmp_path / "idx"
+    assert cli.main(["index", "--corpus", str(d), "--out", str(index), "--dense-model", str(bi_encoder_dir), "--device", "cpu", "-q"]) == 0
+    return d, index
+
+
+@pytest.mark.slow
+def test_pareto_tiny(tmp_path, tiny_bi_encoder_dir, tiny_cross_encoder_dir):
+    """The Pareto benchmark runs its evals (fixed depths and a cascade) on a toy BEIR set and
+    reports every row's cost and fidelity; the reference row is exact and the frontier sound."""
+    import json
+
+    from benchmarks import pareto
+    d, index = toy_beir_index(tmp_path, tiny_bi_encoder_dir)
+    out = tmp_path / "out"
+    args = ["--scifact", str(d), "--index", str(index), "--reranker", str(tiny_cross_encoder_dir), "--dense-model", str(tiny_bi_encoder_dir),
+            "--depths", "100,4,2", "--cascade-lengths", "16", "--cascade-depths", "2", "--out", str(out)]
+    assert pareto.main(args) == 0
+    payload = json.loads((out / "pareto.json").read_text())
+    rows = {r["config"]: r for r in payload["results"]["rows"]}
+    ref = rows["fixed: hybrid+rerank@100"]
+    assert ref["overlap@10"] == 1.0 and ref["kendall_tau@10"] == 1.0 and ref["ce_cpu_s_per_query"] > 0
+    assert rows["fixed: hybrid"]["pairs_per_query"] == 0 and rows["fixed: hybrid"]["ce_cpu_s_per_query"] == 0
+    # 8 documents: the reference reranks all of them; depth 2 reranks 2 per query
+    assert ref["pairs_per_query"] == 8 and rows["fixed: hybrid+rerank@2"]["pairs_per_query"] == 2
+    casc = rows["cascade-16: hybrid+rerank"]
+    assert casc["stage_pairs"] == {"rerank.stage1": 8, "rerank": 2} and casc["pairs_per_query"] == 10
+    assert 0 <= casc["overlap@10"] <= 1
+    for measure, front in payload["results"]["frontier"].items():
+        assert "fixed: hybrid" in front  # the cheapest configuration is never dominated
+        for name in front:  # nothing on the frontier is beaten on both axes
+            r = rows[name]
+            assert not any(o[measure] > r[measure] and o["ce_cpu_s_per_query"] < r["ce_cpu_s_per_query"] for o in rows.values() if o[measure] is not None)
+    assert (out / "pareto.png").stat().st_size > 0 and "on the frontier of" in (out / "summary.md").read_text()
+    # the table and picture can be rebuilt from the eval outputs without running them again
+    assert pareto.main([*args, "--from-existing"]) == 0
+
+
+@pytest.mark.slow
+def test_composite_tiny(tmp_path, tiny_bi_encoder_dir, tiny_cross_encoder_dir):
+    """The composite benchmark serves both systems on Ray Serve, sends them the same Zipf
+    stream and reports answers/s, the ratio and the cheap system's fidelity to the fixed one."""
+    import json
+
+    from benchmarks import composite
+    d, index = toy_beir_index(tmp_path, tiny_bi_encoder_dir)
+    out = tmp_path / "out"
+    assert composite.main(["--scifact", str(d), "--index", str(index), "--model", str(tiny_cross_encoder_dir), "--dense-model", str(tiny_bi_encoder_dir),
+                           "--full-depth", "8", "--cheap-depth", "8", "--clients", "1,2", "--requests", "4", "--warmup", "4", "--repeats", "1", "--out", str(out)]) == 0
+    payload = json.loads((out / "composite.json").read_text())
+    r = payload["results"]
+    assert {(x["system"], x["clients"]) for x in r["per_run"]} == {("fixed", 1), ("fixed", 2), ("cheap", 1), ("cheap", 2)}
+    assert all(x["ok"] == 4 and x["errors"] == 0 for x in r["per_run"])
+    # same depth, blend and model: the cache's answers are the fixed system's answers
+    assert r["quality"]["cheap"]["overlap@10"] == 1.0 and r["quality"]["cheap"]["kendall_tau@10"] == 1.0
+    assert 0 <= r["quality"]["fixed"]["nDCG@10"] <= 1 and set(r["ratios"]) == {"1", "2"}
+    names = [t["name"] for t in payload["targets"]]
+    assert names == ["cheap / fixed answers/s, lowest over the client counts", "cheap fidelity to fixed, overlap@10"]
+    assert "Repeats: one run" in (out / "summary.md").read_text()

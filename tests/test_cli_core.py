@@ -293,3 +293,33 @@ def test_eval_depths_and_a_cascade(beir_dir, tmp_path, tiny_bi_encoder_dir, tiny
     assert meta32["cascade"][0]["max_length"] == 32
     for bad in (f"{small}=1", f"{small}", "=3"):
         assert cli.main(["eval", *common, "--cascade", bad, "--rerank-top-m", "2", "--out", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_eval_reports_fidelity_to_a_reference_row_or_trec_file(beir_dir, tmp_path, tiny_bi_encoder_dir, tiny_cross_encoder_dir, capsys):
+    from serve_app.eval import fidelity, read_trec_run
+
+    common = ["--dataset", str(beir_dir), "--pipeline", "hybrid,hybrid+rerank", "--work-dir", str(tmp_path / "w"), "--dense-model", str(tiny_bi_encoder_dir),
+              "--reranker", str(tiny_cross_encoder_dir), "--device", "cpu", "--top-k", "5", "--rerank-top-m", "5,2", "-q"]
+    out = tmp_path / "f"
+    assert cli.main(["eval", *common, "--reference", "hybrid+rerank@5", "--fidelity-k", "3", "--out", str(out)]) == 0
+    payload = json.loads((out / "metrics.json").read_text())
+    results = payload["results"]
+    assert payload["meta"]["fidelity_reference"] == "hybrid+rerank@5" and payload["meta"]["fidelity_k"] == 3
+    assert results["hybrid+rerank@5"]["overlap@3"] == 1.0 and results["hybrid+rerank@5"]["kendall_tau@3"] == 1.0
+    reference = read_trec_run(out / "runs" / "hybrid+rerank@5.trec")
+    for name, file in (("hybrid", "hybrid.trec"), ("hybrid+rerank@2", "hybrid+rerank@2.trec")):
+        expected = fidelity(read_trec_run(out / "runs" / file), reference, k=3)
+        assert results[name]["overlap@3"] == pytest.approx(expected["overlap@3"])
+        assert results[name]["kendall_tau@3"] == pytest.approx(expected["kendall_tau@3"])
+    assert "overlap@3" in (out / "metrics.md").read_text()
+    # a reference TREC file from an earlier run gives the same figures
+    again = tmp_path / "g"
+    assert cli.main(["eval", *common, "--reference", str(out / "runs" / "hybrid+rerank@5.trec"), "--fidelity-k", "3", "--out", str(again)]) == 0
+    again_results = json.loads((again / "metrics.json").read_text())["results"]
+    assert list(again_results) == list(results)
+    for name, metrics in results.items():
+        assert again_results[name] == pytest.approx(metrics)
+    # a reference that is neither a row nor a file is a usage error
+    assert cli.main(["eval", *common, "--reference", "hybrid+rerank@7", "--out", str(tmp_path / "h")]) == 2
+    assert "--reference 'hybrid+rerank@7' is neither a row" in capsys.readouterr().err

@@ -86,3 +86,73 @@ def test_write_report(tmp_path):
     assert "| system | nDCG@10 | R@100 |" in md
     assert "| bm25 | 0.6651 | 0.9000 |" in md
     assert markdown_table({"a": {"x": 1.0}, "b": {"y": 0.5}}).splitlines()[2:] == ["| a | 1.0000 |  |", "| b |  | 0.5000 |"]
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+def test_query_fidelity_on_hand_made_rankings():
+    from serve_app.eval import query_fidelity
+
+    ref = [f"d{i}" for i in range(10)]
+    assert query_fidelity(ref, ref) == (1.0, 1.0)
+    # the same ten documents, reversed: everything kept, order inverted
+    assert query_fidelity(ref[::-1], ref) == (1.0, pytest.approx(-1.0))
+    # one adjacent swap among ten: 1 discordant pair of 45 -> tau = (44 - 1) / 45
+    swapped = ref[:]
+    swapped[3], swapped[4] = swapped[4], swapped[3]
+    assert query_fidelity(swapped, ref) == (1.0, pytest.approx(43 / 45))
+    # two of the reference's ten replaced by outsiders: 0.8 overlap, tau below the swap's
+    lost = ref[:8] + ["x1", "x2"]
+    o, t = query_fidelity(lost, ref)
+    assert o == pytest.approx(0.8) and 0.0 < t < 1.0
+    # documents beyond the first k do not count, whatever their order
+    assert query_fidelity(ref + ["y"], ref + ["z"], k=10) == (1.0, 1.0)
+    assert query_fidelity(["x", "y", "z"] + ref, ref, k=3)[0] == 0.0
+    # nothing of the answer kept
+    assert query_fidelity([f"n{i}" for i in range(10)], ref) == (0.0, 0.0)
+    # a short reference: overlap over what it has
+    assert query_fidelity(["a", "q"], ["a", "b"], k=10)[0] == 0.5
+    assert query_fidelity(["z", "a"], ["a"], k=10) == (1.0, 1.0) and query_fidelity(["z"], ["a"], k=10) == (0.0, 0.0)
+    with pytest.raises(ValueError):
+        query_fidelity(ref, [], k=10)
+    with pytest.raises(ValueError):
+        query_fidelity(ref, ref, k=0)
+
+
+def test_query_fidelity_tau_matches_scipy_on_random_lists():
+    from scipy.stats import kendalltau
+
+    from serve_app.eval import query_fidelity
+
+    rng = random.Random(3)
+    for _ in range(50):
+        ref = rng.sample(range(40), 10)
+        mine = rng.sample(range(40), 15)
+        pos = {d: i for i, d in enumerate(mine[:10])}
+        expected = kendalltau(range(10), [pos.get(d, 10) for d in ref]).statistic
+        o, t = query_fidelity([str(d) for d in mine], [str(d) for d in ref])
+        assert o == len(set(ref) & set(mine[:10])) / 10
+        if len({pos.get(d, 10) for d in ref}) > 1:
+            assert t == pytest.approx(expected)
+
+
+def test_run_fidelity_averages_over_the_reference_queries_and_orders_by_score():
+    from serve_app.eval import fidelity, ranked_ids
+
+    reference = {"q1": {"a": 3.0, "b": 2.0, "c": 1.0}, "q2": {"d": 2.0, "e": 1.0}, "q3": {}}
+    assert ranked_ids({"b": 1.0, "a": 1.0, "c": 2.0}) == ["c", "a", "b"]  # ties by doc id, as trec_eval
+    same = {"q1": {"a": 30.0, "b": 20.0, "c": 10.0}, "q2": {"d": 1.0, "e": 0.5}}
+    assert fidelity(same, reference, k=3) == {"overlap@3": 1.0, "kendall_tau@3": 1.0}
+    # q2 missing from the run scores 0; q3 (no reference ranking) is not averaged
+    half = {"q1": {"a": 3.0, "b": 2.0, "c": 1.0}}
+    assert fidelity(half, reference, k=3) == {"overlap@3": 0.5, "kendall_tau@3": 0.5}
+    with pytest.raises(ValueError):
+        fidelity(same, {"q": {}}, k=3)
+
+
+def test_trec_run_round_trip(tmp_path):
+    from serve_app.eval import read_trec_run, write_trec_run
+
+    run = {"q1": {"a": 3.0, "b": 2.0}, "q2": {"c": 1.0}}
+    assert read_trec_run(write_trec_run(run, tmp_path / "r.trec", "x")) == run

@@ -358,7 +358,7 @@ def _open_index(args: argparse.Namespace, dataset: Any, needed: set[str], dense_
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate pipelines on a BEIR dataset split; write metrics.json and metrics.md."""
     from serve_app.corpus import load_beir
-    from serve_app.eval import DEFAULT_MEASURES, evaluate, markdown_table, parse_measures, run_from_results, write_report, write_trec_run
+    from serve_app.eval import DEFAULT_MEASURES, evaluate, fidelity, markdown_table, parse_measures, read_trec_run, run_from_results, write_report, write_trec_run
     from serve_app.pipeline import SearchPipeline
 
     pipelines = _pipelines(args.pipeline or ["hybrid"])
@@ -433,10 +433,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seconds: dict[str, float] = {}
     cost: dict[str, dict[str, dict[str, float]]] = {}
     runs = [(p, blend, m) for p in pipelines for m in (depths if PIPELINES[p][1] else [0]) for blend in (blends if PIPELINES[p][1] else ["none"])]
+
+    def row_name(pipeline: str, blend: str, depth: int) -> tuple[str, str]:
+        tag = pipeline if len(depths) == 1 or not PIPELINES[pipeline][1] else f"{pipeline}@{depth}"
+        return tag, (tag if blend == "none" else f"{tag} ({blend} blend)")
+
+    row_names = [row_name(*r)[1] for r in runs]
+    reference_run = None
+    if args.reference is not None and args.reference not in row_names:
+        if not Path(args.reference).is_file():
+            raise UsageError(f"--reference {args.reference!r} is neither a row of this run ({', '.join(row_names)}) nor a TREC run file")
+        reference_run = read_trec_run(args.reference)
+        if not any(reference_run.values()):
+            raise UsageError(f"--reference {args.reference}: the TREC run file has no ranked query")
+    if args.fidelity_k < 1:
+        raise UsageError(f"--fidelity-k must be >= 1, got {args.fidelity_k}")
+    trec_runs: dict[str, dict[str, dict[str, float]]] = {}
     for pipeline, blend, depth in runs:
         names, rerank = PIPELINES[pipeline]
-        tag = pipeline if len(depths) == 1 or not rerank else f"{pipeline}@{depth}"
-        name = tag if blend == "none" else f"{tag} ({blend} blend)"
+        tag, name = row_name(pipeline, blend, depth)
         pipe = SearchPipeline(loaded.corpus, retrievers, reranker, fusion.model_copy(update={"rerank_blend": blend}), limits, cascade=cascade if rerank else ())
         start = time.perf_counter()
         before = {k: m.snapshot() for k, m in meters.items()}
@@ -454,10 +469,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"{name}: the {', '.join(degraded)} stage failed, so the run would not measure the pipeline ({problems})")
         run = run_from_results(dict(zip(qids, out)))
         results[name] = evaluate(run, dataset.qrels, measures)
+        if args.reference is not None:
+            trec_runs[name] = run
         write_trec_run(run, out_dir / "runs" / (f"{tag}.trec" if blend == "none" else f"{tag}-{blend}-blend.trec"), name)
         logger.info("%s: %s (%.1f s)", name, results[name], seconds[name])
 
+    if args.reference is not None:
+        reference_run = trec_runs[args.reference] if reference_run is None else reference_run
+        for name, run in trec_runs.items():
+            results[name].update(fidelity(run, reference_run, args.fidelity_k))
     meta = {
+        "fidelity_reference": args.reference, "fidelity_k": args.fidelity_k if args.reference is not None else None,
         "dataset": str(Path(args.dataset).resolve()), "split": args.split, "queries": len(qids), "documents": len(dataset.corpus),
         "top_k": args.top_k, "fusion": fusion.model_dump(), "dense_model": dense_cfg.model if "dense" in needed else None,
         "rerank_top_m": (depths[0] if len(depths) == 1 else depths) if reranker_cfg else None, "reranker": reranker_cfg.model if reranker_cfg else None,
@@ -528,6 +550,8 @@ def register(subparsers: Any) -> None:
     e.add_argument("--rerank-blend", default="none", metavar="BLEND[,BLEND]", help="order of the reranked candidates, one result row per value: none (cross-encoder score alone), rrf (RRF of the cross-encoder rank and the fused rank); e.g. none,rrf (default: none)")
     e.add_argument("--rerank-weight", type=float, default=None, help=f"rrf blend: weight of the cross-encoder rank (default: {fu.rerank_weight})")
     e.add_argument("--measures", default=None, help="comma-separated ir-measures names (default: nDCG@10,R@100,RR@10)")
+    e.add_argument("--reference", default=None, metavar="ROW|TREC_FILE", help="also report each row's fidelity to a reference ranking (overlap@K and kendall_tau@K of the top K, see serve_app.eval.fidelity): a row of this run (e.g. 'hybrid+rerank@100') or a TREC run file an earlier eval wrote (its runs/ directory); measures 'the same answer' as the full reranker whatever its quality")
+    e.add_argument("--fidelity-k", type=int, default=10, help="depth K of the fidelity measures (default: 10)")
     _add_dense_options(e)
     e.add_argument("--out", default=None, help="directory for metrics.json and metrics.md (default: WORK_DIR/results/DATASET-SPLIT)")
     e.add_argument("--skip-bad-lines", action="store_true", help="skip malformed corpus lines (with a warning) instead of stopping at the first")
