@@ -26,7 +26,6 @@ measure when no other is at least as good on it for at most the CPU (one strictl
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from benchmarks.common import DEFAULT_CACHE, DEFAULT_SCIFACT, BenchRun, base_parser, md_table, public_command, target_line
