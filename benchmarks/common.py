@@ -302,6 +302,17 @@ class BenchRun:
         return path
 
 
+def machine_cpu_seconds() -> float:
+    """CPU-seconds every process of the machine has used since boot (``/proc/stat``: user, nice,
+    system, irq, softirq and steal time of all CPUs). The difference over a run counts every
+    process the run caused, Ray's own (raylet, GCS, idle workers) included, and whatever else ran
+    on the machine then: compare it with the sum of the processes one meant to measure."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def public_command(command: str) -> str:
     """A command as published: this machine's cache, dataset and repository paths written as
     ``$BENCH_CACHE``, ``$SCIFACT_DIR`` and relative paths, so that a reader can run it."""

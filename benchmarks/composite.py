@@ -20,6 +20,11 @@ checkpoint and replica resources, interleaved in every repeat (their order alter
 * ``fixed``: what the peers offer (a rerank server that scores every pair it is sent, such as
   TEI or infinity-emb, behind the same retrievers and fusion): the reranker scores the fused
   top ``--full-depth`` of every request, no score cache. Its answers are the reference.
+* ``infinity``: the same pipeline assembled from peers: serve_app's retrievers and fusion
+  answer /search without reranking (``rerank_top_m`` 0, the fused top ``--full-depth``), and
+  infinity-emb (``--infinity-venv``, as ``benchmarks.rerank_peers`` runs it) serving the same
+  checkpoint reranks them, every pair it is sent, no cache; two HTTP calls per answer, made by
+  the load generator's clients.
 * ``cheap``: serve_app's cheapest configuration whose offline fidelity to the full-depth
   reranker is at least 0.95 overlap@10 (chosen on the Pareto results, ``--cheap-*``): the
   depth, blend and cascade given, and the exact score cache.
@@ -36,11 +41,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import asyncio
+import time
+
 from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, fmt_spread, load_scifact, md_table, summarize, target_line
 from benchmarks.common import ensure_scifact_index
-from benchmarks.loadgen import closed_loop
+from benchmarks.loadgen import LoadResult, Record, check_loopback, closed_loop
 from benchmarks.score_cache import zipf_stream
-from benchmarks.serving import serve_stack
+from benchmarks.serving import free_port, serve_stack
 
 
 def _cascade(spec: str | None) -> list[dict[str, Any]]:
@@ -92,6 +100,62 @@ def system_config(args: Any, index: Path, name: str) -> tuple[dict[str, Any], di
     return app_args, deployments, (args.cheap_depth if cheap else args.full_depth)
 
 
+async def _peer_loop(search_url: str, rerank_url: str, queries: Sequence[str], concurrency: int, depth: int, content: Any, model: str) -> LoadResult:
+    import httpx
+
+    records: list[Record] = []
+    next_i = 0
+    t_start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=2 * concurrency)) as client:
+
+        async def worker() -> None:
+            nonlocal next_i
+            while next_i < len(queries):
+                i, next_i = next_i, next_i + 1
+                q = queries[i]
+                t0 = time.perf_counter()
+                try:
+                    found = await client.post(search_url, json={"query": q, "top_k": 100, "rerank_top_m": 0, "top_n": depth})
+                    found.raise_for_status()
+                    ids = [r["id"] for r in found.json()["results"]]
+                    ranked = await client.post(rerank_url, json={"model": model, "query": q, "documents": [content(d) for d in ids]})
+                    ranked.raise_for_status()
+                    order = sorted(ranked.json()["results"], key=lambda r: -r["relevance_score"])
+                    records.append(Record(i, t0, time.perf_counter(), 200, 1, {"ids": [ids[r["index"]] for r in order][:10]}))
+                except Exception as exc:  # noqa: BLE001 - a failed answer is a result too
+                    records.append(Record(i, t0, time.perf_counter(), 0, 1, {}, f"{type(exc).__name__}: {exc}"[:200]))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return LoadResult(concurrency, sorted(records, key=lambda r: r.index), time.perf_counter() - t_start)
+
+
+def peer_closed_loop(search_url: str, rerank_url: str, queries: Sequence[str], concurrency: int, depth: int, content: Any, model: str) -> LoadResult:
+    """Closed loop over the peers' pipeline: retrieval and fusion from ``search_url`` without
+    reranking, then the fused top ``depth`` reranked by ``rerank_url`` (a Cohere-style /rerank)."""
+    for url in (search_url, rerank_url):
+        check_loopback(url)
+    return asyncio.run(_peer_loop(search_url, rerank_url, queries, concurrency, depth, content, model))
+
+
+def infinity_model_dir(model: Path, max_length: int, cache: Path) -> Path:
+    """A copy of the checkpoint whose tokenizer reads at most ``max_length`` tokens, so that
+    infinity-emb (which takes the tokenizer's limit) scores the pairs serve_app scores."""
+    import json
+    import shutil
+
+    out = cache / f"{model.name}-infinity-{max_length}"
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model, tmp)
+        cfg_path = tmp / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg["model_max_length"] = max_length
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        tmp.rename(out)
+    return out
+
+
 def ndcg_of_answers(answers: dict[str, list[str]], qrels: dict[str, dict[str, int]], qid_of: dict[str, str]) -> float:
     """nDCG@10 of one answer per distinct query, over the judged queries answered."""
     from serve_app.eval import evaluate
@@ -109,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="the reranker checkpoint both systems serve (serve-app train-reranker's output)")
     p.add_argument("--max-length", type=int, default=256, help="reranker tokens per pair")
     p.add_argument("--dense-model", default=None, help="bi-encoder of the index (default: all-MiniLM-L6-v2)")
+    p.add_argument("--infinity-bfloat16", action="store_true", help="infinity-emb in bfloat16 (serve_app's dtype auto is bfloat16 on CPUs with native bf16)")
     p.add_argument("--full-depth", type=int, default=100, help="fixed system: fused candidates reranked per request (the reference depth)")
     p.add_argument("--cheap-depth", type=int, default=50, help="cheap system: fused candidates reranked per request")
     p.add_argument("--cheap-blend", choices=["none", "rrf"], default="none", help="cheap system: rerank blend")
@@ -117,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=32, help="requests per measured segment")
     p.add_argument("--warmup", type=int, default=150, help="stream requests sent to the cheap system before the measured segments")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of query popularity")
-    p.add_argument("--systems", default="fixed,cheap", help="systems to run (comma-separated)")
+    p.add_argument("--systems", default="fixed,infinity,cheap", help="systems to run (comma-separated): fixed, infinity, cheap")
+    p.add_argument("--infinity-venv", default=str(DEFAULT_CACHE / "infinity-venv"), help="virtualenv with infinity-emb[torch,server] (see benchmarks.rerank_peers)")
     args = p.parse_args(argv)
     run = BenchRun("composite", args, args.out)
 
@@ -126,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     qids = sorted(ds.queries)
     queries = [ds.queries[q] for q in qids]
     qid_of = dict(zip(queries, qids))
+    content = lambda doc_id: ds.corpus.get(doc_id).content  # noqa: E731 - the text serve_app's reranker reads
     clients = [int(c) for c in args.clients.split(",")]
     stream = zipf_stream(len(queries), args.warmup + args.requests * len(clients), args.zipf, args.seed)
     warm_part, measured = stream[: args.warmup], stream[args.warmup:]
@@ -143,23 +210,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     for rep in range(args.repeats):
         order = systems if rep % 2 == 0 else systems[::-1]
         for name in order:
-            app_args, deployments, depth = system_config(args, index, name)
+            app_args, deployments, depth = system_config(args, index, "fixed" if name == "infinity" else name)
             body = lambda q: {"query": q, "top_k": 100, "rerank_top_m": depth, "top_n": 10}  # noqa: E731
             print(f"== repeat {rep + 1}/{args.repeats}: {name} (depth {depth})")
-            with serve_stack(app_args, deployments, num_cpus=4.0, timeout_s=900) as base:
-                url = base + "/search"
-                warm = closed_loop(url, [body("warm up the stages")] * 2, 1)
-                assert warm.ok, warm.records[0].error
-                if name == "cheap" and warm_part:
-                    closed_loop(url, [body(queries[i]) for i in warm_part], max(clients), max_seconds=3600, timeout_s=600)
-                for c in clients:
-                    res = closed_loop(url, [body(q) for q in segments[c]], c, max_seconds=3600, timeout_s=600, extract=lambda j: {"ids": [r["id"] for r in j["results"]]})
-                    s = res.summary()
-                    for q, rec in zip(segments[c], res.records):
-                        if rec.status == 200:
-                            answers[name].setdefault(q, rec.info["ids"])
-                    per_run.append({"repeat": rep, "system": name, "clients": c, **{k: s[k] for k in ("requests", "ok", "errors", "error_examples", "requests_per_s", "p50_ms", "p95_ms", "span_s")}})
-                    print(f"  {c} clients: {s['requests_per_s']:.2f} answers/s, p50 {s['p50_ms']:.0f} ms, p95 {s['p95_ms']:.0f} ms, {s['errors']} errors")
+            infinity = None
+            if name == "infinity":
+                from benchmarks.rerank_peers import SERVED_NAME, InfinityServer
+
+                infinity = InfinityServer(Path(args.infinity_venv), infinity_model_dir(Path(args.model), args.max_length, run.raw), free_port(), run.raw / "infinity.log", None, "bfloat16" if args.infinity_bfloat16 else "float32")
+                if not infinity.start(600):
+                    raise SystemExit(f"infinity-emb did not start: {infinity.error}")
+                deployments["CrossEncoderReranker"]["ray_actor_options"]["num_cpus"] = 0.25  # loaded, never called
+            try:
+                with serve_stack(app_args, deployments, num_cpus=4.0, timeout_s=900) as base:
+                    url = base + "/search"
+                    warm = closed_loop(url, [body("warm up the stages")] * 2, 1)
+                    assert warm.ok, warm.records[0].error
+                    if infinity is not None:
+                        peer_closed_loop(url, infinity.url + "/rerank", ["warm up the reranker"] * 2, 1, args.full_depth, content, SERVED_NAME)
+                    if name == "cheap" and warm_part:
+                        closed_loop(url, [body(queries[i]) for i in warm_part], max(clients), max_seconds=3600, timeout_s=600)
+                    for c in clients:
+                        if infinity is not None:
+                            res = peer_closed_loop(url, infinity.url + "/rerank", segments[c], c, args.full_depth, content, SERVED_NAME)
+                        else:
+                            res = closed_loop(url, [body(q) for q in segments[c]], c, max_seconds=3600, timeout_s=600, extract=lambda j: {"ids": [r["id"] for r in j["results"]]})
+                        s = res.summary()
+                        for q, rec in zip(segments[c], res.records):
+                            if rec.status == 200:
+                                answers[name].setdefault(q, rec.info["ids"])
+                        per_run.append({"repeat": rep, "system": name, "clients": c, **{k: s[k] for k in ("requests", "ok", "errors", "error_examples", "requests_per_s", "p50_ms", "p95_ms", "span_s")}})
+                        print(f"  {c} clients: {s['requests_per_s']:.2f} answers/s, p50 {s['p50_ms']:.0f} ms, p95 {s['p95_ms']:.0f} ms, {s['errors']} errors")
+            finally:
+                if infinity is not None:
+                    infinity.stop()
 
     from serve_app.eval import query_fidelity
 
@@ -169,29 +253,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = [r for r in per_run if r["system"] == name and r["clients"] == c]
             agg[f"{name}@{c}"] = {k: summarize(r[k] for r in rows) for k in ("requests_per_s", "p50_ms", "p95_ms")} | {"errors": sum(r["errors"] for r in rows)}
     quality: dict[str, Any] = {name: {"nDCG@10": ndcg_of_answers(answers[name], ds.qrels, qid_of), "distinct_queries": len(answers[name])} for name in systems}
-    if "fixed" in answers and "cheap" in answers:
-        common = [q for q in answers["cheap"] if q in answers["fixed"]]
-        fid = [query_fidelity(answers["cheap"][q], answers["fixed"][q], 10) for q in common]
-        quality["cheap"]["overlap@10"] = sum(o for o, _ in fid) / len(fid) if fid else float("nan")
-        quality["cheap"]["kendall_tau@10"] = sum(t for _, t in fid) / len(fid) if fid else float("nan")
+    if "fixed" in answers:
         quality["fixed"]["overlap@10"] = quality["fixed"]["kendall_tau@10"] = 1.0
+        for name in (n for n in systems if n != "fixed"):
+            common = [q for q in answers[name] if q in answers["fixed"]]
+            fid = [query_fidelity(answers[name][q], answers["fixed"][q], 10) for q in common]
+            quality[name]["overlap@10"] = sum(o for o, _ in fid) / len(fid) if fid else float("nan")
+            quality[name]["kendall_tau@10"] = sum(t for _, t in fid) / len(fid) if fid else float("nan")
 
     rows_md = []
     ratios = {}
+    baselines = [n for n in systems if n != "cheap"]
     for c in clients:
+        # the strongest baseline at this client count: the faster of the fixed-depth pipelines
+        best = max(baselines, key=lambda n: agg[f"{n}@{c}"]["requests_per_s"]["median"]) if baselines else None
         for name in systems:
             a = agg[f"{name}@{c}"]
             ratio = ""
-            if name == "cheap" and "fixed" in systems:
-                ratio_v = a["requests_per_s"]["median"] / agg[f"fixed@{c}"]["requests_per_s"]["median"]
+            if name == "cheap" and best is not None:
+                ratio_v = a["requests_per_s"]["median"] / agg[f"{best}@{c}"]["requests_per_s"]["median"]
                 ratios[c] = ratio_v
-                ratio = f"{ratio_v:.2f}x"
+                ratio = f"{ratio_v:.2f}x {best}"
             rows_md.append((c, name, fmt_spread(a["requests_per_s"], 2), ratio, fmt_spread(a["p50_ms"], 0), fmt_spread(a["p95_ms"], 0), a["errors"]))
     q_rows = [(n, f"{q['nDCG@10']:.4f}", f"{q.get('overlap@10', float('nan')):.3f}", f"{q.get('kendall_tau@10', float('nan')):.3f}", q["distinct_queries"]) for n, q in quality.items()]
     cheap_fid = quality.get("cheap", {}).get("overlap@10")
     worst = min(ratios.values()) if ratios else None
     targets = [
-        target_line("cheap / fixed answers/s, lowest over the client counts", worst, 3.0),
+        target_line("cheap / the faster fixed-depth pipeline, answers/s, lowest over the client counts", worst, 3.0),
         target_line("cheap fidelity to fixed, overlap@10", cheap_fid, 0.95, "overlap@10"),
     ]
     md = run.header_markdown("Do-less-work features together vs a fixed-depth pipeline (Zipf SciFact stream)")
@@ -201,10 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({', '.join(map(str, clients))} closed-loop clients), {repeats_in_segments} of the {len(measured)} measured requests repeat an earlier query; "
         f"the cheap system first answers the {args.warmup} requests before them (not measured). Reranker `{Path(args.model).name}` at max_length {args.max_length}, "
         f"one replica with 2 CPUs and 2 torch threads; hybrid top-100 per retriever, RRF. Repeats: {args.repeats}, systems interleaved (order alternating).\n\n"
-        f"* fixed: rerank the fused top {args.full_depth} of every request, blend none, no score cache.\n"
+        f"* fixed: serve_app reranks the fused top {args.full_depth} of every request, blend none, no score cache.\n"
+        f"* infinity: serve_app's /search without reranking, then infinity-emb ({'bfloat16' if args.infinity_bfloat16 else 'float32'}, the same checkpoint, pairs cut at {args.max_length} tokens) reranks the fused top {args.full_depth}; two HTTP calls per answer.\n"
         f"* cheap: rerank the fused top {args.cheap_depth}, blend {args.cheap_blend}{cascade}, score cache 256 MiB.\n\n"
     )
-    md += md_table(["clients", "system", "answers/s", "vs fixed", "p50 ms", "p95 ms", "errors"], rows_md)
+    md += md_table(["clients", "system", "answers/s", "cheap vs the faster baseline", "p50 ms", "p95 ms", "errors"], rows_md)
     md += "\nAnswers (each distinct query's first answer; fidelity: the cheap answer against the fixed answer to the same query):\n\n"
     md += md_table(["system", "nDCG@10", "overlap@10 vs fixed", "Kendall tau@10 vs fixed", "distinct queries"], q_rows)
     run.write({"per_run": per_run, "aggregate": agg, "quality": quality, "ratios": {str(k): v for k, v in ratios.items()}, "stream": {"warmup": args.warmup, "measured": len(measured), "repeats_in_measured": repeats_in_segments}}, md, targets)

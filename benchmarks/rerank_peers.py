@@ -49,7 +49,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from benchmarks.common import pyspy_record, summarize_profile  # noqa: F401 - shared with other benchmarks (tests import them from here too)
-from benchmarks.common import DEFAULT_CACHE, NO_DRIFT_TOLERANCE, RERANKER_RUNTIMES, BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, md_table, summarize, target_line
+from benchmarks.common import DEFAULT_CACHE, NO_DRIFT_TOLERANCE, RERANKER_RUNTIMES, BenchRun, base_parser, bm25_candidates, fmt_spread, load_scifact, machine_cpu_seconds, md_table, summarize, target_line
 from benchmarks.loadgen import closed_loop, wait_ready
 from benchmarks.serving import add_serve_mode_args, cpu_seconds, find_replica_pid, free_port, handle_call, proc_stat, serve_mode, serve_pids, serve_stack
 
@@ -198,12 +198,19 @@ def level_bodies(requests: list[tuple[str, list[str]]], n: int, min_requests: in
     return out
 
 
+def by_process_after(pids: dict[str, int], before: dict[str, float]) -> dict[str, float]:
+    """CPU-seconds each process of ``pids`` used since ``before``."""
+    return {k: cpu_seconds({k: v}) - before.get(k, 0.0) for k, v in pids.items()}
+
+
 def run_level(name: str, url: str, bodies: list[dict[str, Any]], n: int, max_seconds: float, server_pid: int | None = None, all_pids: dict[str, int] | None = None) -> dict[str, Any]:
     """One closed-loop level; with ``server_pid``, also the CPU cores that process used and its nice
     value; with ``all_pids`` (every process that serves a request), the pairs scored per CPU-second."""
     before = proc_stat(server_pid) if server_pid else None
     pids = all_pids or ({"server": server_pid} if server_pid else {})
     cpu0 = cpu_seconds(pids)
+    by_process0 = {k: cpu_seconds({k: v}) for k, v in pids.items()}
+    machine0 = machine_cpu_seconds()
     t0 = time.perf_counter()
     res = closed_loop(url, bodies, n, max_seconds=max_seconds, timeout_s=max_seconds + 600, units=lambda b: len(b["documents"]))
     s = res.summary()
@@ -213,6 +220,14 @@ def run_level(name: str, url: str, bodies: list[dict[str, Any]], n: int, max_sec
         s["server_nice"] = after[1]
     if pids:
         s["units_per_cpu_s"] = s["units"] / max(cpu_seconds(pids) - cpu0, 1e-9)
+        # CPU-seconds per 1,000 pairs of each serving process (the proxy, the ingress, the replica
+        # that runs the model) and of the whole machine: where the serving's extra work goes
+        role = lambda key: key.rsplit(":", 1)[0]  # noqa: E731
+        by_role: dict[str, float] = {}
+        for key, cpu in by_process_after(pids, by_process0).items():
+            by_role[role(key)] = by_role.get(role(key), 0.0) + cpu
+        s["cpu_s_per_1000_pairs"] = {k: 1000 * v / max(s["units"], 1) for k, v in by_role.items()}
+        s["cpu_s_per_1000_pairs"]["machine"] = 1000 * (machine_cpu_seconds() - machine0) / max(s["units"], 1)
     print(f"  {name} N={n}: {s['units_per_s']:.1f} pairs/s ({s.get('units_per_cpu_s', float('nan')):.2f} per CPU-s), p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, {s['ok']}/{s['requests']} ok"
           + (f", server used {s['server_cores_used']:.2f} cores (nice {s['server_nice']})" if "server_cores_used" in s else "") + (f" errors {s['error_examples']}" if s["errors"] else ""))
     return s
@@ -496,6 +511,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cpu_rows:
         md += "\nCPU-time view (a diagnostic, not the target): serve_app /rerank pairs per CPU-second relative to\n\n"
         md += md_table(["N", "CrossEncoder.predict", "infinity"], cpu_rows)
+    cpu_split = []
+    for n in levels:
+        runs = [lvl["cpu_s_per_1000_pairs"] for lvl in series["serve"][str(n)] if "cpu_s_per_1000_pairs" in lvl]
+        if runs:
+            roles = sorted({k for r in runs for k in r})
+            cpu_split.append((n, "; ".join(f"{k} {np.median([r.get(k, 0.0) for r in runs]):.1f}" for k in roles)))
+    if cpu_split:
+        results["cpu_s_per_1000_pairs_by_process"] = {str(n): text for n, text in cpu_split}
+        ce_cpu = ce_row["all"].get("units_per_cpu_s") if ce_row else None
+        md += "\nCPU-seconds per 1,000 pairs by process, serve_app /rerank (median over repeats; `machine`: every process on the machine, the load generator and Ray's own included)"
+        md += (f"; CrossEncoder.predict in process: {1000 / ce_cpu['median']:.1f}" if ce_cpu else "") + ":\n\n"
+        md += md_table(["N", "CPU-s per 1,000 pairs"], cpu_split)
     if agreement:
         md += "\nScore agreement with CrossEncoder.predict (sigmoid scores, first request): " + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()) + "\n"
     if ours_runtime.get("drift"):

@@ -158,6 +158,10 @@ def test_eval_rerank_blends_score_each_pair_once(beir_dir, tmp_path, tiny_bi_enc
     payload = json.loads((out / "metrics.json").read_text())
     assert list(payload["results"]) == ["hybrid+rerank", "hybrid+rerank (rrf blend)"] and payload["meta"]["rerank_blends"] == ["none", "rrf"]
     assert sum(calls) == 5 * 4  # 5 queries x 4 reranked candidates, scored once for both blends
+    # ... but each row is charged the pairs its configuration sends, reused scores included
+    cost = payload["meta"]["rerank_cost"]
+    assert cost["hybrid+rerank"]["rerank"]["pairs_per_query"] == 4 and cost["hybrid+rerank (rrf blend)"]["rerank"]["pairs_per_query"] == 4
+    assert payload["meta"]["loadavg_start"] >= 0 and payload["meta"]["started"].endswith("+00:00")
     qrels = {}
     for line in (beir_dir / "qrels" / "test.tsv").read_text().splitlines()[1:]:
         q, d, rel = line.split("\t")

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -262,8 +263,10 @@ class _MemoReranker:
 
 
 class _Metered:
-    """Counts the documents a reranker scores and the process CPU and wall seconds it takes
-    (eval runs its stages one after another, so the process's CPU time is the stage's)."""
+    """Counts the documents a row sends to a reranker (scores reused from an earlier row
+    included: the row's cost as a configuration) and the process CPU and wall seconds the calls
+    take (eval runs its stages one after another, so the process's CPU time is the stage's;
+    reused scores cost next to none, so only the first row that scores a pair pays for it)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -361,6 +364,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from serve_app.eval import DEFAULT_MEASURES, evaluate, fidelity, markdown_table, parse_measures, read_trec_run, run_from_results, write_report, write_trec_run
     from serve_app.pipeline import SearchPipeline
 
+    started, load_start = datetime.now(timezone.utc).isoformat(timespec="seconds"), os.getloadavg()[0]
     pipelines = _pipelines(args.pipeline or ["hybrid"])
     measures = tuple(m.strip() for m in args.measures.split(",")) if args.measures else DEFAULT_MEASURES
     try:
@@ -412,15 +416,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         loaded_reranker = Reranker.from_config(reranker_cfg, cache=ScoreCache(1 << 31) if len(depths) > 1 else None)
         info = loaded_reranker.scorer.runtime_info
         print(f"reranker: {loaded_reranker.scorer.kind} on {info['backend']} {info['dtype']}{' int8' if info['quantize'] == 'int8' else ''}")
-        reranker = _MemoReranker(_Metered(loaded_reranker))
+        reranker = _Metered(_MemoReranker(loaded_reranker))  # counts every pair a row sends, reused or not
     cascade = []
     for stage, cfg in cascade_cfgs:
         from serve_app.rerank import Reranker
 
         r = Reranker.from_config(cfg)
         print(f"cascade {stage.name}: {cfg.model}, top {stage.default_top_m}, {r.scorer.kind} on {r.scorer.runtime_info['backend']} {r.scorer.runtime_info['dtype']}")
-        cascade.append((stage, _MemoReranker(_Metered(r))))
-    meters = {**{f"rerank.{st.name}": m.inner for st, m in cascade}, **({"rerank": reranker.inner} if reranker is not None else {})}
+        cascade.append((stage, _Metered(_MemoReranker(r))))
+    meters = {**{f"rerank.{st.name}": m for st, m in cascade}, **({"rerank": reranker} if reranker is not None else {})}
     pool = args.top_k * 2
     limits = _config(
         FunnelLimits, "funnel", default_top_k=args.top_k, max_top_k=args.top_k, default_rerank_top_m=0,
@@ -479,11 +483,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for name, run in trec_runs.items():
             results[name].update(fidelity(run, reference_run, args.fidelity_k))
     meta = {
+        "started": started, "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
         "fidelity_reference": args.reference, "fidelity_k": args.fidelity_k if args.reference is not None else None,
         "dataset": str(Path(args.dataset).resolve()), "split": args.split, "queries": len(qids), "documents": len(dataset.corpus),
         "top_k": args.top_k, "fusion": fusion.model_dump(), "dense_model": dense_cfg.model if "dense" in needed else None,
         "rerank_top_m": (depths[0] if len(depths) == 1 else depths) if reranker_cfg else None, "reranker": reranker_cfg.model if reranker_cfg else None,
-        "reranker_runtime": reranker.inner.inner.scorer.describe() if reranker is not None else None,
+        "reranker_runtime": reranker.inner.inner.scorer.describe() if reranker is not None else None,  # _Metered(_MemoReranker(Reranker))
         "rerank_blends": blends if reranker_cfg else None,
         "cascade": [{"name": st.name, "model": cfg.model, "top_m": st.default_top_m, "blend": st.blend, "max_length": cfg.max_length} for st, cfg in cascade_cfgs],
         "rerank_cost": cost,

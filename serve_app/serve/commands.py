@@ -92,11 +92,22 @@ def demo_reranker_model(cache: Path) -> Optional[str]:
     return str(ensure_demo_reranker())
 
 
-def demo_config(*, host: str, port: int, index_dir: str, reranker_model: Optional[str], num_cpus_per_replica: float = 0.5) -> dict[str, Any]:
-    """The Serve config of the demo: one application on the demo corpus, small CPU replicas."""
+#: How the demo reranks with its own reranker: chosen by measurement on the demo's train queries
+#: and reported on its test queries (``python -m benchmarks.demo_defaults``;
+#: ``tests/test_demo_defaults.py`` keeps this equal to that run's choice).
+DEMO_RERANK: dict[str, Any] = {"rerank_top_m": 50, "rerank_blend": "none"}
+
+
+def demo_config(*, host: str, port: int, index_dir: str, reranker_model: Optional[str], num_cpus_per_replica: float = 0.5, demo_reranker: bool = False) -> dict[str, Any]:
+    """The Serve config of the demo: one application on the demo corpus, small CPU replicas.
+    ``demo_reranker``: the model is the demo's own, so the demo's measured rerank settings apply
+    (:data:`DEMO_RERANK`); another model keeps the service defaults."""
     args: dict[str, Any] = {"index_dir": index_dir, "corpus": "builtin:demo", "fields": {"topic": "keyword"}}  # the demo documents carry a topic
     if reranker_model:
         args["reranker"] = {"model": reranker_model}
+    if demo_reranker:
+        args["fusion"] = {"rerank_blend": DEMO_RERANK["rerank_blend"]}
+        args["funnel"] = {"default_rerank_top_m": DEMO_RERANK["rerank_top_m"]}
     small = {"ray_actor_options": {"num_cpus": num_cpus_per_replica}}
     return {
         "proxy_location": "HeadOnly",
@@ -194,7 +205,8 @@ def run_demo(args: argparse.Namespace) -> int:
     cache = cache_dir()
     index_dir = str(Path(args.index_dir).expanduser()) if args.index_dir else str(cache / "demo-index")
     model = demo_reranker_model(cache)
-    raw = demo_config(host=args.host, port=args.port, index_dir=index_dir, reranker_model=model, num_cpus_per_replica=args.replica_cpus)
+    own = model is not None and not os.environ.get(ENV_RERANKER_MODEL, "").strip()
+    raw = demo_config(host=args.host, port=args.port, index_dir=index_dir, reranker_model=model, num_cpus_per_replica=args.replica_cpus, demo_reranker=own)
     config = load_serve_config(raw)
     app_cfg = parse_app_config(raw["applications"][0]["args"])
     if ensure_index(app_cfg.index_dir, **app_cfg.index_build_args(), show_progress=True):  # here, so that the build's progress shows in this terminal
