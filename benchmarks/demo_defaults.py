@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from benchmarks.common import BenchRun, base_parser, md_table, public_command
+from serve_app.serve.commands import DEFAULT_QUERY
 
 DEMO = Path(__file__).resolve().parent.parent / "serve_app" / "demo"
 
@@ -41,6 +42,20 @@ def choose(train: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     _, _, name = max(candidates)
     depth, blend = parse_row(name)
     return {"row": name, "rerank_top_m": depth, "rerank_blend": blend}
+
+
+def demo_answer(index_dir: Path, model: Path, depth: int, blend: str, top_n: int = 5) -> list[dict[str, Any]]:
+    """The top ``top_n`` of the demo's example query with the given rerank settings."""
+    from serve_app.config import FusionConfig, RerankerModelConfig
+    from serve_app.index import load_index
+    from serve_app.pipeline import SearchPipeline
+    from serve_app.rerank import Reranker
+
+    loaded = load_index(index_dir)
+    reranker = Reranker.from_config(RerankerModelConfig(model=str(model), device="cpu")) if depth else None
+    pipe = SearchPipeline(loaded.corpus, loaded.retrievers, reranker, FusionConfig(rerank_blend=blend))
+    out = pipe.search(DEFAULT_QUERY, top_k=100, rerank_top_m=depth, top_n=top_n, return_documents=True)
+    return [{"id": r.doc_id, "title": r.document.title if r.document else "", "ranks": dict(r.retriever_ranks)} for r in out.results]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"serve-app eval ({split}) failed")
         reports[split] = json.loads((work / split / "metrics.json").read_text())["results"]
     chosen = choose(reports["train"])
+    answers = {label: demo_answer(work / "indexes" / DEMO.name, model, depth, blend) for label, depth, blend in (
+        ("service default (rerank_top_m 50, blend none)", 50, "none"), (f"shipped (rerank_top_m {chosen['rerank_top_m']}, blend {chosen['rerank_blend']})", chosen["rerank_top_m"], chosen["rerank_blend"]),
+    )}
     rows = [(n, f"{reports['train'][n]['nDCG@10']:.4f}", f"{reports['test'][n]['nDCG@10']:.4f}", "shipped" if n == chosen["row"] else "") for n in reports["train"]]
     md = run.header_markdown("The demo's default rerank configuration")
     md += "Evaluations (the demo reranker at `$DEMO_RERANKER`, i.e. `ensure_demo_reranker()`):\n\n" + "".join(f"* `{c}`\n" for c in commands.values())
@@ -72,7 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     md += md_table(["configuration", "train nDCG@10", "test nDCG@10", ""], rows)
     test_chosen, test_hybrid = reports["test"][chosen["row"]]["nDCG@10"], reports["test"]["hybrid"]["nDCG@10"]
     md += f"\nOn test the shipped configuration scores {test_chosen:.4f} against hybrid alone's {test_hybrid:.4f}.\n"
-    run.write({"chosen": chosen, "train": reports["train"], "test": reports["test"], "commands": commands}, md)
+    md += f"\nThe answer to `serve-app demo`'s query \"{DEFAULT_QUERY}\" (top 5; in process, the same funnel the service runs):\n\n"
+    for label, items in answers.items():
+        md += f"{label}:\n\n" + md_table(["#", "document", "title", "bm25 rank", "dense rank"], [(i + 1, x["id"], x["title"], x["ranks"].get("bm25", "-"), x["ranks"].get("dense", "-")) for i, x in enumerate(items)]) + "\n"
+    run.write({"chosen": chosen, "answers": answers, "train": reports["train"], "test": reports["test"], "commands": commands}, md)
     return 0
 
 
