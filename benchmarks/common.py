@@ -501,7 +501,8 @@ def ensure_scifact_index(path: Path, scifact: str | None) -> Path:
 
 def pyspy_record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
     """py-spy sampling of ``pid`` (all threads, idle frames excluded) into a collapsed-stack file."""
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "50", "--format", "raw", "--output", str(out), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")  # the venv's, when it is not on PATH
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "50", "--format", "raw", "--output", str(out), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
 PROFILE_BUCKETS: list[tuple[str, Callable[[str], bool]]] = [
