@@ -95,7 +95,7 @@ def demo_reranker_model(cache: Path) -> Optional[str]:
 #: How the demo reranks with its own reranker: chosen by measurement on the demo's train queries
 #: and reported on its test queries (``python -m benchmarks.demo_defaults``;
 #: ``tests/test_demo_defaults.py`` keeps this equal to that run's choice).
-DEMO_RERANK: dict[str, Any] = {"rerank_top_m": 50, "rerank_blend": "none"}
+DEMO_RERANK: dict[str, Any] = {"rerank_top_m": 0, "rerank_blend": "none"}
 
 
 def demo_config(*, host: str, port: int, index_dir: str, reranker_model: Optional[str], num_cpus_per_replica: float = 0.5, demo_reranker: bool = False) -> dict[str, Any]:
