@@ -116,6 +116,14 @@ ROWS: tuple[Row, ...] = (
         ),
     ),
     Row(
+        "serve_app: abandoned work and compatibility routes",
+        (
+            Panel("Cancelled stage calls per second", "Stage calls abandoned because the client disconnected or the request's deadline passed, by stage.", (Query(rate("ray_serve_app_cancelled_total", "stage"), "{{stage}}"),), "reqps", 8),
+            Panel("Pairs dropped unscored per second", "Pairs a reranker replica removed from its queue because their request was cancelled (work saved).", (Query(rate("ray_serve_app_cancelled_pairs_total", "model"), "{{model}}"),), "short", 8),
+            Panel("Ignored request fields per second", "Unknown top-level fields the compatibility routes ignored (as their reference servers do), by API.", (Query(rate("ray_serve_app_ignored_fields_total", "api"), "{{api}}"),), "short", 8),
+        ),
+    ),
+    Row(
         "serve_app: live writes (writes.enabled)",
         (
             Panel("Documents written per second", "Documents acknowledged by the DocumentWriter (durable in its log), by operation.", (Query(rate("ray_serve_app_documents_written_total", "op"), "{{op}}"),), "short", 8),

@@ -170,11 +170,28 @@ class RequestModels:
     tei: type[BaseModel]
 
 
-def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> RequestModels:
-    """Request models whose constraints come from ``limits`` and ``funnel``."""
+def text_types(limits: RequestLimits) -> tuple[Any, Any, Any]:
+    """(query, instruction, document text) string types bounded by ``limits``."""
     Query = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=limits.max_query_chars)]
     Instruction = Optional[Annotated[str, StringConstraints(strict=True, min_length=1, max_length=limits.max_query_chars)]]
     DocText = Annotated[str, StringConstraints(strict=True, max_length=limits.max_document_chars)]
+    return Query, Instruction, DocText
+
+
+#: Request models of the compatibility routes whose reference server ignores fields it does not
+#: know (TEI, infinity, vLLM): unknown top-level fields are kept aside (``model_extra``), counted
+#: and dropped, never refused. Nested objects are still checked.
+LENIENT = ConfigDict(extra="allow", frozen=True)
+
+
+def ignored_fields(body: BaseModel) -> list[str]:
+    """Names of the top-level fields a lenient request model set aside (sorted)."""
+    return sorted((body.model_extra or {}).keys())
+
+
+def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> RequestModels:
+    """Request models whose constraints come from ``limits`` and ``funnel``."""
+    Query, Instruction, DocText = text_types(limits)
 
     class LimitedTextDocument(TextDocument):
         text: DocText = Field(..., description=f"The document text (at most {limits.max_document_chars} characters).")
@@ -301,10 +318,12 @@ def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> Request
         return_text: bool = Field(False, strict=True, description="Include each result's text.")
         truncate: bool = Field(False, strict=True, description="false: a query and text longer than the model reads is refused (413 input_too_long), as TEI does; true: the text is cut to fit.")
         truncation_direction: Literal["Right", "Left", "right", "left"] = Field("Right", description="Which end of a text is cut when it does not fit: Right keeps its start, Left its end.")
+        top_n: TopN = Field(None, description="Results returned, best first (default: all texts; larger values are capped at the number of texts).")
         model: ModelName = Field(None, description="Extension: a configured reranker name or alias.")
         instruction: Instruction = Field(None, description=INSTRUCTION_DOC)
 
-        model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
+        # TEI ignores fields it does not know: so does this shape (they are counted, see ignored_fields).
+        model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=False)
         _query_not_blank = field_validator("query")(_not_blank)
         _instruction_not_blank = field_validator("instruction")(_not_blank_or_none)
 
@@ -314,8 +333,14 @@ def build_request_models(limits: RequestLimits, funnel: FunnelLimits) -> Request
         def core(self) -> CoreRerankRequest:
             return replace(super().core(), truncate=self.truncate, truncation_direction=self.truncation_direction.lower())  # type: ignore[arg-type]
 
+    class SharedPathRerankRequest(CohereRerankRequest):
+        """The Cohere-shaped body on ``POST /rerank``, where infinity's and vLLM's clients post
+        too; both servers ignore fields they do not know, and so does this path."""
+
+        model_config = LENIENT
+
     Rerank = Annotated[
-        Union[Annotated[TEIRerankRequest, Tag("tei")], Annotated[CohereRerankRequest, Tag("cohere")]],
+        Union[Annotated[TEIRerankRequest, Tag("tei")], Annotated[SharedPathRerankRequest, Tag("cohere")]],
         Discriminator(_rerank_shape),
     ]
 

@@ -35,6 +35,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional, Sequen
 from serve_app.serve import metrics
 from serve_app.serve.api import envelope
 from serve_app.serve.config import ConfigError
+from serve_app.serve.flavours import FLAVOURS
 
 #: Shortest accepted key. Generate one with ``python -c "import secrets; print(secrets.token_urlsafe(32))"``.
 MIN_KEY_CHARS = 16
@@ -242,7 +243,7 @@ def _endpoint(path: str) -> str:
 COLLECTIONS_PREFIX = "/collections/"
 DEFAULT_COLLECTION = "default"
 _ADMIN_PATHS = frozenset({"/info", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
-_RERANK_PATHS = frozenset({"/rerank", "/v1/rerank", "/v2/rerank"})
+_RERANK_PATHS = frozenset({"/rerank", "/v1/rerank", "/v2/rerank", *(f.prefix + p for f in FLAVOURS for p, _ in f.routes)})
 
 
 def split_collection(path: str) -> tuple[str, str]:

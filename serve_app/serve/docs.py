@@ -19,6 +19,7 @@ from serve_app.config import FunnelLimits, WritesConfig
 from serve_app.serve import metrics
 from serve_app.serve.api import ERROR_TYPES
 from serve_app.serve.config import AppConfig, RequestLimits, StageTimeouts
+from serve_app.serve.flavours import flavours_table
 
 DOCS_DIR = Path(__file__).resolve().parents[2] / "docs"
 
@@ -71,6 +72,7 @@ SECTIONS: dict[str, tuple[str, Callable[[], str]]] = {
     "config": ("API.md", config_table),
     "errors": ("API.md", errors_table),
     "writes": ("API.md", writes_table),
+    "flavours": ("API.md", flavours_table),
     "metrics": ("METRICS.md", metrics_table),
 }
 

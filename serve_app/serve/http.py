@@ -41,11 +41,13 @@ from serve_app.serve.api import (
     TEIRankOut,
     V1RerankResponse,
     envelope,
+    ignored_fields,
     is_rerank_path,
 )
 from serve_app.errors import DeadlineExceeded, Forbidden, FunnelError, InputRejected, InputTooLong, ModelNotFound, StageError, StageOutputError, StageOverloaded, StageTimeout, StageUnavailable
 from serve_app.filters import FilterError, check_metadata
 from serve_app.serve.auth import COLLECTIONS_PREFIX, DEFAULT_COLLECTION, install_api_key_auth, key_scope, load_api_keys, load_scoped_keys
+from serve_app.serve.flavours import FLAVOURS, Flavour
 from serve_app.serve.service import SearchService
 
 logger = logging.getLogger(__name__)
@@ -327,6 +329,32 @@ def _document_routes(app: FastAPI, service: SearchService) -> None:
         return doc
 
 
+def _count_ignored(api: str, body: Any) -> None:
+    """Count (and log at debug, by name only) the fields a lenient route set aside."""
+    names = ignored_fields(body)
+    if names:
+        metrics.count_ignored_fields(api, len(names))
+        logger.debug("%s: ignored unknown fields %s", api, names)
+
+
+def _flavour_routes(app: FastAPI, service: SearchService) -> None:
+    """Each flavour's routes under its prefix (see serve_app.serve.flavours)."""
+    models = {"tei": service.models.tei, "cohere_v1": service.models.cohere_v1, "cohere_v2": service.models.cohere_v2, "infinity": service.flavour_models.infinity, "vllm": service.flavour_models.vllm, "jina": service.flavour_models.jina}
+    for flavour in FLAVOURS:
+        for path, kind in flavour.routes:
+            _flavour_route(app, service, flavour, flavour.prefix + path, models[kind])
+
+
+def _flavour_route(app: FastAPI, service: SearchService, flavour: Flavour, path: str, model: Any) -> None:
+    async def rerank_as_reference(body: model) -> Any:  # type: ignore[valid-type]
+        if flavour.lenient:
+            _count_ignored(flavour.name, body)
+        return JSONResponse(await service.rerank(body, flavour))
+
+    summary = f"Rerank as {flavour.reference} answers (flavour `{flavour.name}`)"
+    app.post(path, responses=_RERANK_ERRORS_DOC, summary=summary, operation_id=f"rerank_{flavour.name}_{path.strip('/').replace('/', '_')}")(rerank_as_reference)
+
+
 def _service_app(service: SearchService, *, mounted: bool, collections: Sequence[str] = ()) -> FastAPI:
     """The routes of one collection's service (``mounted``: under /collections/{name} of the main app)."""
     SearchRequest = service.models.search
@@ -351,8 +379,9 @@ def _service_app(service: SearchService, *, mounted: bool, collections: Sequence
     async def search(body: SearchRequest, request: Request) -> Any:  # type: ignore[valid-type]
         return await service.search(body, bound=key_scope(request).bound_filter(service.collection))
 
-    @app.post("/rerank", response_model=Union[list[TEIRankOut], V1RerankResponse], response_model_exclude_none=True, responses=_RERANK_ERRORS_DOC, summary="Rerank: Text Embeddings Inference's shape (body with `texts`) or Cohere v1's")
+    @app.post("/rerank", response_model=Union[list[TEIRankOut], V1RerankResponse], response_model_exclude_none=True, responses=_RERANK_ERRORS_DOC, summary="Rerank: Text Embeddings Inference's shape (body with `texts`) or Cohere v1's; fields neither knows are ignored")
     async def rerank(body: RerankRequest) -> Any:  # type: ignore[valid-type]
+        _count_ignored("rerank", body)
         return await service.rerank(body)
 
     @app.post("/v1/rerank", response_model=V1RerankResponse, response_model_exclude_none=True, responses=_RERANK_ERRORS_DOC, summary="Rerank documents (Cohere v1; Jina's rerank API)")
@@ -362,6 +391,8 @@ def _service_app(service: SearchService, *, mounted: bool, collections: Sequence
     @app.post("/v2/rerank", response_model=RerankResponse, response_model_exclude_none=True, responses=_RERANK_ERRORS_DOC, summary="Rerank documents (Cohere v2)")
     async def rerank_v2(body: CohereV2Request) -> Any:  # type: ignore[valid-type]
         return await service.rerank(body)
+
+    _flavour_routes(app, service)
 
     if service.cfg.writes.enabled:
         _document_routes(app, service)

@@ -48,6 +48,9 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec(PREFIX + "score_cache_total", "counter", ("model", "result"), "Documents of rerank calls looked up in a reranker replica's score cache (result: hit, answered without scoring; miss, scored). model: the configured model name, or cascade.<stage> for a cascade stage."),
         MetricSpec(PREFIX + "rerank_depth_decisions_total", "counter", ("decision",), "/search requests that reranked, by the depth they got: decision as_requested, or reduced (the ingress lowered rerank_top_m to meet slo.search_p95_ms)."),
         MetricSpec(PREFIX + "rerank_depth", "histogram", (), "rerank_top_m used per /search request that reranked, after any SLO-aware reduction.", tuple(COUNT_BOUNDARIES)),
+        MetricSpec(PREFIX + "ignored_fields_total", "counter", ("api",), "Top-level request fields a compatibility route ignored because its reference server ignores fields it does not know (api: rerank, the shared /rerank path, or a flavour prefix: tei, infinity, vllm, jina). Their names are logged at debug level, never their values."),
+        MetricSpec(PREFIX + "cancelled_total", "counter", ("stage",), "Stage calls abandoned because their request's client disconnected or its deadline passed (stage: bm25, dense, rerank, rerank.<name>)."),
+        MetricSpec(PREFIX + "cancelled_pairs_total", "counter", ("model",), "(query, document) pairs a reranker replica dropped from its queue because their request was cancelled before they were scored."),
         MetricSpec(PREFIX + "documents_written_total", "counter", ("op",), "Documents acknowledged by the DocumentWriter (op: upsert, delete; a delete of an absent id is not counted). With writes.enabled.", feature="writes"),
         MetricSpec(PREFIX + "write_lag_batches", "histogram", ("stage",), "Batches a follower had not applied yet when it polled the writer (stage: bm25, dense, ingress); a current follower counts 0 (first bucket). With writes.enabled.", tuple(COUNT_BOUNDARIES), feature="writes"),
     )
@@ -133,3 +136,20 @@ def count_documents_written(op: str, n: int) -> None:
 def observe_write_lag(stage: str, batches: int) -> None:
     """Record how many batches a follower was behind when it polled."""
     _metric(PREFIX + "write_lag_batches").observe(max(0, int(batches)), tags={"stage": stage})
+
+
+def count_ignored_fields(api: str, n: int) -> None:
+    """Count top-level fields a compatibility route ignored."""
+    if n:
+        _metric(PREFIX + "ignored_fields_total").inc(int(n), tags={"api": api})
+
+
+def count_cancelled(stage: str) -> None:
+    """Count one stage call abandoned for a cancelled request."""
+    _metric(PREFIX + "cancelled_total").inc(tags={"stage": stage})
+
+
+def count_cancelled_pairs(model: str, pairs: int) -> None:
+    """Count pairs a reranker replica dropped, unscored, for cancelled requests."""
+    if pairs:
+        _metric(PREFIX + "cancelled_pairs_total").inc(int(pairs), tags={"model": model})

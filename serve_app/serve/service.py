@@ -26,6 +26,7 @@ from serve_app.funnel import FUSION, RERANK, CascadeDepths, CascadeNames, Funnel
 from serve_app.serve import metrics
 from serve_app.serve.api import RequestModels, build_request_models
 from serve_app.serve.config import DEFAULT_MODEL, AppConfig
+from serve_app.serve.flavours import Flavour, FlavourModels, Ranked, build_flavour_models, tei_answer
 from serve_app.serve.shards import QUERY_ENCODER_KEY, encodes_queries_once
 from serve_app.slo import DepthController
 from serve_app.types import Document, Hit, RerankOutcome, RerankRequest
@@ -133,6 +134,7 @@ class SearchService:
 
     def __post_init__(self) -> None:
         self.models: RequestModels = build_request_models(self.cfg.limits, self.cfg.funnel)
+        self.flavour_models: FlavourModels = build_flavour_models(self.cfg.limits)
         self.retrievers: tuple[str, ...] = tuple(n for n in ("bm25", "dense") if n in self.cfg.retrievers)
         self.depth = DepthController(self.cfg.slo) if self.cfg.slo.search_p95_ms is not None else None
         self.funnel = Funnel(
@@ -213,9 +215,8 @@ class SearchService:
 
     # ------------------------------------------------------------------ /rerank, /v1/rerank, /v2/rerank
 
-    async def rerank(self, req: Any) -> Any:
-        """Answer a validated rerank request in its own shape (``req.shape``: the request models
-        of ``self.models``): Cohere v1 (also Jina), Cohere v2, or Text Embeddings Inference."""
+    async def rank(self, req: Any) -> Ranked:
+        """Score a validated rerank request (any shape or flavour) and order its results."""
         texts = req.texts()
         t0 = time.perf_counter()
         try:
@@ -229,39 +230,36 @@ class SearchService:
         scores = [float(s) for s in outcome.scores]
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: req.limit()]
         name = self.cfg.reranker.resolve(getattr(req, "model", None))
+        model = self.cfg.reranker.catalog()[name]
+        return Ranked(req, texts, scores, order, name, model.model, model.activation, outcome.tokens, outcome.pairs, outcome.batch_size, ms)
+
+    async def rerank(self, req: Any, flavour: Optional[Flavour] = None) -> Any:
+        """Answer a validated rerank request as ``flavour`` answers it, or, on the unprefixed
+        routes, in its own shape (``req.shape``): Cohere v1 (also Jina, infinity, vLLM), Cohere
+        v2, or Text Embeddings Inference."""
+        r = await self.rank(req)
+        if flavour is not None:
+            return flavour.answer(r)
         if req.shape == "tei":
-            return self._tei(req, texts, scores, order, name)
+            return tei_answer(r)
         results = []
-        for i in order:
-            r: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+        for i in r.order:
+            item: dict[str, Any] = {"index": i, "relevance_score": r.scores[i]}
             if req.return_documents:
-                r["document"] = req.document(i) if req.shape == "cohere-v1" else {"text": texts[i]}
-            results.append(r)
+                item["document"] = req.document(i) if req.shape == "cohere-v1" else {"text": r.texts[i]}
+            results.append(item)
         meta = {
             "api_version": {"version": "1" if req.shape == "cohere-v1" else "2"},
             # Cohere bills one search unit per 100 documents (long documents count per chunk).
-            "billed_units": {"search_units": max(1, math.ceil(outcome.pairs / 100))},
-            "model": self.cfg.reranker.catalog()[name].model,
-            "batch_size": outcome.batch_size,
-            "timings_ms": {"rerank": round(ms, 3)},
+            "billed_units": {"search_units": max(1, math.ceil(r.pairs / 100))},
+            "model": r.model_id,
+            "batch_size": r.batch_size,
+            "timings_ms": {"rerank": round(r.ms, 3)},
         }
         answer: dict[str, Any] = {"id": str(uuid.uuid4()), "results": results, "meta": meta}
         if req.shape == "cohere-v1":  # Jina's clients read these
-            answer.update(model=getattr(req, "model", None) or name, usage={"total_tokens": outcome.tokens})
+            answer.update(model=r.requested_model(), usage={"total_tokens": r.tokens})
         return answer
-
-    def _tei(self, req: Any, texts: list[str], scores: list[float], order: list[int], name: str) -> list[dict[str, Any]]:
-        """Text Embeddings Inference's answer: ``[{index, score, text?}]``, best first; a sigmoid
-        over raw scores unless ``raw_scores`` (a model configured with ``activation: sigmoid``
-        already gives probabilities)."""
-        squash = not req.raw_scores and self.cfg.reranker.catalog()[name].activation == "none"
-        out = []
-        for i in order:
-            item: dict[str, Any] = {"index": i, "score": 1.0 / (1.0 + math.exp(-scores[i])) if squash else scores[i]}
-            if req.return_text:
-                item["text"] = texts[i]
-            out.append(item)
-        return out
 
     # ------------------------------------------------------------------ /documents
 

@@ -258,7 +258,6 @@ def test_tei_truncation_as_tei_does(stack, direct):
         ({"query": QUERY, "texts": DOCS, "raw_scores": "yes"}, 422, "raw_scores"),
         ({"query": QUERY, "texts": DOCS, "truncation_direction": "Up"}, 422, "truncation_direction"),
         ({"query": QUERY, "texts": DOCS, "truncate": 1}, 422, "truncate"),
-        ({"query": QUERY, "texts": DOCS, "documents": DOCS}, 422, "documents"),  # the shapes do not mix
         ({"query": QUERY, "texts": ["x"] * 21}, 422, "texts"),
         ({"query": QUERY, "texts": DOCS, "model": "nope"}, 404, "available models"),
     ],
