@@ -99,3 +99,45 @@ def test_a_cancelled_caller_does_not_disturb_the_others():
         return await first, await kept, gone.cancelled()
 
     assert asyncio.run(scenario()) == ([10], [30], True)
+
+
+def test_a_cancelled_waiting_group_never_reaches_the_model():
+    """A submitter cancelled while its group waits behind a running call takes the group out:
+    its items are not in the next call, the others' results are unaffected."""
+    model = SlowModel(delay=0.05)
+    coalescer = Coalescer(model, max_items=100)
+
+    async def scenario():
+        first = asyncio.create_task(coalescer.submit([1]))
+        await asyncio.sleep(0.01)  # the first call runs
+        abandoned = asyncio.create_task(coalescer.submit([7, 8, 9]))
+        kept = asyncio.create_task(coalescer.submit([2]))
+        await asyncio.sleep(0.01)
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        return await first, await kept
+
+    assert asyncio.run(scenario()) == ([10], [20])
+    assert model.calls == [[1], [2]]
+    assert (coalescer.cancelled_groups, coalescer.cancelled_items) == (1, 3)
+
+
+def test_cancelling_a_submitter_during_its_call_does_not_fail_the_others_in_it():
+    model = SlowModel(delay=0.05)
+    coalescer = Coalescer(model, max_items=100)
+
+    async def scenario():
+        blocker = asyncio.create_task(coalescer.submit([1]))
+        await asyncio.sleep(0.01)
+        a = asyncio.create_task(coalescer.submit([2]))
+        b = asyncio.create_task(coalescer.submit([3]))
+        await blocker
+        await asyncio.sleep(0.01)  # a and b share the second call, which runs now
+        a.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await a
+        return await b
+
+    assert asyncio.run(scenario()) == [30]
+    assert model.calls == [[1], [2, 3]]

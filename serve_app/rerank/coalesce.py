@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Awaitable, Callable, Generic, Sequence, TypeVar
+from typing import Awaitable, Callable, Generic, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -36,6 +36,11 @@ class Coalescer(Generic[T, R]):
     ``fn`` takes a list of items and returns one result per item, in order. An exception from
     ``fn`` is raised in every submitter whose items were in that call; other calls go on.
     ``calls`` records the number of groups and items of each call (the last 10,000).
+
+    One runner task makes the calls, one at a time; submitters only wait for their results. A
+    submitter that is cancelled (its client went away) before its group's call starts takes the
+    group out of the queue (``cancelled_groups``, ``cancelled_items`` count them); one cancelled
+    during the call leaves the call running for the other groups in it.
     """
 
     def __init__(self, fn: Callable[[list[T]], Awaitable[Sequence[R]]], max_items: int) -> None:
@@ -44,8 +49,10 @@ class Coalescer(Generic[T, R]):
         self.fn = fn
         self.max_items = max_items
         self.calls: collections.deque[tuple[int, int]] = collections.deque(maxlen=10000)
+        self.cancelled_groups = 0
+        self.cancelled_items = 0
         self._pending: collections.deque[tuple[list[T], asyncio.Future]] = collections.deque()
-        self._lock = asyncio.Lock()  # binds to the running loop on first contended use (Python >= 3.10)
+        self._runner: Optional[asyncio.Task] = None
 
     async def submit(self, items: Sequence[T]) -> list[R]:
         """Results for ``items``, computed in the next model call that has room for them."""
@@ -54,22 +61,38 @@ class Coalescer(Generic[T, R]):
             return []
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending.append((items, future))
-        async with self._lock:
-            while not future.done():
-                await self._run_once()
-        return future.result()
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.ensure_future(self._run())
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if not future.done():  # not taken into a call yet: it never will be
+                future.cancel()
+            raise
 
     def _take(self) -> list[tuple[list[T], asyncio.Future]]:
-        groups = [self._pending.popleft()]  # the oldest group always goes, even when oversized
-        size = len(groups[0][0])
-        while self._pending and size + len(self._pending[0][0]) <= self.max_items:
-            group = self._pending.popleft()
-            groups.append(group)
-            size += len(group[0])
+        groups: list[tuple[list[T], asyncio.Future]] = []
+        size = 0
+        while self._pending:
+            items, future = self._pending[0]
+            if future.done():  # its submitter was cancelled while it waited
+                self._pending.popleft()
+                self.cancelled_groups += 1
+                self.cancelled_items += len(items)
+                continue
+            if groups and size + len(items) > self.max_items:
+                break  # the oldest group always goes, even when oversized
+            groups.append(self._pending.popleft())
+            size += len(items)
         return groups
 
-    async def _run_once(self) -> None:
-        groups = self._take()
+    async def _run(self) -> None:
+        while self._pending:
+            groups = self._take()
+            if groups:
+                await self._call(groups)
+
+    async def _call(self, groups: list[tuple[list[T], asyncio.Future]]) -> None:
         merged = [item for items, _ in groups for item in items]
         self.calls.append((len(groups), len(merged)))
         try:
@@ -85,6 +108,6 @@ class Coalescer(Generic[T, R]):
             return
         start = 0
         for items, future in groups:
-            if not future.done():  # a cancelled submitter leaves a done future
+            if not future.done():  # a submitter cancelled during the call leaves a done future
                 future.set_result(results[start : start + len(items)])
             start += len(items)

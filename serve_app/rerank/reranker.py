@@ -37,7 +37,7 @@ chunk windows, instruction) is not scored again: :meth:`Reranker.cached` answers
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -212,15 +212,17 @@ class Reranker:
         """Each request's document scores, all pairs scored in one ``scorer.score`` call."""
         return [scores for scores, _, _ in self.rerank_many_detailed(requests)]
 
-    def rerank_many_detailed(self, requests: Sequence[RerankRequest], lookups: Sequence[CacheLookup | None] | None = None) -> list[tuple[np.ndarray, int, int]]:
+    def rerank_many_detailed(self, requests: Sequence[RerankRequest], lookups: Sequence[CacheLookup | None] | None = None, wanted: Callable[[int], bool] | None = None) -> list[tuple[np.ndarray, int, int]]:
         """(document scores, pairs scored, tokens read) of each request, all pairs in one scorer call
         (only the documents the cache does not answer are scored). ``lookups``: each request's
-        :meth:`lookup` when it was made already (None entries are looked up here)."""
+        :meth:`lookup` when it was made already (None entries are looked up here). ``wanted(r)``,
+        asked before each forward pass: False drops request ``r``'s pairs not scored yet (it was
+        cancelled); its unscored documents get NaN and nothing of it is cached."""
         if self.cache is not None:
-            return self._rerank_many_cached(requests, lookups)
-        return self._rerank_many_uncached(requests)
+            return self._rerank_many_cached(requests, lookups, wanted)
+        return self._rerank_many_uncached(requests, wanted)
 
-    def _rerank_many_cached(self, requests: Sequence[RerankRequest], lookups: Sequence[CacheLookup | None] | None) -> list[tuple[np.ndarray, int, int]]:
+    def _rerank_many_cached(self, requests: Sequence[RerankRequest], lookups: Sequence[CacheLookup | None] | None, wanted: Callable[[int], bool] | None = None) -> list[tuple[np.ndarray, int, int]]:
         assert self.cache is not None
         for r, req in enumerate(requests):
             _validate(req, f"requests[{r}]." if len(requests) > 1 else "")
@@ -230,21 +232,23 @@ class Reranker:
         found = [lk.found for lk in done]  # type: ignore[union-attr]
         misses = [[i for i, s in enumerate(f) if s is None] for f in found]
         todo = [replace(req, documents=[req.documents[i] for i in miss]) for req, miss in zip(requests, misses)]
-        scored = self._rerank_many_uncached(todo)
+        scored = self._rerank_many_uncached(todo, wanted)
         out = []
-        for ctx, req, dg, f, miss, (scores, pairs, tokens) in zip(contexts, requests, digests, found, misses, scored):
-            self.cache.put(ctx, req.query, [req.documents[i] for i in miss], scores.tolist(), [dg[i] for i in miss])
+        for r, (ctx, req, dg, f, miss, (scores, pairs, tokens)) in enumerate(zip(contexts, requests, digests, found, misses, scored)):
+            if wanted is None or wanted(r):
+                self.cache.put(ctx, req.query, [req.documents[i] for i in miss], scores.tolist(), [dg[i] for i in miss])
             full = np.asarray([np.nan if s is None else s for s in f], dtype=np.float32)
             if miss:
                 full[np.asarray(miss, dtype=np.int64)] = scores
             out.append((full, pairs, tokens))
         return out
 
-    def _rerank_many_uncached(self, requests: Sequence[RerankRequest]) -> list[tuple[np.ndarray, int, int]]:
+    def _rerank_many_uncached(self, requests: Sequence[RerankRequest], wanted: Callable[[int], bool] | None = None) -> list[tuple[np.ndarray, int, int]]:
         pairs: list[tuple[str, str]] = []
         instructions: list[str | None] = []
         limits: list[int] = []
         owner: list[int] = []  # pair -> document position across all requests
+        asker: list[int] = []  # pair -> request
         n_docs: list[int] = []
         doc_pos = 0
         for r, req in enumerate(requests):
@@ -258,16 +262,24 @@ class Reranker:
                     instructions.append(req.instruction)
                     limits.append(limit)
                     owner.append(doc_pos)
+                    asker.append(r)
                 doc_pos += 1
             n_docs.append(len(req.documents))
         doc_scores = np.full(doc_pos, -np.inf, dtype=np.float32)
         lengths: list[int] = []
+        done = np.ones(len(pairs), dtype=bool)
         if pairs:
             extra = {"instructions": instructions} if any(i is not None for i in instructions) else {}
+            if wanted is not None:
+                extra["wanted"] = lambda i: wanted(asker[i])
             scores, lengths = self.scorer.score_with_lengths(pairs, max_length=limits, **extra)
-            np.maximum.at(doc_scores, np.asarray(owner, dtype=np.int64), scores)
+            if wanted is not None:
+                done = ~np.isnan(scores)
+            np.maximum.at(doc_scores, np.asarray(owner, dtype=np.int64)[done], scores[done])
+            if not done.all():  # documents of cancelled requests left unscored: no pair of theirs ran
+                doc_scores[np.isneginf(doc_scores)] = np.nan
         bounds = np.cumsum([0, *n_docs])
         pair_owner = np.searchsorted(bounds, np.asarray(owner, dtype=np.int64), side="right") - 1  # pair -> request
-        pairs_of = np.bincount(pair_owner, minlength=len(requests)) if pairs else np.zeros(len(requests), dtype=np.int64)
+        pairs_of = np.bincount(pair_owner, weights=done, minlength=len(requests)) if pairs else np.zeros(len(requests), dtype=np.int64)
         tokens_of = np.bincount(pair_owner, weights=lengths, minlength=len(requests)) if pairs else np.zeros(len(requests))
         return [(doc_scores[bounds[i] : bounds[i + 1]].copy(), int(pairs_of[i]), int(tokens_of[i])) for i in range(len(requests))]

@@ -150,10 +150,12 @@ class PairScorer:
         return self.score_with_lengths(pairs, max_length, instructions)[0]
 
     def score_with_lengths(
-        self, pairs: Sequence[tuple[str, str]], max_length: int | Sequence[int] | None = None, instructions: Optional[Sequence[Optional[str]]] = None, *, record: bool = True
+        self, pairs: Sequence[tuple[str, str]], max_length: int | Sequence[int] | None = None, instructions: Optional[Sequence[Optional[str]]] = None, *, record: bool = True, wanted: Optional[Callable[[int], bool]] = None
     ) -> tuple[np.ndarray, list[int]]:
         """:meth:`score`, and the number of tokens the model read for each pair. ``record=False``
-        leaves the counters and ``last_stats`` alone (a probe is not traffic)."""
+        leaves the counters and ``last_stats`` alone (a probe is not traffic). ``wanted(i)``,
+        asked before each forward pass for the pairs in it: False drops pair ``i`` unscored (its
+        request was cancelled meanwhile); its score is NaN and it read 0 tokens."""
         limits = self.pairs.limits(len(pairs), max_length)
         out = np.empty(len(pairs), dtype=np.float32)
         if not pairs:
@@ -164,12 +166,25 @@ class PairScorer:
         lengths = [len(f["input_ids"]) for f in features]
         batches = plan_batches(lengths, self.cfg.max_batch_tokens, self.cfg.max_batch_pairs)
         padded = 0
+        run: list[list[int]] = []
         for batch in batches:
+            if wanted is not None:
+                dropped = [i for i in batch if not wanted(i)]
+                if dropped:
+                    out[dropped] = np.nan
+                    for i in dropped:
+                        lengths[i] = 0
+                    gone = set(dropped)
+                    batch = [i for i in batch if i not in gone]
+                    if not batch:
+                        continue
             out[batch] = self._forward([features[i] for i in batch])
-            padded += lengths[batch[0]] * len(batch) - sum(lengths[i] for i in batch)
+            padded += max(lengths[i] for i in batch) * len(batch) - sum(lengths[i] for i in batch)
+            run.append(batch)
         if not record:
             return out, lengths
-        stats = ScoreStats(len(pairs), len(batches), tuple(len(b) for b in batches), sum(lengths), padded)
+        scored = sum(len(b) for b in run)
+        stats = ScoreStats(scored, len(run), tuple(len(b) for b in run), sum(lengths), padded)
         with self._counters.lock:
             self._counters.pairs_scored += stats.pairs
             self._counters.batches_run += stats.batches

@@ -49,7 +49,7 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec(PREFIX + "rerank_depth_decisions_total", "counter", ("decision",), "/search requests that reranked, by the depth they got: decision as_requested, or reduced (the ingress lowered rerank_top_m to meet slo.search_p95_ms)."),
         MetricSpec(PREFIX + "rerank_depth", "histogram", (), "rerank_top_m used per /search request that reranked, after any SLO-aware reduction.", tuple(COUNT_BOUNDARIES)),
         MetricSpec(PREFIX + "ignored_fields_total", "counter", ("api",), "Top-level request fields a compatibility route ignored because its reference server ignores fields it does not know (api: rerank, the shared /rerank path, or a flavour prefix: tei, infinity, vllm, jina). Their names are logged at debug level, never their values."),
-        MetricSpec(PREFIX + "cancelled_total", "counter", ("stage",), "Stage calls abandoned because their request's client disconnected or its deadline passed (stage: bm25, dense, rerank, rerank.<name>)."),
+        MetricSpec(PREFIX + "cancelled_total", "counter", ("stage",), "Stage calls the ingress abandoned because their request's client disconnected or its deadline (timeouts.request_timeout_s) passed; Serve cancels the handle call, so the stage's replica drops the work it has not started (stage: bm25, dense, dense_query_encoder, reranker, a cascade stage's reranker key, writer)."),
         MetricSpec(PREFIX + "cancelled_pairs_total", "counter", ("model",), "(query, document) pairs a reranker replica dropped from its queue because their request was cancelled before they were scored."),
         MetricSpec(PREFIX + "documents_written_total", "counter", ("op",), "Documents acknowledged by the DocumentWriter (op: upsert, delete; a delete of an absent id is not counted). With writes.enabled.", feature="writes"),
         MetricSpec(PREFIX + "write_lag_batches", "histogram", ("stage",), "Batches a follower had not applied yet when it polled the writer (stage: bm25, dense, ingress); a current follower counts 0 (first bucket). With writes.enabled.", tuple(COUNT_BOUNDARIES), feature="writes"),
@@ -146,7 +146,7 @@ def count_ignored_fields(api: str, n: int) -> None:
 
 def count_cancelled(stage: str) -> None:
     """Count one stage call abandoned for a cancelled request."""
-    _metric(PREFIX + "cancelled_total").inc(tags={"stage": stage})
+    _metric(PREFIX + "cancelled_total").inc(tags={"stage": stage.replace(" ", "_")})
 
 
 def count_cancelled_pairs(model: str, pairs: int) -> None:

@@ -35,12 +35,19 @@ HEALTH_RECENT_S = 30.0
 _PROBE_PAIR = ("health probe", "a short document")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Pending:
-    """A request waiting for a model call, with its cache lookup when the replica has a cache."""
+    """A request waiting for a model call, with its cache lookup when the replica has a cache.
+
+    ``cancelled`` is set when its caller is cancelled (the client went away, or the request's
+    deadline passed: Serve cancels the handle call and the replica sees ``CancelledError``); the
+    model call then leaves its pairs out, or stops scoring them between forward passes.
+    ``started``: its model call has begun."""
 
     request: RerankRequest
     lookup: Any = None
+    cancelled: bool = False
+    started: bool = False
 
 
 class RerankerServer:
@@ -75,6 +82,8 @@ class RerankerServer:
         # that wait into the next model call (serve_app.rerank.coalesce).
         self._rerank_batched = serve_batch(self.coalescer.submit, self.batching, RERANK_CONCURRENT_BATCHES)
         self._last_scored = 0.0
+        self.cancelled_requests = 0  # requests whose caller was cancelled while they waited or ran
+        self.cancelled_pairs = 0  # their pairs never scored (the work saved)
 
     async def _load_named(self, name: str) -> ModelSlot:
         from serve_app.rerank.reranker import Reranker
@@ -125,12 +134,31 @@ class RerankerServer:
                 raise InputTooLong(f"{len(too_long)} document(s) ({shown}) with the query exceed the {reranker.scorer.max_length} tokens the model reads; send truncate: true to cut them")
         lookup = reranker.lookup(request)  # the request's one cache lookup (None without a cache)
         if lookup is None:
-            return await self._rerank_batched(Pending(request))
+            return await self._wait(Pending(request))
         metrics.count_score_cache(self._metric_label(request.model), lookup.hits, len(lookup.found) - lookup.hits)
         if lookup.found and lookup.complete:  # every score is known: answer without waiting for the model
             return RerankOutcome([float(x) for x in lookup.found], 0, 0, 0, 0, cached=lookup.hits)  # type: ignore[arg-type]
-        outcome = await self._rerank_batched(Pending(request, lookup))
+        outcome = await self._wait(Pending(request, lookup))
         return dataclasses.replace(outcome, cached=lookup.hits)
+
+    async def _wait(self, pending: Pending) -> RerankOutcome:
+        """``pending``'s outcome from its model call; cancelled, it is marked so that no pair of
+        it starts from now on (those that never start are counted as saved here, those skipped
+        inside a running call when it ends)."""
+        try:
+            return await self._rerank_batched(pending)
+        except asyncio.CancelledError:
+            pending.cancelled = True
+            self.cancelled_requests += 1
+            if not pending.started:
+                lookup = pending.lookup
+                self._count_saved(pending, len(pending.request.documents) if lookup is None else sum(1 for f in lookup.found if f is None))
+            raise
+
+    def _count_saved(self, pending: Pending, pairs: int) -> None:
+        if pairs:
+            self.cancelled_pairs += pairs
+            metrics.count_cancelled_pairs(self._metric_label(pending.request.model), pairs)
 
     def _metric_label(self, model: Optional[str]) -> str:
         """The ``model`` label of a model's metrics (its stage's label for the default model)."""
@@ -143,19 +171,28 @@ class RerankerServer:
         looked up or scored again."""
         groups: dict[str, list[int]] = collections.defaultdict(list)
         for i, p in enumerate(pending):
-            groups[model_key(p.request.model)].append(i)
+            if not p.cancelled:  # cancelled while it waited: never scored (counted when cancelled)
+                groups[model_key(p.request.model)].append(i)
         out: list[Any] = [None] * len(pending)
         for name, rows in groups.items():
+            rows = [i for i in rows if not pending[i].cancelled]  # also those cancelled during an earlier model's call
+            if not rows:
+                continue
             reranker = await self.reranker_for(name)
             group = [pending[i].request for i in rows]
             lookups = [pending[i].lookup for i in rows]
+            members = [pending[i] for i in rows]
+            for p in members:
+                p.started = True
             t0 = time.perf_counter()
-            detailed = await asyncio.to_thread(reranker.rerank_many_detailed, group, lookups)
+            detailed = await asyncio.to_thread(reranker.rerank_many_detailed, group, lookups, lambda r: not members[r].cancelled)
             self._last_scored = time.monotonic()
             pairs = sum(p for _, p, _ in detailed)
             metrics.observe_latency("rerank_batch", (time.perf_counter() - t0) * 1000)
             metrics.observe_rerank_batch(len(group), pairs, self._metric_label(name))
-            for i, (scores, n_pairs, tokens) in zip(rows, detailed):
+            for i, p, (scores, n_pairs, tokens) in zip(rows, members, detailed):
+                if p.cancelled:  # skipped between forward passes: what it did not read was saved
+                    self._count_saved(p, int(sum(1 for x in scores if x != x)))
                 out[i] = RerankOutcome([float(x) for x in scores], len(group), pairs, n_pairs, tokens)
         return out
 
@@ -180,6 +217,7 @@ class RerankerServer:
             "batch_sizes": [n for _, n in self.coalescer.calls],
             "batching": self.batching.model_dump(),
             "pairs_scored": self.reranker.scorer.pairs_scored,
+            "cancelled": {"requests": self.cancelled_requests, "pairs_saved": self.cancelled_pairs},
             "serve_batching": not isinstance(self._rerank_batched, OneByOne),
             "models_loaded": [DEFAULT_MODEL, *sorted(self.loaded)],
             "model_loads": dict(self.loads),

@@ -24,6 +24,7 @@ import logging
 from typing import Awaitable, Callable, Optional, TypeVar
 
 from serve_app.errors import StageOverloaded
+from serve_app.serve import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,11 @@ async def call_stage(stage: str, make_call: Callable[[], Awaitable[T]], *, retri
     while True:
         try:
             return await make_call()
+        except asyncio.CancelledError:
+            # The request's client went away or its deadline passed: awaiting a Serve handle
+            # call, the cancellation reaches the stage's replica too (its queued work is dropped).
+            metrics.count_cancelled(stage)
+            raise
         except Exception as exc:
             overloaded = as_overloaded(exc, stage)
             if overloaded is not None:
