@@ -72,7 +72,7 @@ DENSE_BATCHING = BatchingConfig(max_batch_size=32, batch_wait_timeout_s=0.002)
 class FaultInjection(_Strict):
     """Deliberate failures of one stage, for tests and drills of the degraded paths. Off by default."""
 
-    mode: Literal["none", "error", "delay"] = Field("none", description="none: normal. error: every call raises. delay: every call sleeps delay_s first.")
+    mode: Literal["none", "error", "delay", "slow_model"] = Field("none", description="none: normal. error: every call raises. delay: every call sleeps delay_s first. slow_model (reranker): every model call takes delay_s longer, so requests queue behind it as behind a slow forward pass.")
     delay_s: float = Field(0.0, ge=0, le=600, description="Seconds a call sleeps in mode delay.")
 
 

@@ -25,7 +25,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import serve_app
-from serve_app.serve import metrics
+from serve_app.serve import metrics, tracing
 from serve_app.serve.api import (
     DOCUMENT_TAGS,
     ERROR_TYPES,
@@ -152,7 +152,11 @@ def json_route_class(max_body_bytes: int) -> type:
 
 
 def _endpoint(request: Request) -> str:
-    path = request.url.path.rstrip("/")
+    return _endpoint_of_path(request.url.path)
+
+
+def _endpoint_of_path(path: str) -> str:
+    path = path.rstrip("/")
     for name in ("search", "rerank", "healthz", "info"):
         if path.endswith("/" + name):
             return name
@@ -437,4 +441,30 @@ def create_app(service: SearchService, *, api_keys: Optional[Sequence[Any]] = No
     # Last: the outermost middleware, so that requests without a valid key are refused before
     # anything reads their body.
     app.state.auth_enabled = install_api_key_auth(app, api_keys).enabled
+    app.add_middleware(TraceRequests)  # outermost of all: refused requests are traced too
     return app
+
+
+class TraceRequests:
+    """ASGI middleware: each HTTP request in a ``serve_app.http`` span (a child of Ray Serve's
+    replica span when Serve traces), its trace id in the ``X-Trace-Id`` response header."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        with tracing.span("serve_app.http", **{"http.request.method": scope.get("method"), "serve_app.endpoint": _endpoint_of_path(path), "url.path": path if not ("/documents/" in path) else None}) as sp:
+            trace_id = tracing.current_trace_id()
+
+            async def send_traced(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    tracing.annotate(sp, **{"http.response.status_code": message["status"]})
+                    if trace_id:
+                        message = {**message, "headers": [*message.get("headers", []), (tracing.TRACE_ID_HEADER.lower().encode(), trace_id.encode())]}
+                await send(message)
+
+            await self.app(scope, receive, send_traced)

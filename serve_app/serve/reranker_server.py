@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from serve_app.funnel import CascadeNames
 from serve_app.rerank.coalesce import Coalescer
-from serve_app.serve import metrics
+from serve_app.serve import metrics, tracing
 from serve_app.serve.config import DEFAULT_MODEL, ENV_RERANKER_MODEL, BatchingConfig, FaultInjection, RerankerServerConfig, RerankerUserConfig, model_key, parse_user_config
 from serve_app.serve.replica import ModelSlot, OneByOne, apply_fault, load_or_explain, replica_id, serve_batch, serve_multiplexed
 from serve_app.types import RerankOutcome, RerankRequest
@@ -122,6 +122,17 @@ class RerankerServer:
 
     async def rerank(self, request: RerankRequest) -> RerankOutcome:
         """Scores of one request's documents (batched with the concurrent requests of its model)."""
+        attrs = {"serve_app.rerank.model": model_key(request.model), "serve_app.rerank.documents": len(request.documents), "serve_app.rerank.cascade_stage": self.stage}
+        with tracing.span("serve_app.reranker.score", **attrs) as sp:
+            try:
+                outcome = await self._rerank(request)
+            except asyncio.CancelledError:
+                tracing.annotate(sp, **{"serve_app.cancelled": True})
+                raise
+            tracing.annotate(sp, **{"serve_app.rerank.pairs_scored": outcome.pairs, "serve_app.rerank.cache_hits": outcome.cached, "serve_app.rerank.batch_size": outcome.batch_size, "serve_app.rerank.batch_pairs": outcome.batch_pairs, "serve_app.rerank.tokens": outcome.tokens})
+            return outcome
+
+    async def _rerank(self, request: RerankRequest) -> RerankOutcome:
         await apply_fault(self.fault, "reranker")
         reranker = await self.reranker_for(request.model)
         reranker.check(request)  # refused on its own, before it joins (and fails) a batch
@@ -175,10 +186,12 @@ class RerankerServer:
                 groups[model_key(p.request.model)].append(i)
         out: list[Any] = [None] * len(pending)
         for name, rows in groups.items():
-            rows = [i for i in rows if not pending[i].cancelled]  # also those cancelled during an earlier model's call
+            reranker = await self.reranker_for(name)
+            if self.fault.mode == "slow_model":  # a drill: the model call holds the queue this much longer
+                await asyncio.sleep(self.fault.delay_s)
+            rows = [i for i in rows if not pending[i].cancelled]  # also those cancelled during an earlier call or load
             if not rows:
                 continue
-            reranker = await self.reranker_for(name)
             group = [pending[i].request for i in rows]
             lookups = [pending[i].lookup for i in rows]
             members = [pending[i] for i in rows]
@@ -218,6 +231,7 @@ class RerankerServer:
             "batching": self.batching.model_dump(),
             "pairs_scored": self.reranker.scorer.pairs_scored,
             "cancelled": {"requests": self.cancelled_requests, "pairs_saved": self.cancelled_pairs},
+            "fault": self.fault.model_dump(),
             "serve_batching": not isinstance(self._rerank_batched, OneByOne),
             "models_loaded": [DEFAULT_MODEL, *sorted(self.loaded)],
             "model_loads": dict(self.loads),

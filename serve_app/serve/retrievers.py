@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from serve_app.serve import metrics
+from serve_app.serve import metrics, tracing
 from serve_app.serve.config import ENV_DENSE_MODEL, BM25ServerConfig, DenseServerConfig, FaultInjection, QueryEncoderServerConfig, RetrieverUserConfig, parse_user_config
 from serve_app.serve.replica import apply_fault, index_dir_of, load_or_explain, replica_id, serve_batch
 from serve_app.serve.shards import QUERY_ENCODER_KEY
@@ -32,6 +32,11 @@ def _follow(what: str, stage: str, cfg: Any, writer: Any, build_view: Any, *, ne
     from serve_app.serve.live_replica import LiveReplica, source_of
 
     return LiveReplica(what, cfg.index_dir, source_of(writer), build_view, cfg.writes, needs_stats=needs_stats, stage=stage)
+
+
+def _span_attrs(shard: Any, k: int, at_seq: Optional[int], where: Any) -> dict[str, Any]:
+    """Attributes of a retriever replica's search span: its shard, k, the batch it reads, filtered."""
+    return {"serve_app.shard": None if shard is None else f"{shard.index}/{shard.num_shards}", "serve_app.top_k": k, "serve_app.seq": at_seq, "serve_app.filtered": where is not None}
 
 
 class BM25Server:
@@ -68,11 +73,13 @@ class BM25Server:
         applied); with a filter ``where`` (:mod:`serve_app.filters`), among the documents it admits."""
         await apply_fault(self.fault, "bm25")
         t0 = time.perf_counter()
-        if self.live is not None:
-            view = await self.live.view_at(at_seq)
-            hits = await asyncio.to_thread(view.search, query, k, at_seq, where)
-        else:
-            hits = await asyncio.to_thread(self.retriever.search, query, k, where)
+        with tracing.span("serve_app.bm25.search", **_span_attrs(self.shard, k, at_seq, where)) as sp:
+            if self.live is not None:
+                view = await self.live.view_at(at_seq)
+                hits = await asyncio.to_thread(view.search, query, k, at_seq, where)
+            else:
+                hits = await asyncio.to_thread(self.retriever.search, query, k, where)
+            tracing.annotate(sp, **{"serve_app.hits": len(hits)})
         metrics.observe_latency("bm25_search", (time.perf_counter() - t0) * 1000)
         return hits
 
@@ -132,14 +139,20 @@ class DenseServer:
         if not self.encodes:
             raise RuntimeError("this dense shard loads no query encoder: send it vectors (search_vector)")
         await apply_fault(self.fault, "dense")
-        await self._pin(at_seq)
-        return await self._search_batched((query, k, at_seq, where))
+        with tracing.span("serve_app.dense.search", **_span_attrs(self.shard, k, at_seq, where), **{"serve_app.encodes_query": True}) as sp:
+            await self._pin(at_seq)
+            hits = await self._search_batched((query, k, at_seq, where))
+            tracing.annotate(sp, **{"serve_app.hits": len(hits)})
+            return hits
 
     async def search_vector(self, vector: Any, k: int, at_seq: Optional[int] = None, where: Any = None) -> list[Hit]:
         """Top-``k`` documents for a query vector (from :class:`QueryEncoderServer`)."""
         await apply_fault(self.fault, "dense")
-        await self._pin(at_seq)
-        return await self._search_batched((np.asarray(vector, dtype=np.float32).reshape(-1), k, at_seq, where))
+        with tracing.span("serve_app.dense.search", **_span_attrs(self.shard, k, at_seq, where), **{"serve_app.encodes_query": False}) as sp:
+            await self._pin(at_seq)
+            hits = await self._search_batched((np.asarray(vector, dtype=np.float32).reshape(-1), k, at_seq, where))
+            tracing.annotate(sp, **{"serve_app.hits": len(hits)})
+            return hits
 
     async def _pin(self, at_seq: Optional[int]) -> None:
         if self.live is not None:

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Protocol, Sequence
 from serve_app.errors import StageError
 from serve_app.filters import all_of, matches, parse_filter
 from serve_app.funnel import FUSION, RERANK, CascadeDepths, CascadeNames, Funnel, FunnelRequest, StageReport, gather_all, describe_exception
-from serve_app.serve import metrics
+from serve_app.serve import metrics, tracing
 from serve_app.serve.api import RequestModels, build_request_models
 from serve_app.serve.config import DEFAULT_MODEL, AppConfig
 from serve_app.serve.flavours import Flavour, FlavourModels, Ranked, build_flavour_models, tei_answer
@@ -82,22 +82,35 @@ class IngressStages:
         # One SQLite query for a request's candidates, not one per id, in a worker thread: the
         # event loop keeps serving other requests while the store reads from disk.
         seq = READ_SEQ.get()
-        if self.live is not None and seq is not None:
-            view = await self.live.view_at(seq)
-            return await asyncio.to_thread(view.get_many, doc_ids, seq)
-        return await asyncio.to_thread(self.store.get_many, doc_ids)
+        with tracing.span("serve_app.documents", **{"serve_app.documents.requested": len(doc_ids), "serve_app.seq": seq}) as sp:
+            if self.live is not None and seq is not None:
+                view = await self.live.view_at(seq)
+                docs = await asyncio.to_thread(view.get_many, doc_ids, seq)
+            else:
+                docs = await asyncio.to_thread(self.store.get_many, doc_ids)
+            tracing.annotate(sp, **{"serve_app.documents.found": sum(d is not None for d in docs)})
+            return docs
 
     async def retrieve(self, name: str, queries: Sequence[str], k: int, where: Any = None) -> list[list[Hit]]:
         seq = READ_SEQ.get()
         pin: dict[str, Any] = {} if seq is None else {"at_seq": seq}
         if where is not None:
             pin["where"] = where
-        return [list(hits) for hits in await gather_all(self.backends.retrieve(name, q, k, **pin) for q in queries)]
+        with tracing.span(f"serve_app.retrieve.{name}", **{"serve_app.retriever": name, "serve_app.top_k": k, "serve_app.filtered": where is not None, "serve_app.seq": seq}) as sp:
+            lists = [list(hits) for hits in await gather_all(self.backends.retrieve(name, q, k, **pin) for q in queries)]
+            tracing.annotate(sp, **{"serve_app.hits": sum(len(h) for h in lists)})
+            return lists
 
     async def rerank(self, requests: Sequence[RerankRequest], stage: Optional[str] = None) -> list[RerankOutcome]:
-        if stage is None:
-            return await gather_all(self.backends.rerank(r) for r in requests)
-        return await gather_all(self.backends.rerank(r, stage) for r in requests)  # type: ignore[call-arg]
+        name = "serve_app.rerank" if stage is None else f"serve_app.rerank.{stage}"
+        attrs = {"serve_app.rerank.stage": stage or "final", "serve_app.rerank.depth": sum(len(r.documents) for r in requests), "serve_app.rerank.model": requests[0].model if requests else None}
+        with tracing.span(name, **attrs) as sp:
+            if stage is None:
+                out = await gather_all(self.backends.rerank(r) for r in requests)
+            else:
+                out = await gather_all(self.backends.rerank(r, stage) for r in requests)  # type: ignore[call-arg]
+            tracing.annotate(sp, **{"serve_app.rerank.pairs_scored": sum(o.pairs for o in out), "serve_app.rerank.cache_hits": sum(o.cached for o in out), "serve_app.rerank.batch_size": max((o.batch_size for o in out), default=0), "serve_app.rerank.tokens": sum(o.tokens for o in out)})
+            return out
 
 
 def record_stages(stages: Mapping[str, StageReport]) -> None:
@@ -109,6 +122,20 @@ def record_stages(stages: Mapping[str, StageReport]) -> None:
             metrics.observe_candidates(_CANDIDATE_LABELS.get(name, name), report.candidates)
         elif report.degraded:
             metrics.count_degraded(name, report.status)
+
+
+def _trace_search(sp: Any, result: Any) -> None:
+    """The decisions of one /search on its span: sizes used, each stage's status, degraded."""
+    if not sp.is_recording():
+        return
+    sizes = result.funnel.sizes() if result.funnel is not None else {}
+    attrs: dict[str, Any] = {"serve_app.used.top_k": sizes.get("top_k"), "serve_app.used.rerank_top_m": sizes.get("rerank_top_m"), "serve_app.used.top_n": sizes.get("top_n"), "serve_app.retrievers": sizes.get("retrievers"), "serve_app.degraded": bool(result.degraded), "serve_app.results": len(result.results)}
+    for name, r in result.stages.items():
+        attrs[f"serve_app.stage.{name}"] = r.status
+        if name == RERANK and r.status == "ok":
+            attrs["serve_app.used.rerank_depth"] = r.candidates  # after any SLO-aware reduction
+            attrs["serve_app.rerank.depth_reduced"] = bool(r.depth_reduced)
+    tracing.annotate(sp, **attrs)
 
 
 def _timings(answer: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,13 +203,17 @@ class SearchService:
         where = self.where(getattr(req, "filter", None), bound)
         seq = await self.read_seq()
         token = READ_SEQ.set(seq)
-        try:
-            result = await self.funnel.search(FunnelRequest(req.query, req.top_k, req.rerank_top_m, req.top_n, req.retrievers, req.return_documents, req.reranker, req.instruction, req.cascade, where))
-        except StageError as exc:
-            record_stages(exc.stages)
-            raise
-        finally:
-            READ_SEQ.reset(token)
+        asked = {"serve_app.collection": self.collection, "serve_app.asked.top_k": req.top_k, "serve_app.asked.rerank_top_m": req.rerank_top_m, "serve_app.asked.top_n": req.top_n, "serve_app.reranker": req.reranker, "serve_app.filtered": where is not None, "serve_app.seq": seq}
+        with tracing.span("serve_app.search", **asked) as sp:
+            try:
+                result = await self.funnel.search(FunnelRequest(req.query, req.top_k, req.rerank_top_m, req.top_n, req.retrievers, req.return_documents, req.reranker, req.instruction, req.cascade, where))
+            except StageError as exc:
+                record_stages(exc.stages)
+                tracing.annotate(sp, **{f"serve_app.stage.{n}": r.status for n, r in exc.stages.items()})
+                raise
+            finally:
+                READ_SEQ.reset(token)
+            _trace_search(sp, result)
         record_stages(result.stages)
         rerank = result.stages.get(RERANK)
         if rerank is not None and rerank.status == "ok":

@@ -35,7 +35,8 @@ def free_port() -> int:
 class ServeStack:
     """The running instance: HTTP base URL, current Serve config, helpers to change it."""
 
-    def __init__(self, http_port: int, metrics_port: int, base_args: dict[str, Any]) -> None:
+    def __init__(self, http_port: int, metrics_port: int, base_args: dict[str, Any], spans_dir: Optional[Path] = None) -> None:
+        self.spans_dir = spans_dir
         self.http_port = http_port
         self.metrics_port = metrics_port
         self.base_args = base_args
@@ -49,6 +50,9 @@ class ServeStack:
             "proxy_location": "HeadOnly",
             "http_options": {"host": "127.0.0.1", "port": self.http_port},
             "applications": [copy.deepcopy(a) for a in self.apps.values()],
+            # Every request traced, each process writing its spans to $SERVE_APP_TRACE_DIR
+            # (tests/serve/test_serve_integration.py reads the span tree of a /search).
+            "tracing_config": {"enabled": True, "exporter_import_path": "serve_app.serve.tracing:jsonl_span_processors", "sampling_ratio": 1.0},
         }
 
     def deploy(self, app: dict[str, Any], *, wait: bool = True, timeout_s: float = 240) -> None:
@@ -132,7 +136,7 @@ def serve_stack(tmp_path_factory, tiny_cross_encoder_dir, tiny_bi_encoder_dir):
     assert not ray.is_initialized(), "another test left Ray initialized in this process"
     # Replicas and the controller's build task must import serve_app and run offline; Ray's
     # processes inherit this environment.
-    env = {**_ENV, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {**_ENV, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p), "SERVE_APP_TRACE_DIR": str(root / "spans")}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     metrics_port = free_port()
@@ -148,6 +152,7 @@ def serve_stack(tmp_path_factory, tiny_cross_encoder_dir, tiny_bi_encoder_dir):
                 "reranker": {"model": str(tiny_cross_encoder_dir)},
                 "timeouts": {"retriever_timeout_s": 2.0, "rerank_timeout_s": 30.0, "health_timeout_s": 5.0},
             },
+            spans_dir=root / "spans",
         )
         stack.deploy(stack.app_config("main"), timeout_s=300)
         yield stack

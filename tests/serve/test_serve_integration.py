@@ -404,6 +404,88 @@ def test_unloadable_model_fails_the_deployment_with_the_explanation(serve_stack)
         assert c.health()["status"] == "ok"
 
 
+# --------------------------------------------------------------------------- abandoned work, compatibility routes, tracing
+
+
+def test_a_client_that_hangs_up_has_its_queued_pairs_dropped(serve_stack):
+    """Serve cancels the handle calls of a request whose client went away: the reranker drops
+    its pairs from the queue (the model call ahead of it made slow by the slow_model drill)."""
+    url = serve_stack.url()
+
+    def stats() -> dict[str, Any]:
+        return serve_stack.call("main", "CrossEncoderReranker", "stats")
+
+    before = stats()
+    try:
+        serve_stack.deploy(_with_faults(serve_stack, {"CrossEncoderReranker": {"mode": "slow_model", "delay_s": 4.0}}))
+        wait_until(lambda: stats()["fault"]["mode"] == "slow_model", 60, "slow_model drill applied")
+        before = stats()
+
+        async def scenario() -> Any:
+            async with httpx.AsyncClient(timeout=120) as waiting, httpx.AsyncClient() as leaving:
+                waited = asyncio.create_task(waiting.post(url + "/search", json={"query": "protein gene cell", "top_n": 3, "rerank_top_m": 6}))
+                await asyncio.sleep(0.5)  # its model call has begun (and holds the reranker for 4 s)
+                with pytest.raises(httpx.TimeoutException):
+                    await leaving.post(url + "/search", json={"query": "ocean sea river", "top_n": 3, "rerank_top_m": 8}, timeout=2.0)
+                return await waited
+
+        answer = asyncio.run(scenario())
+        assert answer.status_code == 200 and answer.json()["stages"]["rerank"]["candidates"] == 6
+        after = wait_until(lambda: (lambda s: s if s["cancelled"]["requests"] > before["cancelled"]["requests"] else None)(stats()), 60, "the cancellation reaching the reranker")
+        assert after["cancelled"]["pairs_saved"] - before["cancelled"]["pairs_saved"] == 8
+        time.sleep(5.0)  # past the abandoned request's turn at the model
+        scored = stats()["pairs_scored"] - before["pairs_scored"]
+        assert 6 <= scored <= 6 + 2, scored  # the waited request's pairs (and at most a health probe or two), none of the 8
+    finally:
+        serve_stack.deploy(serve_stack.app_config("main"))
+    wait_until(lambda: stats()["fault"]["mode"] == "none", 60, "drill removed")
+    # A compatibility route ignores (and counts) what its reference ignores.
+    r = httpx.post(url + "/tei/rerank", json={"query": "protein", "texts": DOCS[:3], "top_n": 2, "colour": "red"}, timeout=60)
+    assert r.status_code == 200 and len(r.json()) == 2
+
+
+def test_a_search_is_one_trace_across_the_deployments(serve_stack):
+    """Serve's tracing (tracing_config) with serve_app's spans: one trace per /search, the
+    retrievers' and the reranker's spans in their replicas under the ingress's stage spans."""
+    from serve_app.serve.tracing import read_spans
+
+    r = httpx.post(serve_stack.url() + "/search", json={"query": "protein gene cell", "top_n": 3, "rerank_top_m": 5}, timeout=60)
+    assert r.status_code == 200, r.text
+    trace_id = r.headers["x-trace-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", trace_id)
+    wanted = {"serve_app.http", "serve_app.search", "serve_app.retrieve.bm25", "serve_app.retrieve.dense", "serve_app.bm25.search", "serve_app.dense.search", "serve_app.rerank", "serve_app.reranker.score", "serve_app.documents"}
+
+    def spans() -> Any:
+        got = [s for s in read_spans(serve_stack.spans_dir) if s["trace_id"] == trace_id]
+        return got if wanted <= {s["name"] for s in got} else None
+
+    trace = wait_until(spans, 60, "the trace's spans exported")
+    by_id = {s["span_id"]: s for s in trace}
+    named = {s["name"]: s for s in trace}
+
+    def chain(s: dict[str, Any]) -> list[str]:
+        out = []
+        while s.get("parent_id") in by_id:
+            s = by_id[s["parent_id"]]
+            out.append(s["name"])
+        return out
+
+    roots = [s for s in trace if s.get("parent_id") not in by_id]
+    assert len(roots) == 1, [s["name"] for s in roots]  # one tree, rooted in Serve's span of the ingress replica
+    print("\n" + "\n".join(f"{'  ' * len(chain(s))}{s['name']} (pid {s['pid']}) {json.dumps({k: v for k, v in s['attributes'].items() if k.startswith('serve_app')}, sort_keys=True)}" for s in sorted(trace, key=lambda s: s["start_ns"])))
+    for child, parent in (("serve_app.search", "serve_app.http"), ("serve_app.retrieve.bm25", "serve_app.search"), ("serve_app.retrieve.dense", "serve_app.search"), ("serve_app.rerank", "serve_app.search"), ("serve_app.documents", "serve_app.search"), ("serve_app.bm25.search", "serve_app.retrieve.bm25"), ("serve_app.dense.search", "serve_app.retrieve.dense"), ("serve_app.reranker.score", "serve_app.rerank")):
+        assert parent in chain(named[child]), (child, chain(named[child]))
+    ingress_pid = named["serve_app.search"]["pid"]
+    assert len({ingress_pid, named["serve_app.bm25.search"]["pid"], named["serve_app.dense.search"]["pid"], named["serve_app.reranker.score"]["pid"]}) == 4  # four replicas
+    search = named["serve_app.search"]["attributes"]
+    assert search["serve_app.asked.rerank_top_m"] == 5 and search["serve_app.used.rerank_depth"] == 5 and search["serve_app.degraded"] is False
+    assert search["serve_app.stage.rerank"] == "ok" and search["serve_app.results"] == 3
+    assert named["serve_app.rerank"]["attributes"]["serve_app.rerank.pairs_scored"] == 5 == named["serve_app.reranker.score"]["attributes"]["serve_app.rerank.pairs_scored"]
+    assert named["serve_app.reranker.score"]["attributes"]["serve_app.rerank.model"] == "default"
+    assert named["serve_app.http"]["attributes"]["http.response.status_code"] == 200
+    assert not any("protein" in json.dumps(s["attributes"]) for s in trace if s["name"].startswith("serve_app"))  # no request text
+
+
 # --------------------------------------------------------------------------- metrics (after the tests above recorded them)
 
 
