@@ -452,11 +452,11 @@ def test_cancellation_verdicts_subtract_the_next_request_and_can_miss():
 
     def rep(idle, waited_next, ab_next, waited_pairs, ab_pairs):
         counts = lambda pairs: {"pairs_scored": pairs, "pairs_saved": 0, "cancelled_requests": 0}  # noqa: E731
-        return {"idle_s": idle, "waited": {"next_s": waited_next, "counts": counts(waited_pairs)}, "abandoned": {"next_s": ab_next, "counts": counts(ab_pairs)}}
+        return {"idle_s": idle, "waited": {"next_s": waited_next, "counts": counts(waited_pairs)}, "abandoned@100ms": {"next_s": ab_next, "counts": counts(ab_pairs)}}
 
     good = [rep(1.0, 9.0, 1.1, 850, 50 + 40), rep(1.0, 8.0, 1.2, 850, 50 + 10), rep(1.2, 9.5, 1.0, 850, 50)]
     summary, targets = verdicts(good, depth=50, pass_pairs=64)
-    assert summary["waited"]["burst_pairs_scored"]["median"] == 800 and summary["abandoned"]["burst_pairs_scored"]["median"] == 10
+    assert summary["waited"]["burst_pairs_scored"]["median"] == 800 and summary["abandoned@100ms"]["burst_pairs_scored"]["median"] == 10
     assert summary["waited"]["next_over_idle"] == pytest.approx(9.0) and [t["met"] for t in targets] == [True, True]
     bad = [rep(1.0, 9.0, 5.0, 850, 850)] * 3  # nothing dropped: the abandoned burst costs what the waited one does
     assert [t["met"] for t in verdicts(bad, depth=50, pass_pairs=64)[1]] == [False, False]

@@ -512,6 +512,66 @@ def test_every_documented_metric_is_exported(serve_stack):
     assert missing == [], f"documented in docs/METRICS.md but not exported: {missing}"
 
 
+def test_every_dashboard_query_returns_data_from_a_real_prometheus(serve_stack, tmp_path):
+    """Debian's prometheus, with the shipped scrape config (Ray's service-discovery file) at a
+    1 s interval, scrapes the running app under a little load; then every PromQL expression of
+    the shipped Grafana dashboard, evaluated by Prometheus, returns series. The live-writes row
+    needs writes.enabled (its queries are checked by name in test_cluster_configs.py)."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from conftest import REPO_ROOT, free_port
+
+    binary = shutil.which("prometheus")
+    assert binary, "Debian's prometheus is needed (apt-get install prometheus; scripts/system-packages.sh installs it)"
+    cfg = yaml.safe_load((REPO_ROOT / "cluster" / "monitoring" / "prometheus.yml").read_text())
+    cfg["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    for job in cfg["scrape_configs"]:
+        for sd in job.get("file_sd_configs", []):
+            sd["refresh_interval"] = "1s"
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    prom = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=5).status_code == 200, 60, "prometheus ready")
+        wait_until(lambda: any(t["health"] == "up" for t in httpx.get(api + "/targets", timeout=5).json()["data"]["activeTargets"]), 60, "the Ray node scraped")
+        url = serve_stack.url()
+        for i in range(12):  # a little load while it scrapes
+            httpx.post(url + "/search", json={"query": f"protein gene {i}", "top_n": 3}, timeout=60)
+            httpx.post(url + "/rerank", json={"query": "ocean", "documents": DOCS[:3], "colour": "ignored"}, timeout=60)
+            httpx.post(url + "/search", json={"query": ""}, timeout=60)  # an error response
+            time.sleep(0.5)
+        dashboard = json.loads((REPO_ROOT / "cluster" / "monitoring" / "grafana-serve-app.json").read_text())
+        row, exprs = "", []
+        for panel in dashboard["panels"]:
+            if panel["type"] == "row":
+                row = panel["title"]
+                continue
+            if "writes.enabled" not in row:
+                exprs += [t["expr"] for t in panel["targets"]]
+        assert len(exprs) > 30
+        empty: list[str] = []
+
+        def evaluate() -> list[str]:
+            empty.clear()
+            for expr in exprs:
+                q = expr.replace("$application", "main").replace("$__rate_interval", "30s")
+                r = httpx.get(api + "/query", params={"query": q}, timeout=10).json()
+                assert r["status"] == "success", (expr, r)
+                if not r["data"]["result"]:
+                    empty.append(expr)
+            return empty
+
+        wait_until(lambda: not evaluate(), 60, "every dashboard query returning data")
+    finally:
+        prom.terminate()
+        prom.wait(20)
+    assert empty == []
+
+
 def test_rerank_metrics_carry_the_model(serve_stack):
     """After the multiplexing test: the pairs counter is split by the model that scored them."""
 
