@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= cpu,test,minilm
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup system-packages test demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,7 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-test: setup
+# Debian's prometheus and chromium, which some tests start (scripts/system-packages.sh).
+system-packages:
+	bash scripts/system-packages.sh || echo "system-packages: could not install them; the monitoring tests will say what is missing" >&2
+
+test: setup system-packages
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup

@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"/search on SciFact test queries (hybrid top-100), the speed model `{model.name}` (MiniLM-L6-shaped cross-encoder, random weights) at max_length {args.max_length} reranking the fused top {args.depth}, "
         f"one reranker replica with 2 CPUs, no score cache. Per repeat: an idle request; a burst of {args.burst} concurrent requests waited for; the same burst with every client hanging up after {', then after '.join(f'{ms:g} ms' for ms in args.hangup_ms)}. "
         f"One more request is timed, sent {args.next_after_ms:.0f} ms after the waited burst starts and 50 ms after the hang-ups. Pairs from the reranker replica's counters (the next request's {args.depth} subtracted). "
-        f"A forward pass holds at most {pass_pairs} pairs (max_batch_tokens {args.max_batch_tokens} / {args.max_length}). Median [min-max] over {args.repeats} repeats, the three phases interleaved in each.\n\n"
+        f"A forward pass holds at most {pass_pairs} pairs (max_batch_tokens {args.max_batch_tokens} / {args.max_length}). Median [min-max] over {args.repeats} repeats, the phases interleaved in each (idle, waited, then each hang-up time).\n\n"
     )
     rows = [("idle", "", fmt_spread(summary["idle_ms"], 0), "1.00x", "", "", "")]
     for mode in [k for k in summary if k != "idle_ms"]:

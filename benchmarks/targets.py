@@ -73,6 +73,7 @@ TARGETS: tuple[Target, ...] = (
     Target("12", "live writes visible on every replica within refresh_interval_s (1 s), p95, under /search load", ("live_writes/live_writes.json",), lines="acknowledged-to-visible"),
     Target("13", "HNSW32 recall@10 under writes no lower than a fresh build's", ("live_writes/live_writes.json",), lines="HNSW live recall"),
     Target("14", "do-less-work features together >= 3x the answers/s of a fixed-depth pipeline at fidelity >= 0.95 (Zipf SciFact stream)", ("composite/composite.json",), lines=""),
+    Target("15", "abandoned /search requests: no pair started after the hang-ups (at most the forward pass already running), the next request as fast as on an idle server", ("cancellation/cancellation.json",), lines=""),
 )
 
 

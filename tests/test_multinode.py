@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -232,13 +233,16 @@ def test_every_dashboard_metric_is_exported(cluster):
     # Traffic for every panel: searches, a rerank call, an invalid body (errors_total) ...
     for q in ("the sun and solar energy", "football league", "protein in a cell"):
         assert httpx.post(url + "/search", json={"query": q}, timeout=60).status_code == 200
-    assert httpx.post(url + "/rerank", json={"query": "tea", "documents": ["coffee and tea", "the ocean"]}, timeout=60).status_code == 200
+    # (an unknown field, which /rerank ignores as TEI, infinity and vLLM do: ignored_fields_total)
+    assert httpx.post(url + "/rerank", json={"query": "tea", "documents": ["coffee and tea", "the ocean"], "colour": "x"}, timeout=60).status_code == 200
     bad = httpx.post(url + "/search", content=b'{"query": ', headers={"content-type": "application/json"}, timeout=30)
     assert bad.status_code == 400, bad.text
     # ... and a degraded answer (degraded_total): the documented drill, a fault injected into
     # the BM25 deployment through its user_config (applied live by reconfigure).
     fault = cluster["work"] / "fault-overlay.yaml"
-    fault.write_text(yaml.safe_dump({"deployments": {"BM25Retriever": {"user_config": {"fault": {"mode": "error"}}}}}))
+    # The reranker's slow_model drill makes a request queue behind a slow model call, so that a
+    # client hanging up has queued pairs to drop (cancelled_total, cancelled_pairs_total).
+    fault.write_text(yaml.safe_dump({"deployments": {"BM25Retriever": {"user_config": {"fault": {"mode": "error"}}}, "CrossEncoderReranker": {"user_config": {"fault": {"mode": "slow_model", "delay_s": 3.0}}}}}))
     deployed = _run(["bash", str(LOCAL / "deploy.sh"), "--overlay", str(cluster["overlay"]), "--overlay", str(fault), "--timeout", "180"], cluster["env"], timeout=240)
     assert deployed.returncode == 0, deployed.stderr[-3000:]
     deadline = time.monotonic() + 120
@@ -249,6 +253,12 @@ def test_every_dashboard_metric_is_exported(cluster):
         degraded = r.json()["degraded"]
         time.sleep(0 if degraded else 2)
     assert degraded, "the injected BM25 fault never showed up as a degraded answer"
+    waited = threading.Thread(target=lambda: httpx.post(url + "/search", json={"query": "solar wind"}, timeout=120))
+    waited.start()
+    time.sleep(0.5)  # its model call holds the reranker for 3 s
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url + "/search", json={"query": "tides of the ocean"}, timeout=1.5)
+    waited.join()
 
     from serve_app.serve.metrics import SPECS
 
