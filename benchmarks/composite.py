@@ -38,15 +38,13 @@ first answer), and the cheap system's fidelity to the fixed system's answer to t
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Sequence
-
 import asyncio
-import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from benchmarks.common import DEFAULT_CACHE, BenchRun, base_parser, fmt_spread, load_scifact, md_table, summarize, target_line
 from benchmarks.common import ensure_scifact_index
-from benchmarks.loadgen import LoadResult, Record, check_loopback, closed_loop
+from benchmarks.loadgen import LoadResult, check_loopback, closed_loop, run_closed_loop
 from benchmarks.score_cache import zipf_stream
 from benchmarks.serving import free_port, serve_stack
 
@@ -100,33 +98,19 @@ def system_config(args: Any, index: Path, name: str) -> tuple[dict[str, Any], di
     return app_args, deployments, (args.cheap_depth if cheap else args.full_depth)
 
 
-async def _peer_loop(search_url: str, rerank_url: str, queries: Sequence[str], concurrency: int, depth: int, content: Any, model: str) -> LoadResult:
-    import httpx
+def _peer_send(search_url: str, rerank_url: str, depth: int, content: Any, model: str) -> Any:
+    """One request of the peers' pipeline: /search without reranking, then /rerank of its top ``depth``."""
 
-    records: list[Record] = []
-    next_i = 0
-    t_start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=2 * concurrency)) as client:
+    async def send(client: Any, i: int, q: str) -> tuple[int, dict[str, Any], Optional[str]]:
+        found = await client.post(search_url, json={"query": q, "top_k": 100, "rerank_top_m": 0, "top_n": depth})
+        found.raise_for_status()
+        ids = [r["id"] for r in found.json()["results"]]
+        ranked = await client.post(rerank_url, json={"model": model, "query": q, "documents": [content(d) for d in ids]})
+        ranked.raise_for_status()
+        order = sorted(ranked.json()["results"], key=lambda r: -r["relevance_score"])
+        return 200, {"ids": [ids[r["index"]] for r in order][:10]}, None
 
-        async def worker() -> None:
-            nonlocal next_i
-            while next_i < len(queries):
-                i, next_i = next_i, next_i + 1
-                q = queries[i]
-                t0 = time.perf_counter()
-                try:
-                    found = await client.post(search_url, json={"query": q, "top_k": 100, "rerank_top_m": 0, "top_n": depth})
-                    found.raise_for_status()
-                    ids = [r["id"] for r in found.json()["results"]]
-                    ranked = await client.post(rerank_url, json={"model": model, "query": q, "documents": [content(d) for d in ids]})
-                    ranked.raise_for_status()
-                    order = sorted(ranked.json()["results"], key=lambda r: -r["relevance_score"])
-                    records.append(Record(i, t0, time.perf_counter(), 200, 1, {"ids": [ids[r["index"]] for r in order][:10]}))
-                except Exception as exc:  # noqa: BLE001 - a failed answer is a result too
-                    records.append(Record(i, t0, time.perf_counter(), 0, 1, {}, f"{type(exc).__name__}: {exc}"[:200]))
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return LoadResult(concurrency, sorted(records, key=lambda r: r.index), time.perf_counter() - t_start)
+    return send
 
 
 def peer_closed_loop(search_url: str, rerank_url: str, queries: Sequence[str], concurrency: int, depth: int, content: Any, model: str) -> LoadResult:
@@ -134,7 +118,7 @@ def peer_closed_loop(search_url: str, rerank_url: str, queries: Sequence[str], c
     reranking, then the fused top ``depth`` reranked by ``rerank_url`` (a Cohere-style /rerank)."""
     for url in (search_url, rerank_url):
         check_loopback(url)
-    return asyncio.run(_peer_loop(search_url, rerank_url, queries, concurrency, depth, content, model))
+    return asyncio.run(run_closed_loop(queries, concurrency, _peer_send(search_url, rerank_url, depth, content, model), max_seconds=1e9, timeout_s=600))
 
 
 def infinity_model_dir(model: Path, max_length: int, cache: Path) -> Path:

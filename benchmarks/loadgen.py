@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -78,47 +78,50 @@ class LoadResult:
         return out
 
 
-async def _closed_loop(
-    url: str,
-    bodies: Sequence[Any],
-    concurrency: int,
-    max_seconds: float,
-    timeout_s: float,
-    units: Callable[[Any], int],
-    extract: Optional[Callable[[Any], dict[str, Any]]],
-    headers: Optional[dict[str, str]],
-) -> LoadResult:
+#: One request of a closed loop: (client, index, item) -> (status, info, error or None).
+Send = Callable[[Any, int, Any], Awaitable[tuple[int, dict[str, Any], Optional[str]]]]
+
+
+async def run_closed_loop(items: Sequence[Any], concurrency: int, send: Send, *, max_seconds: float = 120.0, timeout_s: float = 300.0, units: Callable[[Any], int] = lambda item: 1, headers: Optional[dict[str, str]] = None) -> LoadResult:
+    """``concurrency`` clients, each sending the next of ``items`` as soon as its previous answer
+    came back, until the items or ``max_seconds`` run out; ``send`` makes one request (one or
+    more HTTP calls) with the shared ``httpx.AsyncClient``. An exception is a result too."""
     import httpx
 
     records: list[Record] = []
     next_i = 0
     t_start = time.perf_counter()
     deadline = t_start + max_seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    limits = httpx.Limits(max_connections=2 * concurrency, max_keepalive_connections=2 * concurrency)
 
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits, headers=headers) as client:
 
         async def worker() -> None:
             nonlocal next_i
-            while True:
-                if next_i >= len(bodies) or time.perf_counter() > deadline:
-                    return
+            while next_i < len(items) and time.perf_counter() <= deadline:
                 i = next_i
                 next_i += 1
-                body = bodies[i]
                 t0 = time.perf_counter()
                 try:
-                    resp = await client.post(url, json=body)
-                    t1 = time.perf_counter()
-                    info: dict[str, Any] = {}
-                    if resp.status_code == 200 and extract is not None:
-                        info = extract(resp.json())
-                    records.append(Record(i, t0, t1, resp.status_code, units(body), info, None if resp.status_code == 200 else resp.text[:200]))
+                    status, info, error = await send(client, i, items[i])
+                    records.append(Record(i, t0, time.perf_counter(), status, units(items[i]), info, error))
                 except Exception as exc:  # noqa: BLE001 - timeouts and refused connections are results too
-                    records.append(Record(i, t0, time.perf_counter(), 0, units(body), {}, f"{type(exc).__name__}: {exc}"[:200]))
+                    records.append(Record(i, t0, time.perf_counter(), 0, units(items[i]), {}, f"{type(exc).__name__}: {exc}"[:200]))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return LoadResult(concurrency, sorted(records, key=lambda r: r.index), time.perf_counter() - t_start)
+
+
+def post_json(url: str, extract: Optional[Callable[[Any], dict[str, Any]]] = None) -> Send:
+    """A :data:`Send` that POSTs the item as JSON to ``url`` (``extract`` reads a 200 answer)."""
+
+    async def send(client: Any, i: int, body: Any) -> tuple[int, dict[str, Any], Optional[str]]:
+        resp = await client.post(url, json=body)
+        if resp.status_code != 200:
+            return resp.status_code, {}, resp.text[:200]
+        return 200, (extract(resp.json()) if extract is not None else {}), None
+
+    return send
 
 
 def closed_loop(
@@ -140,7 +143,7 @@ def closed_loop(
     check_loopback(url)
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    return asyncio.run(_closed_loop(url, bodies, concurrency, max_seconds, timeout_s, units, extract, headers))
+    return asyncio.run(run_closed_loop(bodies, concurrency, post_json(url, extract), max_seconds=max_seconds, timeout_s=timeout_s, units=units, headers=headers))
 
 
 def wait_ready(url: str, timeout_s: float = 300.0, *, ok: Callable[[Any], bool] = lambda r: r.status_code == 200, poll_s: float = 1.0, alive: Callable[[], bool] = lambda: True) -> float:

@@ -460,3 +460,30 @@ def test_cancellation_verdicts_subtract_the_next_request_and_can_miss():
     assert summary["waited"]["next_over_idle"] == pytest.approx(9.0) and [t["met"] for t in targets] == [True, True]
     bad = [rep(1.0, 9.0, 5.0, 850, 850)] * 3  # nothing dropped: the abandoned burst costs what the waited one does
     assert [t["met"] for t in verdicts(bad, depth=50, pass_pairs=64)[1]] == [False, False]
+
+
+def test_the_closed_loop_keeps_every_client_busy_and_records_failures():
+    """benchmarks.loadgen.run_closed_loop (closed_loop and the composite's peer loop use it):
+    each item sent once, at most `concurrency` in flight, an exception recorded as a result."""
+    import asyncio
+
+    from benchmarks.loadgen import run_closed_loop
+
+    in_flight, peak = 0, 0
+
+    async def send(client, i, item):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        if item == "bad":
+            raise RuntimeError("refused")
+        return 200, {"item": item}, None
+
+    items = ["a", "b", "bad", "c", "d", "e", "f"]
+    res = asyncio.run(run_closed_loop(items, 3, send))
+    assert [r.index for r in res.records] == list(range(len(items))) and peak == 3
+    assert [r.info.get("item") for r in res.ok] == ["a", "b", "c", "d", "e", "f"]
+    (failed,) = [r for r in res.records if r.status != 200]
+    assert failed.index == 2 and failed.status == 0 and "RuntimeError: refused" in failed.error
