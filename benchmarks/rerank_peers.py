@@ -208,8 +208,8 @@ def run_level(name: str, url: str, bodies: list[dict[str, Any]], n: int, max_sec
     value; with ``all_pids`` (every process that serves a request), the pairs scored per CPU-second."""
     before = proc_stat(server_pid) if server_pid else None
     pids = all_pids or ({"server": server_pid} if server_pid else {})
-    cpu0 = cpu_seconds(pids)
     by_process0 = {k: cpu_seconds({k: v}) for k, v in pids.items()}
+    cpu0 = sum(by_process0.values())  # the same reading, not a second one a moment later
     machine0 = machine_cpu_seconds()
     t0 = time.perf_counter()
     res = closed_loop(url, bodies, n, max_seconds=max_seconds, timeout_s=max_seconds + 600, units=lambda b: len(b["documents"]))
