@@ -66,7 +66,7 @@ class Coalescer(Generic[T, R]):
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            if not future.done():  # not taken into a call yet: it never will be
+            if not future.done():  # still queued: _take drops it; in a running call: its result is discarded
                 future.cancel()
             raise
 

@@ -79,7 +79,7 @@ def build_flavour_models(limits: RequestLimits) -> FlavourModels:
         _query_not_blank = field_validator("query", check_fields=False)(_not_blank)
 
         def texts(self) -> list[str]:
-            return [d if isinstance(d, str) else d["text"] for d in self.documents]  # type: ignore[attr-defined]
+            return list(self.documents)  # type: ignore[attr-defined]
 
     class InfinityRerankRequest(_Lenient):
         """infinity's ``POST /rerank``."""
@@ -163,12 +163,14 @@ def jina_answer(r: Ranked) -> dict[str, Any]:
     return {"model": r.requested_model(), "usage": {"total_tokens": r.tokens}, "results": results}
 
 
-def cohere_answer(r: Ranked) -> dict[str, Any]:
-    """Cohere v1 and v2: ``id``, ``results``, ``meta`` with the API version and billed units."""
+def cohere_answer(r: Ranked, raw: bool = False) -> dict[str, Any]:
+    """Cohere v1 and v2: ``id``, ``results``, ``meta`` with the API version and billed units
+    (one search unit per 100 pairs; long documents count per window). ``raw``: the model's own
+    scores (what the unprefixed routes answer) instead of relevance in (0, 1)."""
     v1 = r.body.shape == "cohere-v1"
     results = []
     for i in r.order:
-        item: dict[str, Any] = {"index": i, "relevance_score": r.relevance(i)}
+        item: dict[str, Any] = {"index": i, "relevance_score": r.relevance(i, raw=raw)}
         if r.body.return_documents:
             item["document"] = r.body.document(i) if v1 else {"text": r.texts[i]}
         results.append(item)

@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import math
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
@@ -26,7 +24,7 @@ from serve_app.funnel import FUSION, RERANK, CascadeDepths, CascadeNames, Funnel
 from serve_app.serve import metrics, tracing
 from serve_app.serve.api import RequestModels, build_request_models
 from serve_app.serve.config import DEFAULT_MODEL, AppConfig
-from serve_app.serve.flavours import Flavour, FlavourModels, Ranked, build_flavour_models, tei_answer
+from serve_app.serve.flavours import Flavour, FlavourModels, Ranked, build_flavour_models, cohere_answer, tei_answer
 from serve_app.serve.shards import QUERY_ENCODER_KEY, encodes_queries_once
 from serve_app.slo import DepthController
 from serve_app.types import Document, Hit, RerankOutcome, RerankRequest
@@ -273,21 +271,10 @@ class SearchService:
             return flavour.answer(r)
         if req.shape == "tei":
             return tei_answer(r)
-        results = []
-        for i in r.order:
-            item: dict[str, Any] = {"index": i, "relevance_score": r.scores[i]}
-            if req.return_documents:
-                item["document"] = req.document(i) if req.shape == "cohere-v1" else {"text": r.texts[i]}
-            results.append(item)
-        meta = {
-            "api_version": {"version": "1" if req.shape == "cohere-v1" else "2"},
-            # Cohere bills one search unit per 100 documents (long documents count per chunk).
-            "billed_units": {"search_units": max(1, math.ceil(r.pairs / 100))},
-            "model": r.model_id,
-            "batch_size": r.batch_size,
-            "timings_ms": {"rerank": round(r.ms, 3)},
-        }
-        answer: dict[str, Any] = {"id": str(uuid.uuid4()), "results": results, "meta": meta}
+        # Cohere's answer with the model's own scores and the extensions clients of the
+        # unprefixed routes read: the model, batch size and timing in meta; Jina's model and usage.
+        answer = cohere_answer(r, raw=True)
+        answer["meta"].update(model=r.model_id, batch_size=r.batch_size, timings_ms={"rerank": round(r.ms, 3)})
         if req.shape == "cohere-v1":  # Jina's clients read these
             answer.update(model=r.requested_model(), usage={"total_tokens": r.tokens})
         return answer
